@@ -1,0 +1,117 @@
+"""Persistence: which node a client was on, so that its next connection goes there too.
+
+Theory of operation. A *key* identifies a client: its source address masked by the configured netmask
+(``source_ip_key``); later modes add calling AE titles and cookies. An entry maps a key to a node and
+counts that client's open connections to it. The timeout counts from the end of the client's *last*
+connection: while a connection is open the entry never expires, since one study can take longer than any
+sensible timeout. Entries whose node is down or halted are dropped by the caller (see decision.py).
+
+The table is bounded. When full, the least recently used entry goes; an entry of a client with open
+connections is only moved to the front of the queue by its use, so a busy client keeps its entry.
+
+Times are plain floats from the caller's monotonic clock: nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+def source_ip_key(address: str, prefix4: int = 32, prefix6: int = 128) -> str:
+    """The persistence key of a client address: the address of its network of the given prefix length.
+
+    IPv4-mapped IPv6 addresses (``::ffff:10.0.0.5``, seen on dual-stack listeners) count as IPv4.
+    """
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv4Address):
+        if prefix4 == 32:
+            return str(ip)
+        return str(ipaddress.IPv4Network((ip, prefix4), strict=False).network_address)
+    if prefix6 == 128:
+        return str(ip)
+    return str(ipaddress.IPv6Network((ip, prefix6), strict=False).network_address)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One client's binding to a node."""
+
+    server: str
+    active: int = 0
+    released_at: float | None = None  # when its last connection ended; None while one is open
+
+    def expired(self, now: float, timeout: float) -> bool:
+        return self.active == 0 and self.released_at is not None and now - self.released_at >= timeout
+
+
+class PersistenceTable:
+    """A bounded map from client key to node, with expiry counted from the last connection's end."""
+
+    def __init__(self, timeout: float, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.timeout = timeout
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: str, now: float) -> str | None:
+        """The node ``key`` is bound to, or None (unknown or expired; an expired entry is removed)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expired(now, self.timeout):
+            del self._entries[key]
+            return None
+        return entry.server
+
+    def acquire(self, key: str, server: str, now: float) -> None:
+        """A connection of ``key`` to ``server`` opened: bind (or rebind) and count it."""
+        entry = self._entries.get(key)
+        if entry is None or entry.server != server or entry.expired(now, self.timeout):
+            entry = Entry(server)
+            self._entries[key] = entry
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        entry.active += 1
+        entry.released_at = None
+
+    def release(self, key: str, server: str, now: float) -> None:
+        """A connection of ``key`` to ``server`` ended. Connections to a node the key was since moved
+        away from no longer count; the timeout starts when the last one ends."""
+        entry = self._entries.get(key)
+        if entry is None or entry.server != server:
+            return
+        entry.active = max(0, entry.active - 1)
+        if entry.active == 0:
+            entry.released_at = now
+
+    def forget(self, key: str) -> None:
+        """Drop one entry (its node can no longer serve the client)."""
+        self._entries.pop(key, None)
+
+    def drop_server(self, server: str) -> int:
+        """Drop every entry bound to ``server``; returns how many."""
+        doomed = [key for key, entry in self._entries.items() if entry.server == server]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
+
+    def expire(self, now: float) -> int:
+        """Remove every expired entry; returns how many. Called periodically to bound memory."""
+        doomed = [key for key, entry in self._entries.items() if entry.expired(now, self.timeout)]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)
+
+    def items(self) -> Iterator[tuple[str, Entry]]:
+        """Entries from least to most recently used."""
+        return iter(list(self._entries.items()))

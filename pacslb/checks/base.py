@@ -1,0 +1,48 @@
+"""What every check kind returns, and the table of kinds."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pacslb.config.model import CheckSpec
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    ok: bool
+    reason: str  # short, for the log and the dashboard: "connected", "HTTP 503", "connection refused"
+    duration: float = 0.0  # seconds; filled in by the monitor
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """A short reason from the first OSError in an exception chain: "connection refused", ..."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno).lower()
+        seen = seen.__cause__ or seen.__context__
+    return (str(exc) or type(exc).__name__).lower()
+
+
+#: A check kind: (spec, host, port) -> result. It must not block the event loop, and may be cancelled
+#: by the monitor's timeout at any await.
+CheckFunction = Callable[[CheckSpec, str, int], Awaitable[CheckResult]]
+
+
+def get_check(kind: str) -> CheckFunction:
+    """The check function for a config ``check.type`` (not ``none``)."""
+    if kind == "tcp":
+        from pacslb.checks.tcp import check_tcp
+
+        return check_tcp
+    if kind == "http":
+        from pacslb.checks.http import check_http
+
+        return check_http
+    if kind == "dicom_echo":
+        from pacslb.checks.dicom_echo import check_dicom_echo
+
+        return check_dicom_echo
+    raise ValueError(f"no check of type {kind!r}")

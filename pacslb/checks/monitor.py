@@ -1,0 +1,100 @@
+"""The monitor: runs one server's health check every interval and applies rise and fall.
+
+Theory of operation. Each checked server of each service has its own task, so a slow or hung check
+delays nobody else. A check run is bounded by ``check.timeout`` (a check that hangs counts as failed);
+runs start every ``interval`` from the start of the previous one, never overlapping.
+
+States. A server starts ``up`` but unconfirmed, and its first check runs at once: if that fails, the
+server goes down at once; if it passes, it stays up. After that, ``fall`` consecutive failures take an up
+server down and ``rise`` consecutive successes bring a down server up. Starting up rather than down means a
+restarted or reloaded balancer serves immediately instead of refusing every client for rise x interval,
+while a dead node is out within one check timeout (and the connect retry covers even that window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from pacslb.balance.server import Health, ServerState
+from pacslb.checks.base import CheckResult, get_check
+from pacslb.config.model import CheckSpec
+from pacslb.logs import log_event
+
+log = logging.getLogger("pacslb.health")
+
+#: (server, old, new, result) after a server's health changed.
+ChangeCallback = Callable[[ServerState, Health, Health, CheckResult], None]
+
+
+class Monitor:
+    """Checks one server of one service."""
+
+    def __init__(
+        self, service: str, spec: CheckSpec, server: ServerState, on_change: ChangeCallback | None = None
+    ) -> None:
+        self.service = service
+        self.spec = spec
+        self.server = server
+        self.on_change = on_change
+        self.last: CheckResult | None = None
+        self._ok_streak = 0
+        self._fail_streak = 0
+        self._task: asyncio.Task[None] | None = None
+        self._check = get_check(spec.type)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"check {self.service}/{self.server.name}"
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        port = spec.port or self.server.port
+        while True:
+            started = loop.time()
+            try:
+                result = await asyncio.wait_for(self._check(spec, self.server.host, port), spec.timeout)
+            except TimeoutError:
+                result = CheckResult(False, f"no answer within {spec.timeout:g}s")
+            except Exception as exc:  # a bug in a check kind must not stop checking
+                log.exception("check of %s/%s failed unexpectedly", self.service, self.server.name)
+                result = CheckResult(False, f"check error: {exc}")
+            duration = loop.time() - started
+            self.apply(CheckResult(result.ok, result.reason, duration))
+            await asyncio.sleep(max(0.0, started + spec.interval - loop.time()))
+
+    def apply(self, result: CheckResult) -> None:
+        """Count one check result and change the server's health when rise or fall is reached."""
+        self.last = result
+        server = self.server
+        old = server.health
+        first = not server.checked
+        server.checked = True
+        if result.ok:
+            self._ok_streak += 1
+            self._fail_streak = 0
+            new: Health = "up" if old == "up" or self._ok_streak >= self.spec.rise else "down"
+        else:
+            self._fail_streak += 1
+            self._ok_streak = 0
+            new = "down" if old == "down" or first or self._fail_streak >= self.spec.fall else "up"
+        if new != old:
+            server.health = new
+            log_event(
+                log, "health", logging.INFO if new == "up" else logging.WARNING,
+                service=self.service, server=server.name, address=server.address,
+                old=old, new=new, reason=result.reason, check_duration=result.duration,
+            )  # fmt: skip
+            if self.on_change is not None:
+                self.on_change(server, old, new, result)

@@ -1,0 +1,198 @@
+"""The config as typed, immutable objects.
+
+These models describe the YAML contract of docs/configuration.md. Each field has its default next to
+it, with the reason for it when the number is not obvious. Loading (YAML, line numbers, error
+collection) lives in loader.py; rules that relate several fields live in :func:`semantic_issues`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+
+from pacslb.config.values import (
+    HostPort,
+    format_duration,
+    parse_ae_title,
+    parse_duration,
+    parse_host_port,
+    parse_prefix,
+)
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+Address = Annotated[HostPort, BeforeValidator(parse_host_port), PlainSerializer(str)]
+AETitle = Annotated[str, BeforeValidator(parse_ae_title)]
+Prefix4 = Annotated[int, BeforeValidator(lambda v: parse_prefix(v, bits=32))]
+Prefix6 = Annotated[int, BeforeValidator(lambda v: parse_prefix(v, bits=128))]
+
+Mode = Literal["tcp", "dicom", "http"]
+#: Modes this version can run; the others are part of the contract and refused with a clear reason.
+SUPPORTED_MODES: frozenset[str] = frozenset({"tcp"})
+PersistenceType = Literal[
+    "none", "source_ip", "cookie", "cookie+source_ip", "calling_ae", "calling_ae+source_ip"
+]
+#: Which persistence types each mode can carry out (cookies need HTTP, AE titles need DICOM).
+PERSISTENCE_BY_MODE: dict[str, frozenset[str]] = {
+    "tcp": frozenset({"none", "source_ip"}),
+    "dicom": frozenset({"none", "source_ip", "calling_ae", "calling_ae+source_ip"}),
+    "http": frozenset({"none", "source_ip", "cookie", "cookie+source_ip"}),
+}
+
+#: Weights as HAProxy has them: 0 takes no new connections from the scheduler, 256 is the most.
+MAX_WEIGHT = 256
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSpec(_Frozen):
+    """One PACS node behind a service. The same name in several services is the same node."""
+
+    address: Address
+    weight: Annotated[int, Field(ge=0, le=MAX_WEIGHT)] = 1
+
+
+class PersistenceSpec(_Frozen):
+    """Keeps a client on the node it started with."""
+
+    type: PersistenceType = "none"
+    # How long a client's entry outlives the end of its last connection. 30 min covers the gap between
+    # the series of one exam; a study itself may last longer than this, which is why it counts from the end.
+    timeout: PositiveDuration = 30 * 60.0
+    netmask: Prefix4 = 32  # clients in one IPv4 network of this size share one entry
+    netmask6: Prefix6 = 128
+    # Bound on the table so a scan from many addresses cannot exhaust memory (HAProxy-equivalent configs
+    # use a 100k stick table); the least recently used entry goes first.
+    max_entries: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    cookie: str = "SERVERID"
+
+
+CheckType = Literal["tcp", "http", "dicom_echo", "none"]
+HTTP_CHECK_FIELDS = frozenset({"method", "path", "host", "expect_status", "expect_body"})
+DICOM_CHECK_FIELDS = frozenset({"calling_ae", "called_ae"})
+
+
+class CheckSpec(_Frozen):
+    """How a service checks its nodes' health."""
+
+    type: CheckType = "tcp"
+    interval: PositiveDuration = 2.0
+    timeout: PositiveDuration = 2.0
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None  # check this port instead of the server's
+    method: Literal["HEAD", "GET"] = "HEAD"
+    path: str = "/"
+    host: str | None = None  # Host header; default: the server's address
+    expect_status: Annotated[tuple[Annotated[int, Field(ge=100, le=599)], ...], Field(min_length=1)] = (200,)
+    expect_body: str | None = None  # substring the body must contain (GET only)
+    calling_ae: AETitle = "PACSLB"
+    called_ae: AETitle = "ANY-SCP"
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_origin_form(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in " \r\n"):
+            raise ValueError(f"must start with '/' and contain no spaces (got {value!r})")
+        return value
+
+
+class TimeoutsSpec(_Frozen):
+    """Per-service time limits."""
+
+    connect: PositiveDuration = 5.0  # a node that does not answer a SYN within this is skipped
+    # An association can sit idle between studies for hours; appliances default both sides to 12 h.
+    client_idle: PositiveDuration = 12 * 3600.0
+    server_idle: PositiveDuration = 12 * 3600.0
+
+
+def _server_shorthand(value: Any) -> Any:
+    """Allow ``pacs1: 10.0.0.11:104`` as shorthand for ``pacs1: {address: 10.0.0.11:104}``."""
+    if isinstance(value, dict):
+        return {name: {"address": spec} if isinstance(spec, str) else spec for name, spec in value.items()}
+    return value
+
+
+class ServiceSpec(_Frozen):
+    """One virtual service: a listening address in front of a set of nodes."""
+
+    listen: Address
+    mode: Mode = "tcp"
+    balance: Literal["leastconn", "roundrobin"] = "leastconn"
+    persistence: PersistenceSpec = PersistenceSpec()
+    check: CheckSpec = CheckSpec()
+    servers: Annotated[dict[str, ServerSpec], BeforeValidator(_server_shorthand), Field(min_length=1)]
+    timeouts: TimeoutsSpec = TimeoutsSpec()
+    # Past this many concurrent connections the service stops accepting; new clients wait in the
+    # kernel's accept queue (like HAProxy's frontend maxconn) instead of being refused.
+    maxconn: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
+    # Other nodes tried after a failed connect, each at most once.
+    retries: Annotated[int, Field(ge=0, le=16)] = 3
+
+
+class LogSpec(_Frozen):
+    """Where and how pacslb logs (always to standard error, one line per event)."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Frozen):
+    """The whole config file."""
+
+    services: Annotated[dict[str, ServiceSpec], Field(min_length=1)]
+    log: LogSpec = LogSpec()
+    # How long SIGTERM waits for established connections to finish before closing them.
+    shutdown_grace: Annotated[Duration, Field(ge=0)] = 30.0
+
+
+Issue = tuple[tuple[str | int, ...], str]
+
+
+def semantic_issues(name: str, service: ServiceSpec, given: dict[str, Any]) -> list[Issue]:
+    """Rules that relate several fields of one service. ``given`` is the raw mapping from the file.
+
+    Returns (location, reason) pairs; the location is relative to the config root.
+    """
+    here: tuple[str | int, ...] = ("services", name)
+    issues: list[Issue] = []
+    if service.mode not in SUPPORTED_MODES:
+        issues.append(
+            (
+                (*here, "mode"),
+                f"mode '{service.mode}' is not available in this version (available: "
+                f"{', '.join(sorted(SUPPORTED_MODES))})",
+            )
+        )
+    allowed = PERSISTENCE_BY_MODE[service.mode]
+    if service.persistence.type not in allowed:
+        issues.append(
+            (
+                (*here, "persistence", "type"),
+                f"'{service.persistence.type}' cannot be done in mode '{service.mode}' "
+                f"(possible: {', '.join(sorted(allowed))})",
+            )
+        )
+    check_given = given.get("check") if isinstance(given.get("check"), dict) else {}
+    assert isinstance(check_given, dict)
+    kind = service.check.type
+    for key in sorted(set(check_given) & HTTP_CHECK_FIELDS):
+        if kind != "http":
+            issues.append(
+                ((*here, "check", key), f"only applies to checks of type http (this one is {kind})")
+            )
+    for key in sorted(set(check_given) & DICOM_CHECK_FIELDS):
+        if kind != "dicom_echo":
+            issues.append(
+                ((*here, "check", key), f"only applies to checks of type dicom_echo (this is {kind})")
+            )
+    if kind == "http" and service.check.expect_body is not None and service.check.method != "GET":
+        issues.append(((*here, "check", "expect_body"), "needs method GET (a HEAD response has no body)"))
+    if service.check.timeout > service.check.interval:
+        issues.append(((*here, "check", "timeout"), "must not be longer than check.interval"))
+    if all(s.weight == 0 for s in service.servers.values()):
+        issues.append(((*here, "servers"), "every server has weight 0: the service could never pick one"))
+    return issues

@@ -1,0 +1,118 @@
+"""Parsing of the config's scalar value types: durations, host:port addresses, netmasks, AE titles.
+
+Each parser takes what YAML produced and returns a plain Python value or raises ``ValueError`` with a
+message meant for the person editing the file (pydantic turns it into a located config error).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Parse ``500ms``, ``2s``, ``30m``, ``12h``, ``1d`` or a combination such as ``1h30m`` into seconds.
+
+    A bare number is refused: HAProxy reads it as milliseconds, other tools as seconds, and a config
+    that means one and says the other takes a PACS offline.
+    """
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f"a duration needs a unit, e.g. '2s' or '500ms' (got {value!r})")
+    text = value.strip()
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos == 0 or pos != len(text):
+        raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 2s, 30m, 12h, 1h30m)")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest config spelling of ``seconds`` (inverse of :func:`parse_duration` for whole units)."""
+    for unit in ("d", "h", "m", "s"):
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """An IP address and a TCP port. Host names are not accepted: a balancer must not depend on DNS."""
+
+    host: str
+    port: int
+
+    @property
+    def family_v6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family_v6 else f"{self.host}:{self.port}"
+
+
+def parse_host_port(value: Any) -> HostPort:
+    """Parse ``10.0.0.11:104`` or ``[fd00::11]:104``."""
+    if isinstance(value, HostPort):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'address:port', e.g. '10.0.0.11:104' (got {value!r})")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+    else:
+        host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected 'address:port', e.g. '10.0.0.11:104' (got {value!r})")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{host!r} is not an IP address (host names are not resolved; write the node's address)"
+        ) from None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 1 to 65535 (got {port_text!r})")
+    return HostPort(str(ip), int(port_text))
+
+
+def parse_prefix(value: Any, *, bits: int) -> int:
+    """Parse a netmask as a prefix length (``24``) or, for IPv4, a dotted mask (``255.255.255.0``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a prefix length 0..{bits} (got {value!r})")
+    if isinstance(value, int):
+        if not 0 <= value <= bits:
+            raise ValueError(f"prefix length must be 0..{bits} (got {value})")
+        return value
+    if isinstance(value, str) and bits == 32:
+        text = value.strip().lstrip("/")
+        if text.isdigit():
+            return parse_prefix(int(text), bits=bits)
+        try:
+            return ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen
+        except ValueError:
+            raise ValueError(f"not a netmask: {value!r} (use e.g. 24 or 255.255.255.0)") from None
+    if isinstance(value, str) and value.strip().lstrip("/").isdigit():
+        return parse_prefix(int(value.strip().lstrip("/")), bits=bits)
+    raise ValueError(f"expected a prefix length 0..{bits} (got {value!r})")
+
+
+_AE_ALLOWED = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: default repertoire, no backslash
+
+
+def parse_ae_title(value: Any) -> str:
+    """An AE title: 1 to 16 characters of the default repertoire, no backslash, not only spaces (PS3.5 6.2)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"an AE title is 1 to 16 characters (got {value!r})")
+    if not _AE_ALLOWED.match(value):
+        raise ValueError(
+            f"not a valid AE title: {value!r} (1 to 16 printable ASCII characters, no backslash)"
+        )
+    return value.strip()

@@ -1,0 +1,1 @@
+"""asyncio drivers: listeners, the relay, and the services that carry out decisions."""

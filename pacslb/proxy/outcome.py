@@ -1,0 +1,16 @@
+"""How a client connection ended: the vocabulary of the connection log."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class End(StrEnum):
+    CLIENT_CLOSED = "client_closed"  # the client closed (or reset) first
+    SERVER_CLOSED = "server_closed"  # the node closed (or reset) first
+    CLIENT_TIMEOUT = "client_timeout"  # idle past timeouts.client_idle
+    SERVER_TIMEOUT = "server_timeout"  # idle past timeouts.server_idle
+    REFUSED = "refused"  # every node tried refused or did not answer the connect
+    NO_SERVER = "no_server"  # no node was usable at all
+    SHUTDOWN = "shutdown"  # closed by pacslb stopping after its grace period
+    ERROR = "error"  # a bug in pacslb; logged with its traceback

@@ -1,0 +1,225 @@
+"""A virtual service in tcp mode: accept, decide, connect (with retries), relay, log.
+
+Theory of operation. For each accepted connection the service asks the decision code for a server
+(persistence first, then the scheduler), connects to it within ``timeouts.connect``, and on failure asks
+again excluding the servers already tried, at most ``retries`` more times, so a node that died a second
+ago (before its health check noticed) costs the client nothing. Once connected, the two sockets go to the
+relay, and the service only waits for its result to write the connection log line.
+
+A service object lives across reloads: ``apply()`` swaps its spec, servers and scheduler in place, and
+connections already relaying keep the server objects they were given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from pacslb.balance.decision import Decision, choose
+from pacslb.balance.persistence import PersistenceTable, source_ip_key
+from pacslb.balance.scheduler import Scheduler, make_scheduler
+from pacslb.balance.server import ServerState
+from pacslb.config.model import ServiceSpec
+from pacslb.errors import ConnectFailed
+from pacslb.logs import log_event
+from pacslb.proxy.listener import Listener
+from pacslb.proxy.outcome import End
+from pacslb.proxy.relay import relay
+
+log = logging.getLogger("pacslb.conn")
+
+
+def _tune(sock: socket.socket) -> None:
+    # Small DICOM PDUs and HTTP heads must not wait for Nagle; keepalive finds peers that vanished
+    # during the hours an association may sit idle.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+async def connect_to(server: ServerState, timeout: float) -> socket.socket:
+    """A connected non-blocking socket to ``server``.
+
+    Raises:
+        ConnectFailed: refused, unreachable, or no answer within ``timeout`` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (server.host, server.port)), timeout)
+    except TimeoutError as exc:
+        sock.close()
+        raise ConnectFailed(server.name, f"no answer within {timeout:g}s") from exc
+    except OSError as exc:
+        sock.close()
+        raise ConnectFailed(server.name, exc.strerror or str(exc)) from exc
+    except BaseException:
+        sock.close()
+        raise
+    _tune(sock)
+    return sock
+
+
+class TcpService:
+    """One tcp-mode virtual service."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: ServiceSpec,
+        servers: list[ServerState],
+        table: PersistenceTable | None,
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.servers = servers
+        self.table = table
+        self.scheduler: Scheduler = make_scheduler(spec.balance)
+        self.listener: Listener | None = None
+        self.active = 0
+        self.total = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+
+    # -- configuration -------------------------------------------------------------------------------
+
+    def apply(self, spec: ServiceSpec, servers: list[ServerState], table: PersistenceTable | None) -> None:
+        """Take a new spec (on reload). Open connections are not touched."""
+        if spec.balance != self.spec.balance:
+            self.scheduler = make_scheduler(spec.balance)
+        self.spec = spec
+        self.servers = servers
+        self.table = table
+        self._update_accepting()
+
+    def attach(self, listener: Listener) -> None:
+        if self.listener is not None and self.listener is not listener:
+            self.listener.close()
+        self.listener = listener
+        self._update_accepting()
+
+    def stop_accepting(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def _update_accepting(self) -> None:
+        if self.listener is None:
+            return
+        if self.active >= self.spec.maxconn:
+            self.listener.pause()
+        else:
+            self.listener.resume()
+
+    # -- connections ---------------------------------------------------------------------------------
+
+    def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Called by the listener for each new connection."""
+        self.active += 1
+        self.total += 1
+        if self.active >= self.spec.maxconn and self.listener is not None:
+            self.listener.pause()
+        task = self._loop.create_task(self._handle(sock, peer))
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.active -= 1
+        if self.listener is not None and self.active < self.spec.maxconn:
+            self.listener.resume()
+
+    async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
+        loop = self._loop
+        started = loop.time()
+        spec = self.spec
+        table = self.table
+        key = (
+            source_ip_key(peer[0], spec.persistence.netmask, spec.persistence.netmask6)
+            if table is not None
+            else None
+        )
+        tried: list[ServerState] = []
+        server_sock: socket.socket | None = None
+        decision: Decision | None = None
+        try:
+            _tune(client)
+            while server_sock is None:
+                decision = choose(self.servers, self.scheduler, table, key, loop.time(), tried)
+                if decision is None:
+                    client.close()
+                    end = End.REFUSED if tried else End.NO_SERVER
+                    self._log(peer, None, None, started, 0, 0, end, len(tried))
+                    return
+                server = decision.server
+                server.active += 1
+                try:
+                    server_sock = await connect_to(server, spec.timeouts.connect)
+                except ConnectFailed as exc:
+                    server.active -= 1
+                    tried.append(server)
+                    log_event(
+                        log, "connect_failed", logging.WARNING,
+                        service=self.name, client=_addr(peer), server=server.name, address=server.address,
+                        reason=exc.reason, attempt=len(tried),
+                    )  # fmt: skip
+                    if len(tried) > spec.retries:
+                        client.close()
+                        self._log(peer, None, None, started, 0, 0, End.REFUSED, len(tried))
+                        return
+        except BaseException:
+            client.close()
+            raise
+        assert decision is not None
+        server = decision.server
+        server.total += 1
+        if table is not None and key is not None:
+            table.acquire(key, server.name, loop.time())
+        timeouts = spec.timeouts
+        idle = min(timeouts.client_idle, timeouts.server_idle)
+        timeout_end = (
+            End.CLIENT_TIMEOUT if timeouts.client_idle <= timeouts.server_idle else End.SERVER_TIMEOUT
+        )
+        up = down = 0
+        end = End.ERROR
+        try:
+            result = await relay(client, server_sock, idle_timeout=idle, timeout_end=timeout_end)
+            up, down, end = result.bytes_up, result.bytes_down, result.end
+        except asyncio.CancelledError:
+            end = End.SHUTDOWN
+            raise
+        except Exception:
+            log.exception("relay failed for %s on service %s", _addr(peer), self.name)
+        finally:
+            server.active -= 1
+            if table is not None and key is not None:
+                table.release(key, server.name, loop.time())
+            self._log(peer, server, decision.rule, started, up, down, end, len(tried))
+
+    def _log(
+        self,
+        peer: tuple[str, int],
+        server: ServerState | None,
+        rule: str | None,
+        started: float,
+        up: int,
+        down: int,
+        end: End,
+        retries: int,
+    ) -> None:
+        level = logging.INFO if server is not None else logging.WARNING
+        log_event(
+            log, "conn", level,
+            service=self.name, client=_addr(peer),
+            server=server.name if server is not None else "-",
+            address=server.address if server is not None else "-",
+            rule=rule or "-", duration=self._loop.time() - started,
+            bytes_up=up, bytes_down=down, end=end.value, retries=retries,
+        )  # fmt: skip
+
+
+def _addr(peer: tuple[str, int]) -> str:
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

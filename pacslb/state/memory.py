@@ -1,0 +1,28 @@
+"""The in-memory state store: the embedded default, for a single balancer. Entries do not survive a
+restart and are not shared with a peer (that is the Redis store's job)."""
+
+from __future__ import annotations
+
+from pacslb.balance.persistence import PersistenceTable
+
+
+class MemoryStore:
+    """Persistence tables held in this process."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, PersistenceTable] = {}
+
+    def persistence_table(self, service: str, timeout: float, max_entries: int) -> PersistenceTable:
+        table = self._tables.get(service)
+        if table is None:
+            table = self._tables[service] = PersistenceTable(timeout, max_entries)
+        else:
+            table.timeout = timeout
+            table.max_entries = max_entries
+        return table
+
+    def discard(self, service: str) -> None:
+        self._tables.pop(service, None)
+
+    async def close(self) -> None:
+        self._tables.clear()
