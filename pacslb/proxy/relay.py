@@ -36,7 +36,7 @@ class RelayResult:
 class _Half(asyncio.Protocol):
     """One side of the relay: what it reads, the other side writes."""
 
-    __slots__ = ("eof", "is_client", "lost", "peer", "received", "relay", "transport")
+    __slots__ = ("early", "eof", "is_client", "lost", "peer", "received", "relay", "transport")
 
     def __init__(self, relay: _Relay, is_client: bool) -> None:
         self.relay = relay
@@ -46,6 +46,9 @@ class _Half(asyncio.Protocol):
         self.received = 0
         self.eof = False
         self.lost = False
+        # Bytes that arrived before the other side's transport existed (the event loop may deliver a
+        # first read right after connection_made, before pause_reading takes effect).
+        self.early: list[bytes] | None = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -54,11 +57,15 @@ class _Half(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
-        self.peer.transport.write(data)  # type: ignore[union-attr]
+        if self.early is None:
+            self.peer.transport.write(data)  # type: ignore[union-attr]
+        else:
+            self.early.append(data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        self.relay.side_finished(self)
+        if self.early is None:
+            self.relay.side_finished(self)
         return True  # keep the transport open: the other direction may still be sending
 
     def pause_writing(self) -> None:
@@ -94,6 +101,8 @@ class _Relay:
             self.first = half
         peer = half.peer
         assert peer is not None and peer.transport is not None
+        if self.done.done():
+            return
         if peer.eof or peer.lost:
             self.close()
         elif peer.transport.can_write_eof():
@@ -101,11 +110,30 @@ class _Relay:
         else:
             self.close()
 
+    def start(self) -> None:
+        """Both transports exist: pass on what arrived early, then let bytes flow."""
+        for half in (self.client, self.server):
+            early, half.early = half.early, None
+            peer = half.peer
+            assert peer is not None and peer.transport is not None and half.transport is not None
+            if early and not peer.lost:
+                peer.transport.write(b"".join(early))
+        for half in (self.client, self.server):
+            if half.lost:
+                self.side_lost(half)
+            elif half.eof:
+                self.side_finished(half)
+        for half in (self.client, self.server):
+            if not half.lost and not half.eof and half.transport is not None:
+                half.transport.resume_reading()
+
     def side_lost(self, half: _Half) -> None:
         if self.first is None:
             self.first = half
         peer = half.peer
         assert peer is not None
+        if half.early is not None:
+            return  # still setting up: relay() finds the loss in start()
         if peer.lost:
             if not self.done.done():
                 self.done.set_result(None)
@@ -165,9 +193,7 @@ async def relay(
         server.close()
         state.abort()
         raise
-    assert state.client.transport is not None and state.server.transport is not None
-    state.client.transport.resume_reading()
-    state.server.transport.resume_reading()
+    state.start()
 
     period = max(idle_timeout / IDLE_TICKS_PER_PERIOD, 0.01)
     last_seen = state.activity()
