@@ -108,7 +108,7 @@ _AE_ALLOWED = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: default 
 
 
 def parse_ae_title(value: Any) -> str:
-    """An AE title: 1 to 16 characters of the default repertoire, no backslash, not only spaces (PS3.5 6.2)."""
+    """An AE title: 1 to 16 characters of the default repertoire, no backslash, not all spaces (PS3.5 6.2)."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"an AE title is 1 to 16 characters (got {value!r})")
     if not _AE_ALLOWED.match(value):
