@@ -116,7 +116,8 @@ def test_reload_keeps_open_connections_and_applies_new_servers(tmp_path: Path) -
         # New config: b added, a's weight 0 (no new clients for a).
         path.write_text(
             f"services:\n  svc:\n    listen: 127.0.0.1:{port}\n    check: {{type: none}}\n"
-            f"    servers:\n      a: {{address: 127.0.0.1:{port_a}, weight: 0}}\n      b: 127.0.0.1:{port_b}\n"
+            f"    servers:\n      a: {{address: 127.0.0.1:{port_a}, weight: 0}}\n"
+            f"      b: 127.0.0.1:{port_b}\n"
         )
         applied = await engine.reload()
         still = await long_lived.echo(b"after reload")
