@@ -115,6 +115,7 @@ class Engine:
                 service = previous
             else:
                 service = TcpService(name, spec, servers, table)
+                service.on_connect_failed = self._connect_failed
             new_services[name] = service
             if name in bound:
                 service.attach(Listener(name, bound[name], service.accept))
@@ -172,6 +173,11 @@ class Engine:
                 monitor = Monitor(key[0], spec.check, server, self._health_changed)
                 self.monitors[key] = monitor
                 monitor.start()
+
+    def _connect_failed(self, service: str, server: ServerState) -> None:
+        monitor = self.monitors.get((service, server.name))
+        if monitor is not None and monitor.server is server:
+            monitor.wake()
 
     def _health_changed(self, server: ServerState, old: Health, new: Health, result: CheckResult) -> None:
         for name, service in self.services.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from pacslb.balance.decision import Decision, choose
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
@@ -81,6 +82,8 @@ class TcpService:
         self.active = 0
         self.total = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        # Set by the engine: told when connecting to a server failed, to check it at once.
+        self.on_connect_failed: Callable[[str, ServerState], None] | None = None
         self._loop = asyncio.get_running_loop()
 
     # -- configuration -------------------------------------------------------------------------------
@@ -160,6 +163,8 @@ class TcpService:
                 except ConnectFailed as exc:
                     server.active -= 1
                     tried.append(server)
+                    if self.on_connect_failed is not None:
+                        self.on_connect_failed(self.name, server)
                     log_event(
                         log, "connect_failed", logging.WARNING,
                         service=self.name, client=_addr(peer), server=server.name, address=server.address,
