@@ -28,12 +28,16 @@ from pacslb.config import Config, ServiceSpec, load_config
 from pacslb.config.values import HostPort
 from pacslb.errors import ConfigError, PacslbError
 from pacslb.logs import log_event, setup_logging
+from pacslb.proxy.dicom import DicomService
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.tcp import TcpService
 from pacslb.state.memory import MemoryStore
 from pacslb.state.store import StateStore
 
 log = logging.getLogger("pacslb.engine")
+
+#: The service class of each mode.
+SERVICE_KINDS: dict[str, type[TcpService]] = {"tcp": TcpService, "dicom": DicomService}
 
 #: How often expired persistence entries are swept out (lookups also drop them as they find them).
 SWEEP_INTERVAL = 30.0
@@ -46,9 +50,7 @@ class StartError(PacslbError):
 class Engine:
     """The running balancer for one config at a time."""
 
-    def __init__(
-        self, config: Config, config_path: str | None = None, store: StateStore | None = None
-    ) -> None:
+    def __init__(self, config: Config, config_path: str | None = None, store: StateStore | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.store: StateStore = store if store is not None else MemoryStore()
@@ -85,9 +87,7 @@ class Engine:
             try:
                 bound[name] = bind_listener(spec.listen)
             except OSError as exc:
-                errors.append(
-                    f"services.{name}.listen: cannot listen on {spec.listen}: {exc.strerror or exc}"
-                )
+                errors.append(f"services.{name}.listen: cannot listen on {spec.listen}: {exc.strerror or exc}")
         if errors:
             for sock in bound.values():
                 sock.close()
@@ -102,19 +102,19 @@ class Engine:
         new_services: dict[str, TcpService] = {}
         for name, spec in config.services.items():
             previous = old_services.get(name)
-            servers = self._servers(spec, previous.servers if previous is not None else [])
+            if previous is not None and previous.spec.mode != spec.mode:
+                previous = None  # a new kind of service: the old one is retired below, its listener moves
+            servers = self._servers(spec, old_services[name].servers if name in old_services else [])
             table = None
             if spec.persistence.type != "none":
-                table = self.store.persistence_table(
-                    name, spec.persistence.timeout, spec.persistence.max_entries
-                )
+                table = self.store.persistence_table(name, spec.persistence.timeout, spec.persistence.max_entries)
             else:
                 self.store.discard(name)
             if previous is not None:
                 previous.apply(spec, servers, table)
                 service = previous
             else:
-                service = TcpService(name, spec, servers, table)
+                service = SERVICE_KINDS[spec.mode](name, spec, servers, table)
                 service.on_connect_failed = self._connect_failed
             new_services[name] = service
             if name in bound:
@@ -127,9 +127,10 @@ class Engine:
                     owner.listener = None
                     service.attach(Listener(name, sock, service.accept))
         for name, service in old_services.items():
-            if name not in new_services:
+            if new_services.get(name) is not service:
                 service.stop_accepting()
-                self.store.discard(name)
+                if name not in new_services:
+                    self.store.discard(name)
                 self.retired.append(service)
                 log_event(log, "service_removed", service=name, active=service.active)
         self.services = new_services
@@ -161,11 +162,7 @@ class Engine:
                 wanted[(name, server.name)] = (service.spec, server)
         for key, monitor in list(self.monitors.items()):
             spec_server = wanted.get(key)
-            if (
-                spec_server is None
-                or monitor.spec != spec_server[0].check
-                or monitor.server is not spec_server[1]
-            ):
+            if spec_server is None or monitor.spec != spec_server[0].check or monitor.server is not spec_server[1]:
                 del self.monitors[key]
                 asyncio.get_running_loop().create_task(monitor.stop())
         for key, (spec, server) in wanted.items():
@@ -257,9 +254,7 @@ class Engine:
             self.retired = [s for s in self.retired if s.tasks]
 
 
-async def serve(
-    config: Config, config_path: str | None = None, *, on_ready: Callable[[], None] | None = None
-) -> None:
+async def serve(config: Config, config_path: str | None = None, *, on_ready: Callable[[], None] | None = None) -> None:
     """Run the balancer until SIGTERM or SIGINT, reloading on SIGHUP; then stop gracefully.
 
     Raises:

@@ -81,6 +81,4 @@ def _echo(host: str, port: int, calling: str, called: str, timeout: float) -> Ch
 
 async def check_dicom_echo(spec: CheckSpec, host: str, port: int) -> CheckResult:
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
-        _executor(), _echo, host, port, spec.calling_ae, spec.called_ae, spec.timeout
-    )
+    return await loop.run_in_executor(_executor(), _echo, host, port, spec.calling_ae, spec.called_ae, spec.timeout)

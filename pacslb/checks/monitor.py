@@ -85,10 +85,8 @@ class Monitor:
             # A wake never makes checks closer than MIN_CHECK_GAP, however many connections fail.
             await asyncio.sleep(max(0.0, started + min(MIN_CHECK_GAP, spec.interval) - loop.time()))
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, started + spec.interval - loop.time()))
-            except TimeoutError:
-                pass
 
     def apply(self, result: CheckResult) -> None:
         """Count one check result and change the server's health when rise or fall is reached."""

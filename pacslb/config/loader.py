@@ -44,9 +44,7 @@ class _Located:
                     continue
                 key = str(key)
                 if key == "<<":
-                    self.problems.append(
-                        (path, key_node.start_mark.line + 1, "YAML merge keys are not supported")
-                    )
+                    self.problems.append((path, key_node.start_mark.line + 1, "YAML merge keys are not supported"))
                     continue
                 if key in result:
                     self.problems.append(
@@ -112,9 +110,7 @@ def load_config_text(text: str, filename: str = "<config>") -> Config:
         ConfigIssue(filename, line, _dotted(path), reason) for path, line, reason in located.problems
     ]
     if not isinstance(data, dict):
-        issues.append(
-            ConfigIssue(filename, 1, "", "the top level must be a mapping (with at least 'services')")
-        )
+        issues.append(ConfigIssue(filename, 1, "", "the top level must be a mapping (with at least 'services')"))
         raise ConfigError(issues)
 
     found: list[Issue] = []
@@ -135,9 +131,7 @@ def load_config_text(text: str, filename: str = "<config>") -> Config:
                 found.extend(semantic_issues(name, service, raw))
     found.extend(_listen_conflicts(valid_services))
 
-    issues.extend(
-        ConfigIssue(filename, located.line_of(path), _dotted(path), reason) for path, reason in found
-    )
+    issues.extend(ConfigIssue(filename, located.line_of(path), _dotted(path), reason) for path, reason in found)
     if issues:
         issues.sort(key=lambda i: (i.line or 0, i.field))
         raise ConfigError(issues)
@@ -202,9 +196,7 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError([ConfigIssue(name, None, "", f"cannot read: {exc.strerror or exc}")]) from exc
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            [ConfigIssue(name, None, "", f"larger than {MAX_CONFIG_BYTES} bytes; not a config")]
-        )
+        raise ConfigError([ConfigIssue(name, None, "", f"larger than {MAX_CONFIG_BYTES} bytes; not a config")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

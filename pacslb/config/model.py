@@ -7,6 +7,7 @@ collection) lives in loader.py; rules that relate several fields live in :func:`
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
@@ -29,10 +30,8 @@ Prefix6 = Annotated[int, BeforeValidator(lambda v: parse_prefix(v, bits=128))]
 
 Mode = Literal["tcp", "dicom", "http"]
 #: Modes this version can run; the others are part of the contract and refused with a clear reason.
-SUPPORTED_MODES: frozenset[str] = frozenset({"tcp"})
-PersistenceType = Literal[
-    "none", "source_ip", "cookie", "cookie+source_ip", "calling_ae", "calling_ae+source_ip"
-]
+SUPPORTED_MODES: frozenset[str] = frozenset({"tcp", "dicom"})
+PersistenceType = Literal["none", "source_ip", "cookie", "cookie+source_ip", "calling_ae", "calling_ae+source_ip"]
 #: Which persistence types each mode can carry out (cookies need HTTP, AE titles need DICOM).
 PERSISTENCE_BY_MODE: dict[str, frozenset[str]] = {
     "tcp": frozenset({"none", "source_ip"}),
@@ -104,9 +103,54 @@ class TimeoutsSpec(_Frozen):
     """Per-service time limits."""
 
     connect: PositiveDuration = 5.0  # a node that does not answer a SYN within this is skipped
+    # mode dicom: how long a client may take to send its A-ASSOCIATE-RQ, and a node to answer it. Peers
+    # answer in milliseconds; 10 s is generous and still frees a silent client's slot quickly.
+    negotiation: PositiveDuration = 10.0
     # An association can sit idle between studies for hours; appliances default both sides to 12 h.
     client_idle: PositiveDuration = 12 * 3600.0
     server_idle: PositiveDuration = 12 * 3600.0
+
+
+def _network(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"not a network: {value!r} (use e.g. 10.1.0.0/16 or 10.1.2.3)") from None
+    raise ValueError(f"expected a network such as 10.1.0.0/16 (got {value!r})")
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network), PlainSerializer(str)]
+AEPattern = Annotated[str, Field(min_length=1, max_length=16)]  # an AE title or a glob such as "CT*"
+
+
+class CallingAERule(_Frozen):
+    """An allowed calling AE title (glob), optionally only from some source networks."""
+
+    ae: AEPattern
+    sources: Annotated[tuple[Network, ...], Field(min_length=1)] | None = None
+
+
+def _calling_rule(value: Any) -> Any:
+    return {"ae": value} if isinstance(value, str) else value
+
+
+class DicomRoute(_Frozen):
+    """Send matching associations to a subset of the servers. Absent criteria match anything."""
+
+    calling_ae: AEPattern | None = None
+    called_ae: AEPattern | None = None
+    source: Network | None = None
+    servers: Annotated[tuple[str, ...], Field(min_length=1)]
+
+
+class DicomSpec(_Frozen):
+    """mode dicom: what the balancer does with the A-ASSOCIATE-RQ."""
+
+    # Calling AE titles allowed in (globs, optionally bound to networks); absent = any.
+    allowed_calling_ae: tuple[Annotated[CallingAERule, BeforeValidator(_calling_rule)], ...] | None = None
+    called_ae: tuple[AEPattern, ...] | None = None  # called AE titles accepted (globs); absent = any
+    routes: tuple[DicomRoute, ...] = ()  # first match wins; no match = all servers
 
 
 def _server_shorthand(value: Any) -> Any:
@@ -126,6 +170,7 @@ class ServiceSpec(_Frozen):
     check: CheckSpec = CheckSpec()
     servers: Annotated[dict[str, ServerSpec], BeforeValidator(_server_shorthand), Field(min_length=1)]
     timeouts: TimeoutsSpec = TimeoutsSpec()
+    dicom: DicomSpec | None = None  # mode dicom only
     # Past this many concurrent connections the service stops accepting; new clients wait in the
     # kernel's accept queue (like HAProxy's frontend maxconn) instead of being refused.
     maxconn: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
@@ -181,18 +226,21 @@ def semantic_issues(name: str, service: ServiceSpec, given: dict[str, Any]) -> l
     kind = service.check.type
     for key in sorted(set(check_given) & HTTP_CHECK_FIELDS):
         if kind != "http":
-            issues.append(
-                ((*here, "check", key), f"only applies to checks of type http (this one is {kind})")
-            )
+            issues.append(((*here, "check", key), f"only applies to checks of type http (this one is {kind})"))
     for key in sorted(set(check_given) & DICOM_CHECK_FIELDS):
         if kind != "dicom_echo":
-            issues.append(
-                ((*here, "check", key), f"only applies to checks of type dicom_echo (this is {kind})")
-            )
+            issues.append(((*here, "check", key), f"only applies to checks of type dicom_echo (this is {kind})"))
     if kind == "http" and service.check.expect_body is not None and service.check.method != "GET":
         issues.append(((*here, "check", "expect_body"), "needs method GET (a HEAD response has no body)"))
     if service.check.timeout > service.check.interval:
         issues.append(((*here, "check", "timeout"), "must not be longer than check.interval"))
+    if service.dicom is not None:
+        if service.mode != "dicom":
+            issues.append(((*here, "dicom"), f"only applies to mode dicom (this service is {service.mode})"))
+        for i, route in enumerate(service.dicom.routes):
+            for j, server in enumerate(route.servers):
+                if server not in service.servers:
+                    issues.append(((*here, "dicom", "routes", i, "servers", j), f"no server named {server!r}"))
     if all(s.weight == 0 for s in service.servers.values()):
         issues.append(((*here, "servers"), "every server has weight 0: the service could never pick one"))
     return issues

@@ -112,7 +112,5 @@ def parse_ae_title(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"an AE title is 1 to 16 characters (got {value!r})")
     if not _AE_ALLOWED.match(value):
-        raise ValueError(
-            f"not a valid AE title: {value!r} (1 to 16 printable ASCII characters, no backslash)"
-        )
+        raise ValueError(f"not a valid AE title: {value!r} (1 to 16 printable ASCII characters, no backslash)")
     return value.strip()

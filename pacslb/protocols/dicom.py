@@ -319,7 +319,8 @@ def _presentation_context(value: bytes) -> PresentationContext:
             transfers.append(_uid(sub, "transfer syntax name"))
         else:
             raise DicomProtocolError.abort(
-                f"unexpected sub-item 0x{kind:02X} in presentation context", AbortReason.UNEXPECTED_PDU_PARAMETER
+                f"unexpected sub-item 0x{kind:02X} in presentation context",
+                AbortReason.UNEXPECTED_PDU_PARAMETER,
             )
     if not abstract or not transfers:
         raise DicomProtocolError.abort(f"presentation context {context_id} lacks its abstract or transfer syntax")

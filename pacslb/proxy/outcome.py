@@ -12,5 +12,7 @@ class End(StrEnum):
     SERVER_TIMEOUT = "server_timeout"  # idle past timeouts.server_idle
     REFUSED = "refused"  # every node tried refused or did not answer the connect
     NO_SERVER = "no_server"  # no node was usable at all
+    REJECTED = "rejected"  # mode dicom: the association was rejected (A-ASSOCIATE-RJ) by pacslb or a node
+    ABORTED = "aborted"  # mode dicom: pacslb aborted a client that broke the protocol or stayed silent
     SHUTDOWN = "shutdown"  # closed by pacslb stopping after its grace period
     ERROR = "error"  # a bug in pacslb; logged with its traceback

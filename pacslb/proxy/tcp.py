@@ -108,10 +108,15 @@ class TcpService:
             self.listener.close()
             self.listener = None
 
+    @property
+    def accept_limit(self) -> int:
+        """Connections held at once before the listener pauses (tcp: exactly maxconn)."""
+        return self.spec.maxconn
+
     def _update_accepting(self) -> None:
         if self.listener is None:
             return
-        if self.active >= self.spec.maxconn:
+        if self.active >= self.accept_limit:
             self.listener.pause()
         else:
             self.listener.resume()
@@ -122,7 +127,7 @@ class TcpService:
         """Called by the listener for each new connection."""
         self.active += 1
         self.total += 1
-        if self.active >= self.spec.maxconn and self.listener is not None:
+        if self.active >= self.accept_limit and self.listener is not None:
             self.listener.pause()
         task = self._loop.create_task(self._handle(sock, peer))
         self.tasks.add(task)
@@ -131,7 +136,7 @@ class TcpService:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self.active -= 1
-        if self.listener is not None and self.active < self.spec.maxconn:
+        if self.listener is not None and self.active < self.accept_limit:
             self.listener.resume()
 
     async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
@@ -139,11 +144,7 @@ class TcpService:
         started = loop.time()
         spec = self.spec
         table = self.table
-        key = (
-            source_ip_key(peer[0], spec.persistence.netmask, spec.persistence.netmask6)
-            if table is not None
-            else None
-        )
+        key = source_ip_key(peer[0], spec.persistence.netmask, spec.persistence.netmask6) if table is not None else None
         tried: list[ServerState] = []
         server_sock: socket.socket | None = None
         decision: Decision | None = None
@@ -163,13 +164,7 @@ class TcpService:
                 except ConnectFailed as exc:
                     server.active -= 1
                     tried.append(server)
-                    if self.on_connect_failed is not None:
-                        self.on_connect_failed(self.name, server)
-                    log_event(
-                        log, "connect_failed", logging.WARNING,
-                        service=self.name, client=_addr(peer), server=server.name, address=server.address,
-                        reason=exc.reason, attempt=len(tried),
-                    )  # fmt: skip
+                    self.connect_failed(peer, server, exc.reason, len(tried))
                     if len(tried) > spec.retries:
                         client.close()
                         self._log(peer, None, None, started, 0, 0, End.REFUSED, len(tried))
@@ -179,29 +174,51 @@ class TcpService:
             raise
         assert decision is not None
         server = decision.server
+        up = down = 0
+        end = End.ERROR
+        try:
+            up, down, end = await self.relay(client, server_sock, server, key)
+        except asyncio.CancelledError:
+            end = End.SHUTDOWN
+            raise
+        finally:
+            self._log(peer, server, decision.rule, started, up, down, end, len(tried))
+
+    def connect_failed(self, peer: tuple[str, int], server: ServerState, reason: str, attempt: int) -> None:
+        """Log a failed attempt and have the server checked at once."""
+        if self.on_connect_failed is not None:
+            self.on_connect_failed(self.name, server)
+        log_event(
+            log, "connect_failed", logging.WARNING,
+            service=self.name, client=addr_text(peer), server=server.name, address=server.address,
+            reason=reason, attempt=attempt,
+        )  # fmt: skip
+
+    async def relay(
+        self, client: socket.socket, server_sock: socket.socket, server: ServerState, key: str | None
+    ) -> tuple[int, int, End]:
+        """Relay a connection whose server was chosen and connected (``server.active`` already counts it),
+        keeping the persistence entry and the server's counters. Returns bytes up, bytes down, the end."""
+        loop = self._loop
+        table = self.table
         server.total += 1
         if table is not None and key is not None:
             table.acquire(key, server.name, loop.time())
-        timeouts = spec.timeouts
+        timeouts = self.spec.timeouts
         idle = min(timeouts.client_idle, timeouts.server_idle)
-        timeout_end = (
-            End.CLIENT_TIMEOUT if timeouts.client_idle <= timeouts.server_idle else End.SERVER_TIMEOUT
-        )
+        timeout_end = End.CLIENT_TIMEOUT if timeouts.client_idle <= timeouts.server_idle else End.SERVER_TIMEOUT
         up = down = 0
         end = End.ERROR
         try:
             result = await relay(client, server_sock, idle_timeout=idle, timeout_end=timeout_end)
             up, down, end = result.bytes_up, result.bytes_down, result.end
-        except asyncio.CancelledError:
-            end = End.SHUTDOWN
-            raise
         except Exception:
-            log.exception("relay failed for %s on service %s", _addr(peer), self.name)
+            log.exception("relay failed on service %s", self.name)
         finally:
             server.active -= 1
             if table is not None and key is not None:
                 table.release(key, server.name, loop.time())
-            self._log(peer, server, decision.rule, started, up, down, end, len(tried))
+        return up, down, end
 
     def _log(
         self,
@@ -217,7 +234,7 @@ class TcpService:
         level = logging.INFO if server is not None else logging.WARNING
         log_event(
             log, "conn", level,
-            service=self.name, client=_addr(peer),
+            service=self.name, client=addr_text(peer),
             server=server.name if server is not None else "-",
             address=server.address if server is not None else "-",
             rule=rule or "-", duration=self._loop.time() - started,
@@ -225,6 +242,6 @@ class TcpService:
         )  # fmt: skip
 
 
-def _addr(peer: tuple[str, int]) -> str:
+def addr_text(peer: tuple[str, int]) -> str:
     host, port = peer[0], peer[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,360 @@
+"""A virtual service in dicom mode: read the A-ASSOCIATE-RQ, decide with it, retry it, then relay.
+
+Theory of operation (PS3.8 section 9 for the PDUs, reference/dicom-ul.md for the byte layout):
+1. The client's first PDU is read within ``timeouts.negotiation`` and parsed (protocols/dicom.py). A
+   malformed, oversized or wrong first PDU gets an A-ABORT (or the A-ASSOCIATE-RJ PS3.8 prescribes);
+   silence gets an A-ABORT; both are logged, and nothing else is affected.
+2. The edge decides: maxconn reached -> A-ASSOCIATE-RJ (2, 3, 2); calling or called AE title not allowed
+   -> (1, 1, 3) / (1, 1, 7). Routing rules narrow the servers; persistence may key on the calling AE.
+3. The RQ is held and offered to one node after another: a failed connect, a transient A-ASSOCIATE-RJ, an
+   A-ABORT, a close or silence before the node answers all move it to the next node (at most ``retries``
+   more). A permanent rejection from a node goes to the client unchanged. When no node is left, the client
+   gets (2, 3, 1), which a modality retries later, rather than a TCP reset, after which it gives up.
+4. Once a node sent its A-ASSOCIATE-AC, the AC goes to the client and the rest of the association flows
+   through the same relay as tcp mode: no Python work per PDU.
+One ``assoc`` log line per association, and per calling AE counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pacslb.balance.decision import choose
+from pacslb.balance.dicom_policy import AT_LIMIT, NO_NODE, check_access, persistence_key, route
+from pacslb.balance.server import ServerState
+from pacslb.errors import ConnectFailed
+from pacslb.logs import log_event
+from pacslb.protocols.dicom import (
+    MAX_ASSOCIATE_AC_LENGTH,
+    AssociateRQ,
+    DicomProtocolError,
+    PDUType,
+    Rejection,
+    build_abort,
+    build_associate_rj,
+    parse_associate_rj,
+    parse_associate_rq,
+    pdu_length,
+)
+from pacslb.proxy.outcome import End
+from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
+
+log = logging.getLogger("pacslb.dicom")
+
+#: Beyond maxconn, this many more clients are accepted only to be told A-ASSOCIATE-RJ (2, 3, 2); past
+#: that the listener pauses as in tcp mode, so a flood cannot hold unbounded sockets.
+AT_LIMIT_SLOTS = 64
+#: After sending an A-ASSOCIATE-RJ or A-ABORT, how long to wait for the peer to close (PS3.8's ARTIM
+#: timer): closing at once could reset the connection before the peer has read the PDU.
+ARTIM = 1.0
+#: Bound on the per calling AE counters; the least recently seen AE title goes first.
+MAX_AE_STATS = 10_000
+READ_SIZE = 65536
+
+
+@dataclass(slots=True)
+class AEStats:
+    """Counters of one calling AE title, for metrics and the dashboard."""
+
+    associations: int = 0
+    rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    last_seen: float = 0.0  # wall-clock time
+
+
+class _Closed(Exception):
+    """The peer closed before sending a whole PDU."""
+
+
+async def _read_pdu(sock: socket.socket, buffer: bytearray, deadline: float, limit: int) -> tuple[bytes, bytearray]:
+    """Read one whole PDU (returns it and what followed it). Raises TimeoutError, _Closed, OSError, or
+    DicomProtocolError for a PDU longer than ``limit``."""
+    loop = asyncio.get_running_loop()
+    while True:
+        total = pdu_length(buffer)
+        if total is not None:
+            if total - 6 > limit:
+                raise DicomProtocolError(f"PDU of {total} bytes exceeds {limit}", build_abort())
+            if len(buffer) >= total:
+                return bytes(buffer[:total]), buffer[total:]
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError
+        data = await asyncio.wait_for(loop.sock_recv(sock, READ_SIZE), remaining)
+        if not data:
+            raise _Closed
+        buffer += data
+
+
+async def _send_and_close(sock: socket.socket, pdu: bytes) -> None:
+    """Send a final PDU, then close the way PS3.8 9.1.6 expects: let the peer close first (bounded)."""
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.sock_sendall(sock, pdu), ARTIM)
+        sock.shutdown(socket.SHUT_WR)
+        deadline = loop.time() + ARTIM
+        while (remaining := deadline - loop.time()) > 0:
+            if not await asyncio.wait_for(loop.sock_recv(sock, READ_SIZE), remaining):
+                break
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        sock.close()
+
+
+class DicomService(TcpService):
+    """One dicom-mode virtual service."""
+
+    ae_stats: OrderedDict[str, AEStats]
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.ae_stats = OrderedDict()
+
+    @property
+    def accept_limit(self) -> int:
+        return self.spec.maxconn + AT_LIMIT_SLOTS
+
+    def _ae(self, calling: str) -> AEStats:
+        stats = self.ae_stats.get(calling)
+        if stats is None:
+            stats = self.ae_stats[calling] = AEStats()
+            if len(self.ae_stats) > MAX_AE_STATS:
+                self.ae_stats.popitem(last=False)
+        else:
+            self.ae_stats.move_to_end(calling)
+        stats.last_seen = time.time()
+        return stats
+
+    async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
+        loop = self._loop
+        started = loop.time()
+        spec = self.spec
+        over_limit = self.active > spec.maxconn
+        record = _Record(self, peer, started)
+        try:
+            _tune(client)
+            buffer = bytearray()
+            deadline = started + spec.timeouts.negotiation
+            try:
+                while (rq := parse_associate_rq(buffer)) is None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    data = await asyncio.wait_for(loop.sock_recv(client, READ_SIZE), remaining)
+                    if not data:
+                        raise _Closed
+                    buffer += data
+            except DicomProtocolError as exc:
+                await _send_and_close(client, exc.response)
+                record.done("aborted" if exc.response[0] == PDUType.A_ABORT else "rejected", str(exc), "balancer")
+                return
+            except TimeoutError:
+                await _send_and_close(client, build_abort())
+                record.done("aborted", f"no A-ASSOCIATE-RQ within {spec.timeouts.negotiation:g}s", "balancer")
+                return
+            except (_Closed, OSError):
+                client.close()
+                record.done("closed", "client closed before its A-ASSOCIATE-RQ", "client")
+                return
+            early = buffer[len(rq.raw) :]  # a client should wait for the AC; pass on whatever it sent anyway
+            record.rq = rq
+            stats = self._ae(rq.calling_ae)
+            stats.associations += 1
+            rejection = AT_LIMIT if over_limit else check_access(spec.dicom, rq.calling_ae, rq.called_ae, peer[0])
+            if rejection is not None:
+                stats.rejected += 1
+                await _send_and_close(client, _rj(rejection))
+                record.done("rejected", str(rejection), "balancer")
+                return
+            await self._associate(client, peer, rq, bytes(early), stats, record)
+        except BaseException:
+            client.close()
+            raise
+
+    async def _associate(
+        self,
+        client: socket.socket,
+        peer: tuple[str, int],
+        rq: AssociateRQ,
+        early: bytes,
+        stats: AEStats,
+        record: _Record,
+    ) -> None:
+        loop = self._loop
+        spec = self.spec
+        names = route(spec.dicom, rq.calling_ae, rq.called_ae, peer[0])
+        servers = self.servers if names is None else [s for s in self.servers if s.name in names]
+        table = self.table
+        key = (
+            persistence_key(
+                spec.persistence.type,
+                rq.calling_ae,
+                peer[0],
+                spec.persistence.netmask,
+                spec.persistence.netmask6,
+            )
+            if table is not None
+            else None
+        )
+        tried = record.tried
+        while True:
+            decision = choose(servers, self.scheduler, table, key, loop.time(), tried)
+            if decision is None or len(tried) > spec.retries:
+                stats.rejected += 1
+                await _send_and_close(client, _rj(NO_NODE))
+                record.done("rejected", str(NO_NODE), "balancer")
+                return
+            server = decision.server
+            record.rule = decision.rule
+            server.active += 1
+            try:
+                server_sock = await connect_to(server, spec.timeouts.connect)
+            except ConnectFailed as exc:
+                server.active -= 1
+                tried.append(server)
+                self.connect_failed(peer, server, exc.reason, len(tried))
+                continue
+            try:
+                answer, rest = await self._offer(server_sock, rq)
+            except BaseException:
+                server.active -= 1
+                server_sock.close()
+                raise
+            if isinstance(answer, str) or answer[0] != PDUType.A_ASSOCIATE_AC:
+                server_sock.close()
+                server.active -= 1
+                if not isinstance(answer, str) and answer[0] == PDUType.A_ASSOCIATE_RJ:
+                    rejection = parse_associate_rj(answer)
+                    if not rejection.transient:
+                        # The node's own verdict (unknown AE, ...): the client gets it as the node sent it.
+                        stats.rejected += 1
+                        record.server = server
+                        await _send_and_close(client, answer)
+                        record.done("rejected", str(rejection), "node")
+                        return
+                    reason = f"transient rejection {rejection}"
+                else:
+                    reason = answer if isinstance(answer, str) else "A-ABORT before answering"
+                tried.append(server)
+                log_event(
+                    log, "assoc_retry", logging.WARNING,
+                    service=self.name, client=addr_text(peer), calling=rq.calling_ae, called=rq.called_ae,
+                    server=server.name, reason=reason, attempt=len(tried),
+                )  # fmt: skip
+                continue
+            break
+        record.server = server
+        try:
+            await loop.sock_sendall(client, answer + rest)
+            if early:
+                await loop.sock_sendall(server_sock, early)
+        except OSError:
+            server.active -= 1
+            server_sock.close()
+            client.close()
+            record.done("closed", "client went away before the A-ASSOCIATE-AC", "client")
+            return
+        record.accepted = True
+        try:
+            up, down, end = await self.relay(client, server_sock, server, key)
+        except asyncio.CancelledError:
+            record.end = End.SHUTDOWN
+            record.done("accepted", "", "")
+            raise
+        up += len(rq.raw) + len(early)
+        down += len(answer) + len(rest)
+        stats.bytes_up += up
+        stats.bytes_down += down
+        record.up, record.down, record.end = up, down, end
+        record.done("accepted", "", "")
+
+    async def _offer(self, sock: socket.socket, rq: AssociateRQ) -> tuple[bytes | str, bytes]:
+        """Send the RQ to a node and read its answer PDU. A str answer says why there is none."""
+        loop = self._loop
+        timeout = self.spec.timeouts.negotiation
+        try:
+            await asyncio.wait_for(loop.sock_sendall(sock, rq.raw), timeout)
+            pdu, rest = await _read_pdu(sock, bytearray(), loop.time() + timeout, MAX_ASSOCIATE_AC_LENGTH)
+        except TimeoutError:
+            return f"no answer within {timeout:g}s", b""
+        except _Closed:
+            return "closed before answering", b""
+        except DicomProtocolError as exc:
+            return f"bad answer: {exc}", b""
+        except OSError as exc:
+            return f"connection failed: {exc.strerror or exc}", b""
+        if pdu[0] == PDUType.A_ASSOCIATE_RJ and len(pdu) != 10:
+            return "malformed A-ASSOCIATE-RJ", b""
+        if pdu[0] not in (PDUType.A_ASSOCIATE_AC, PDUType.A_ASSOCIATE_RJ, PDUType.A_ABORT):
+            return f"unexpected PDU type 0x{pdu[0]:02X} in answer", b""
+        return pdu, bytes(rest)
+
+
+def _rj(rejection: Rejection) -> bytes:
+    return build_associate_rj(rejection.result, rejection.source, rejection.reason)
+
+
+class _Record:
+    """What the ``assoc`` log line of one association will say."""
+
+    __slots__ = (
+        "accepted",
+        "down",
+        "end",
+        "peer",
+        "rq",
+        "rule",
+        "server",
+        "service",
+        "started",
+        "tried",
+        "up",
+    )
+
+    def __init__(self, service: DicomService, peer: tuple[str, int], started: float) -> None:
+        self.service = service
+        self.peer = peer
+        self.started = started
+        self.rq: AssociateRQ | None = None
+        self.server: ServerState | None = None
+        self.rule = "-"
+        self.tried: list[ServerState] = []
+        self.accepted = False
+        self.up = self.down = 0
+        self.end: End | None = None
+
+    def done(self, outcome: str, detail: str, by: str) -> None:
+        rq = self.rq
+        server = self.server
+        end = self.end
+        if end is None:
+            end = {"closed": End.CLIENT_CLOSED, "rejected": End.REJECTED}.get(outcome, End.ABORTED)
+        fields: dict[str, object] = {
+            "service": self.service.name,
+            "client": addr_text(self.peer),
+            "calling": rq.calling_ae if rq is not None else "-",
+            "called": rq.called_ae if rq is not None else "-",
+            "server": server.name if server is not None else "-",
+            "rule": self.rule,
+            "outcome": outcome,
+        }
+        if detail:
+            fields["detail"] = detail
+        if by:
+            fields["by"] = by
+        fields.update(
+            retries=len(self.tried),
+            duration=self.service._loop.time() - self.started,
+            bytes_up=self.up,
+            bytes_down=self.down,
+            end=end.value,
+        )
+        level = logging.INFO if outcome == "accepted" else logging.WARNING
+        log_event(log, "assoc", level, **fields)
