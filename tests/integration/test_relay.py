@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import pytest
@@ -55,10 +55,22 @@ async def recv_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+METHOD = "splice"
+
+
+@pytest.fixture(autouse=True, params=["splice", "buffered"])
+def relay_method(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs against both ways of moving bytes: they must behave the same."""
+    global METHOD
+    METHOD = request.param
+    yield request.param
+    METHOD = "splice"
+
+
 async def start_relay(idle: float = 30.0) -> tuple[socket.socket, socket.socket, asyncio.Task[RelayResult]]:
     client, lb_client = await tcp_pair()
     server, lb_server = await tcp_pair()
-    task = asyncio.get_running_loop().create_task(relay(lb_client, lb_server, idle_timeout=idle))
+    task = asyncio.get_running_loop().create_task(relay(lb_client, lb_server, idle_timeout=idle, method=METHOD))
     return client, server, task
 
 
