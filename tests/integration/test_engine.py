@@ -71,9 +71,7 @@ class Client:
 
 def config_text(port: int, servers: dict[str, int], extra: str = "", check: str = "{type: none}") -> str:
     lines = "\n".join(f"      {name}: 127.0.0.1:{p}" for name, p in servers.items())
-    return (
-        f"services:\n  svc:\n    listen: 127.0.0.1:{port}\n    check: {check}\n{extra}    servers:\n{lines}\n"
-    )
+    return f"services:\n  svc:\n    listen: 127.0.0.1:{port}\n    check: {check}\n{extra}    servers:\n{lines}\n"
 
 
 def test_maxconn_holds_new_clients_in_the_queue_until_a_slot_frees() -> None:
