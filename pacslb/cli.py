@@ -40,9 +40,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _report(exc)
         return 1
-    names = ", ".join(
-        f"{n} ({s.mode} {s.listen}, {len(s.servers)} servers)" for n, s in config.services.items()
-    )
+    names = ", ".join(f"{n} ({s.mode} {s.listen}, {len(s.servers)} servers)" for n, s in config.services.items())
     print(f"{args.config}: OK: {names}")
     return 0
 

@@ -6,8 +6,9 @@ counts that client's open connections to it. The timeout counts from the end of 
 connection: while a connection is open the entry never expires, since one study can take longer than any
 sensible timeout. Entries whose node is down or halted are dropped by the caller (see decision.py).
 
-The table is bounded. When full, the least recently used entry goes; an entry of a client with open
-connections is only moved to the front of the queue by its use, so a busy client keeps its entry.
+The table is bounded. When full, the least recently used entry goes, even one whose client still has
+a connection open (that connection is unaffected; only the client's next connection may be re-balanced).
+Each new connection of a client makes its entry the most recently used.
 
 Times are plain floats from the caller's monotonic clock: nothing here reads a clock.
 """
@@ -61,6 +62,14 @@ class PersistenceTable:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def resize(self, max_entries: int) -> None:
+        """Apply a new bound at once, dropping the least recently used entries beyond it."""
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        while len(self._entries) > max_entries:
+            self._entries.popitem(last=False)
 
     def lookup(self, key: str, now: float) -> str | None:
         """The node ``key`` is bound to, or None (unknown or expired; an expired entry is removed)."""

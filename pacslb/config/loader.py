@@ -24,6 +24,9 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 Path_ = tuple[str | int, ...]
 
+#: The tags plain YAML resolves to; anything else (!!python/..., !custom, !!binary, !!timestamp) is refused.
+_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in ("map", "seq", "str", "int", "float", "bool", "null"))
+
 
 class _Located:
     """Plain data from a YAML node tree plus the line of every path in it."""
@@ -35,17 +38,22 @@ class _Located:
 
     def build(self, node: yaml.Node, path: Path_) -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
+        if node.tag not in _PLAIN_TAGS:
+            self.problems.append((path, node.start_mark.line + 1, f"YAML tag {node.tag!r} is not supported"))
+            return None
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:
-                key = self.build_scalar(key_node)
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self.problems.append(
+                        ((*path, "<<"), key_node.start_mark.line + 1, "YAML merge keys are not supported")
+                    )
+                    continue
+                key = self.build_scalar(key_node, path)
                 if not isinstance(key, str | int) or isinstance(key, bool):
                     self.problems.append((path, key_node.start_mark.line + 1, f"key {key!r} is not a name"))
                     continue
                 key = str(key)
-                if key == "<<":
-                    self.problems.append((path, key_node.start_mark.line + 1, "YAML merge keys are not supported"))
-                    continue
                 if key in result:
                     self.problems.append(
                         (
@@ -60,12 +68,19 @@ class _Located:
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
-        return self.build_scalar(node)
+        return self.build_scalar(node, path)
 
-    def build_scalar(self, node: yaml.Node) -> Any:
+    def build_scalar(self, node: yaml.Node, path: Path_) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             return None  # a mapping or list used as a key
-        return self._scalar_loader.construct_object(node, deep=True)
+        if node.tag not in _PLAIN_TAGS:
+            self.problems.append((path, node.start_mark.line + 1, f"YAML tag {node.tag!r} is not supported"))
+            return None
+        try:
+            return self._scalar_loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as exc:
+            self.problems.append((path, node.start_mark.line + 1, f"{node.value!r} does not fit its YAML tag: {exc}"))
+            return None
 
     def line_of(self, path: Path_) -> int | None:
         for end in range(len(path), -1, -1):
@@ -125,13 +140,19 @@ def load_config_text(text: str, filename: str = "<config>") -> Config:
     valid_services: dict[str, ServiceSpec] = {}
     if isinstance(services, dict):
         for name, raw in services.items():
-            service = _validate_leniently(raw)
+            service, dropped = _validate_leniently(raw)
             if service is not None:
                 valid_services[name] = service
-                found.extend(semantic_issues(name, service, raw))
+                found.extend(semantic_issues(name, service, raw, dropped))
     found.extend(_listen_conflicts(valid_services))
 
-    issues.extend(ConfigIssue(filename, located.line_of(path), _dotted(path), reason) for path, reason in found)
+    # A value YAML itself could not give is reported once, not again by validation.
+    broken = {path for path, _, _ in located.problems}
+    issues.extend(
+        ConfigIssue(filename, located.line_of(path), _dotted(path), reason)
+        for path, reason in found
+        if not any(path[: len(b)] == b for b in broken)
+    )
     if issues:
         issues.sort(key=lambda i: (i.line or 0, i.field))
         raise ConfigError(issues)
@@ -139,30 +160,36 @@ def load_config_text(text: str, filename: str = "<config>") -> Config:
     return config
 
 
-def _validate_leniently(raw: Any) -> ServiceSpec | None:
-    """Validate one service, dropping the parts already reported as invalid, so that the rules relating
-    its valid fields can still be checked in the same run. None when even that is not possible."""
+def _validate_leniently(raw: Any) -> tuple[ServiceSpec | None, frozenset[str]]:
+    """Validate one service, leaving out the parts already reported as invalid, so that the rules relating
+    its valid fields can still be checked in the same run.
+
+    Returns the service (None when even that is not possible) and the names of the fields left out: rules
+    that involve those are not checked, since they would only see defaults in their place.
+    """
+    dropped: set[str] = set()
     for _ in range(3):
         try:
-            return ServiceSpec.model_validate(raw)
+            return ServiceSpec.model_validate(raw), frozenset(dropped)
         except ValidationError as exc:
             if not isinstance(raw, dict):
-                return None
+                return None, frozenset()
             raw = copy.deepcopy(raw)
             for error in exc.errors():
                 loc = tuple(error["loc"])
                 if error["type"] == "missing" or not loc:
-                    return None
-                parent: Any = raw
-                for part in loc[:-1]:
-                    parent = parent.get(part) if isinstance(parent, dict) else None
-                if loc[0] == "servers" and len(loc) >= 2 and isinstance(raw.get("servers"), dict):
-                    raw["servers"].pop(loc[1], None)  # an invalid server is left out as a whole
-                elif isinstance(parent, dict):
-                    parent.pop(loc[-1], None)
+                    return None, frozenset()
+                field = raw.get(loc[0])
+                if loc[0] == "servers" and len(loc) >= 2 and isinstance(field, dict):
+                    dropped.add("servers")
+                    field.pop(loc[1], None)  # an invalid server is left out as a whole
+                elif len(loc) >= 2 and isinstance(field, dict):
+                    dropped.add(f"{loc[0]}.{loc[1]}")
+                    field.pop(loc[1], None)  # e.g. check.interval takes its default
                 else:
+                    dropped.add(str(loc[0]))
                     raw.pop(loc[0], None)
-    return None
+    return None, frozenset()
 
 
 def _listen_conflicts(services: dict[str, ServiceSpec]) -> list[Issue]:

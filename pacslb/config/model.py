@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
 
 from pacslb.config.values import (
     HostPort,
@@ -41,6 +41,26 @@ PERSISTENCE_BY_MODE: dict[str, frozenset[str]] = {
 
 #: Weights as HAProxy has them: 0 takes no new connections from the scheduler, 256 is the most.
 MAX_WEIGHT = 256
+
+
+class FrozenDict(dict[str, Any]):
+    """A dict that refuses changes, so that a loaded config is immutable all the way down."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("the config is immutable; load a new one instead")
+
+    __setitem__ = __delitem__ = _refuse
+    pop = popitem = clear = update = setdefault = __ior__ = _refuse  # type: ignore[assignment]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        return self  # immutable: a copy is the same thing
+
+    def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[str, Any]]]:
+        return FrozenDict, (dict(self),)
+
+
+def _freeze(value: dict[str, Any]) -> dict[str, Any]:
+    return FrozenDict(value)
 
 
 class _Frozen(BaseModel):
@@ -168,7 +188,9 @@ class ServiceSpec(_Frozen):
     balance: Literal["leastconn", "roundrobin"] = "leastconn"
     persistence: PersistenceSpec = PersistenceSpec()
     check: CheckSpec = CheckSpec()
-    servers: Annotated[dict[str, ServerSpec], BeforeValidator(_server_shorthand), Field(min_length=1)]
+    servers: Annotated[
+        dict[str, ServerSpec], BeforeValidator(_server_shorthand), AfterValidator(_freeze), Field(min_length=1)
+    ]
     timeouts: TimeoutsSpec = TimeoutsSpec()
     dicom: DicomSpec | None = None  # mode dicom only
     # Past this many concurrent connections the service stops accepting; new clients wait in the
@@ -188,7 +210,7 @@ class LogSpec(_Frozen):
 class Config(_Frozen):
     """The whole config file."""
 
-    services: Annotated[dict[str, ServiceSpec], Field(min_length=1)]
+    services: Annotated[dict[str, ServiceSpec], AfterValidator(_freeze), Field(min_length=1)]
     log: LogSpec = LogSpec()
     # How long SIGTERM waits for established connections to finish before closing them.
     shutdown_grace: Annotated[Duration, Field(ge=0)] = 30.0
@@ -197,13 +219,23 @@ class Config(_Frozen):
 Issue = tuple[tuple[str | int, ...], str]
 
 
-def semantic_issues(name: str, service: ServiceSpec, given: dict[str, Any]) -> list[Issue]:
-    """Rules that relate several fields of one service. ``given`` is the raw mapping from the file.
+def semantic_issues(
+    name: str, service: ServiceSpec, given: dict[str, Any], invalid: frozenset[str] = frozenset()
+) -> list[Issue]:
+    """Rules that relate several fields of one service. ``given`` is the raw mapping from the file;
+    ``invalid`` names fields that failed validation and were replaced by defaults (``check`` for the whole
+    section, ``check.interval`` for one key): rules involving them are skipped.
 
     Returns (location, reason) pairs; the location is relative to the config root.
     """
     here: tuple[str | int, ...] = ("services", name)
     issues: list[Issue] = []
+
+    def bad(*fields: str) -> bool:
+        return any(f in invalid or f.partition(".")[0] in invalid for f in fields)
+
+    if bad("mode"):
+        return issues  # every rule below depends on the mode
     if service.mode not in SUPPORTED_MODES:
         issues.append(
             (
@@ -213,7 +245,7 @@ def semantic_issues(name: str, service: ServiceSpec, given: dict[str, Any]) -> l
             )
         )
     allowed = PERSISTENCE_BY_MODE[service.mode]
-    if service.persistence.type not in allowed:
+    if not bad("persistence.type") and service.persistence.type not in allowed:
         issues.append(
             (
                 (*here, "persistence", "type"),
@@ -221,7 +253,7 @@ def semantic_issues(name: str, service: ServiceSpec, given: dict[str, Any]) -> l
                 f"(possible: {', '.join(sorted(allowed))})",
             )
         )
-    check_given = given.get("check") if isinstance(given.get("check"), dict) else {}
+    check_given = given.get("check") if isinstance(given.get("check"), dict) and not bad("check.type") else {}
     assert isinstance(check_given, dict)
     kind = service.check.type
     for key in sorted(set(check_given) & HTTP_CHECK_FIELDS):
@@ -230,17 +262,18 @@ def semantic_issues(name: str, service: ServiceSpec, given: dict[str, Any]) -> l
     for key in sorted(set(check_given) & DICOM_CHECK_FIELDS):
         if kind != "dicom_echo":
             issues.append(((*here, "check", key), f"only applies to checks of type dicom_echo (this is {kind})"))
-    if kind == "http" and service.check.expect_body is not None and service.check.method != "GET":
+    body_without_get = service.check.expect_body is not None and service.check.method != "GET"
+    if kind == "http" and body_without_get and not bad("check.type", "check.method", "check.expect_body"):
         issues.append(((*here, "check", "expect_body"), "needs method GET (a HEAD response has no body)"))
-    if service.check.timeout > service.check.interval:
+    if not bad("check.timeout", "check.interval") and service.check.timeout > service.check.interval:
         issues.append(((*here, "check", "timeout"), "must not be longer than check.interval"))
-    if service.dicom is not None:
-        if service.mode != "dicom":
-            issues.append(((*here, "dicom"), f"only applies to mode dicom (this service is {service.mode})"))
+    if "dicom" in given and service.mode != "dicom":
+        issues.append(((*here, "dicom"), f"only applies to mode dicom (this service is {service.mode})"))
+    if service.dicom is not None and not bad("dicom.routes", "servers"):
         for i, route in enumerate(service.dicom.routes):
             for j, server in enumerate(route.servers):
                 if server not in service.servers:
                     issues.append(((*here, "dicom", "routes", i, "servers", j), f"no server named {server!r}"))
-    if all(s.weight == 0 for s in service.servers.values()):
+    if not bad("servers") and all(s.weight == 0 for s in service.servers.values()):
         issues.append(((*here, "servers"), "every server has weight 0: the service could never pick one"))
     return issues

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -78,7 +78,7 @@ def parse_host_port(value: Any) -> HostPort:
         raise ValueError(
             f"{host!r} is not an IP address (host names are not resolved; write the node's address)"
         ) from None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"port must be a number from 1 to 65535 (got {port_text!r})")
     return HostPort(str(ip), int(port_text))
 
@@ -91,16 +91,18 @@ def parse_prefix(value: Any, *, bits: int) -> int:
         if not 0 <= value <= bits:
             raise ValueError(f"prefix length must be 0..{bits} (got {value})")
         return value
-    if isinstance(value, str) and bits == 32:
-        text = value.strip().lstrip("/")
-        if text.isdigit():
-            return parse_prefix(int(text), bits=bits)
+    text = value.strip().lstrip("/") if isinstance(value, str) else ""
+    if re.fullmatch(r"[0-9]{1,3}", text):
+        return parse_prefix(int(text), bits=bits)
+    if text and bits == 32:
         try:
-            return ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen
+            mask = int(ipaddress.IPv4Address(text))
         except ValueError:
             raise ValueError(f"not a netmask: {value!r} (use e.g. 24 or 255.255.255.0)") from None
-    if isinstance(value, str) and value.strip().lstrip("/").isdigit():
-        return parse_prefix(int(value.strip().lstrip("/")), bits=bits)
+        ones = bin(mask).count("1")
+        if mask != (0xFFFFFFFF << (32 - ones)) & 0xFFFFFFFF:
+            raise ValueError(f"not a netmask: {value!r} (its one bits must come first, as in 255.255.255.0)")
+        return ones
     raise ValueError(f"expected a prefix length 0..{bits} (got {value!r})")
 
 
@@ -111,6 +113,7 @@ def parse_ae_title(value: Any) -> str:
     """An AE title: 1 to 16 characters of the default repertoire, no backslash, not all spaces (PS3.5 6.2)."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"an AE title is 1 to 16 characters (got {value!r})")
-    if not _AE_ALLOWED.match(value):
+    title = value.strip()
+    if not _AE_ALLOWED.match(title):
         raise ValueError(f"not a valid AE title: {value!r} (1 to 16 printable ASCII characters, no backslash)")
-    return value.strip()
+    return title

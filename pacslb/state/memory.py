@@ -18,7 +18,7 @@ class MemoryStore:
             table = self._tables[service] = PersistenceTable(timeout, max_entries)
         else:
             table.timeout = timeout
-            table.max_entries = max_entries
+            table.resize(max_entries)
         return table
 
     def discard(self, service: str) -> None:

@@ -7,7 +7,7 @@ import ipaddress
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pacslb.config.values import (
@@ -115,6 +115,7 @@ def test_duration_round_trip_whole_units(amount: int, unit: str) -> None:
     assert re.fullmatch(r"\d+(ms|s|m|h|d)", spelled), spelled
 
 
+@settings(max_examples=50)
 @given(st.lists(st.tuples(st.integers(min_value=0, max_value=999), _UNITS), min_size=1, max_size=5))
 def test_duration_combination_is_the_sum_of_its_parts(parts: list[tuple[int, str]]) -> None:
     text = "".join(f"{n}{u}" for n, u in parts)
@@ -122,6 +123,7 @@ def test_duration_combination_is_the_sum_of_its_parts(parts: list[tuple[int, str
     assert parse_duration(text) == pytest.approx(expected)
 
 
+@settings(max_examples=50)
 @given(st.integers(min_value=0, max_value=10**9))
 def test_bare_integers_are_always_refused(number: int) -> None:
     with pytest.raises(ValueError):
@@ -202,6 +204,7 @@ def test_host_port_is_frozen() -> None:
         hp.port = 105  # type: ignore[misc]
 
 
+@settings(max_examples=50)
 @given(st.ip_addresses(), st.integers(min_value=1, max_value=65535))
 def test_host_port_str_round_trips(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> None:
     parsed = parse_host_port(str(HostPort(str(ip), port)))
@@ -210,6 +213,7 @@ def test_host_port_str_round_trips(ip: ipaddress.IPv4Address | ipaddress.IPv6Add
     assert parsed.family_v6 == (ip.version == 6)
 
 
+@settings(max_examples=50)
 @given(st.ip_addresses(), st.integers().filter(lambda p: not 1 <= p <= 65535))
 def test_out_of_range_ports_are_refused(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> None:
     text = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
@@ -305,6 +309,7 @@ def test_parse_ae_title_invalid(value: object) -> None:
         parse_ae_title(value)
 
 
+@settings(max_examples=50)
 @given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="\\"), max_size=16))
 def test_ae_title_of_printable_ascii(title: str) -> None:
     if title:
@@ -314,6 +319,7 @@ def test_ae_title_of_printable_ascii(title: str) -> None:
             parse_ae_title(title)
 
 
+@settings(max_examples=50)
 @given(st.text(min_size=17, max_size=40))
 def test_ae_titles_longer_than_16_are_refused(title: str) -> None:
     with pytest.raises(ValueError):

@@ -1,0 +1,200 @@
+"""Unit and property tests for choosing a node: persistence first, then the scheduler
+(pacslb/balance/decision.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pacslb.balance.decision import Decision, choose
+from pacslb.balance.leastconn import LeastConnections
+from pacslb.balance.persistence import PersistenceTable
+from pacslb.balance.roundrobin import RoundRobin
+from pacslb.balance.scheduler import make_scheduler
+from pacslb.balance.server import ServerState
+
+KEY = "10.0.0.5"
+NOW = 100.0
+
+
+def pool(*names: str) -> list[ServerState]:
+    return [ServerState(n, f"10.0.0.{11 + i}", 104) for i, n in enumerate(names)]
+
+
+def pinned_table(server: str) -> PersistenceTable:
+    table = PersistenceTable(timeout=1800.0, max_entries=100)
+    table.acquire(KEY, server, 0.0)
+    return table
+
+
+def test_without_persistence_the_scheduler_decides() -> None:
+    servers = pool("pacs1", "pacs2")
+    decision = choose(servers, RoundRobin(), None, None, NOW)
+    assert decision == Decision(servers[0], "balance")
+    assert choose(servers, RoundRobin(), None, KEY, NOW) == Decision(servers[0], "balance")
+
+
+def test_unknown_client_is_balanced_and_not_yet_pinned() -> None:
+    servers = pool("pacs1", "pacs2")
+    table = PersistenceTable(timeout=1800.0, max_entries=100)
+    decision = choose(servers, RoundRobin(), table, KEY, NOW)
+    assert decision is not None
+    assert (decision.server.name, decision.rule) == ("pacs1", "balance")
+    assert len(table) == 0  # binding is the caller's job, once the connection is made
+
+
+def test_persistence_comes_before_the_scheduler() -> None:
+    servers = pool("pacs1", "pacs2", "pacs3")
+    servers[2].active = 50  # the scheduler would never pick pacs3
+    decision = choose(servers, LeastConnections(), pinned_table("pacs3"), KEY, NOW)
+    assert decision == Decision(servers[2], "persistence")
+
+
+def test_a_drained_node_keeps_its_pinned_clients() -> None:
+    servers = pool("pacs1", "pacs2")
+    servers[1].admin = "drain"
+    table = pinned_table("pacs2")
+    assert choose(servers, RoundRobin(), table, KEY, NOW) == Decision(servers[1], "persistence")
+    assert table.lookup(KEY, NOW) == "pacs2"
+    # but takes no new client
+    for _ in range(5):
+        assert choose(servers, RoundRobin(), table, "10.0.0.99", NOW) == Decision(servers[0], "balance")
+
+
+def test_a_weight_zero_node_keeps_its_pinned_clients() -> None:
+    servers = pool("pacs1", "pacs2")
+    servers[1].weight = 0
+    assert choose(servers, RoundRobin(), pinned_table("pacs2"), KEY, NOW) == Decision(servers[1], "persistence")
+
+
+@pytest.mark.parametrize(("health", "admin"), [("up", "halt"), ("down", "online"), ("down", "drain")])
+def test_a_halted_or_down_node_loses_its_clients(health: str, admin: str) -> None:
+    servers = pool("pacs1", "pacs2")
+    servers[1].health = health  # type: ignore[assignment]
+    servers[1].admin = admin  # type: ignore[assignment]
+    table = pinned_table("pacs2")
+    decision = choose(servers, RoundRobin(), table, KEY, NOW)
+    assert decision == Decision(servers[0], "balance")
+    assert table.lookup(KEY, NOW) is None  # the entry is forgotten: the client is re-balanced
+    assert len(table) == 0
+
+
+def test_a_node_removed_from_the_service_loses_its_clients() -> None:
+    servers = pool("pacs1", "pacs2")
+    table = pinned_table("pacs9")
+    assert choose(servers, RoundRobin(), table, KEY, NOW) == Decision(servers[0], "balance")
+    assert table.lookup(KEY, NOW) is None
+
+
+def test_an_expired_entry_is_not_followed() -> None:
+    servers = pool("pacs1", "pacs2")
+    table = pinned_table("pacs2")
+    table.release(KEY, "pacs2", 0.0)
+    assert choose(servers, RoundRobin(), table, KEY, 1799.0) == Decision(servers[1], "persistence")
+    assert choose(servers, RoundRobin(), table, KEY, 1800.0) == Decision(servers[0], "balance")
+
+
+def test_other_clients_entries_are_left_alone() -> None:
+    servers = pool("pacs1", "pacs2")
+    servers[1].admin = "halt"
+    table = pinned_table("pacs2")
+    table.acquire("10.0.0.6", "pacs1", 0.0)
+    choose(servers, RoundRobin(), table, KEY, NOW)
+    assert [(k, e.server) for k, e in table.items()] == [("10.0.0.6", "pacs1")]
+
+
+def test_an_excluded_pinned_node_is_not_chosen_but_not_forgotten() -> None:
+    """A connect to the pinned node failed: retry elsewhere, but keep the entry (the failure may be brief;
+    the health monitor decides whether the node is down)."""
+    servers = pool("pacs1", "pacs2")
+    table = pinned_table("pacs2")
+    decision = choose(servers, RoundRobin(), table, KEY, NOW, exclude=[servers[1]])
+    assert decision == Decision(servers[0], "balance")
+    assert table.lookup(KEY, NOW) == "pacs2"
+
+
+def test_excluded_servers_are_never_chosen_by_the_scheduler() -> None:
+    servers = pool("pacs1", "pacs2", "pacs3")
+    scheduler = RoundRobin()
+    chosen = [choose(servers, scheduler, None, None, NOW, exclude=[servers[0]]) for _ in range(6)]
+    assert [d.server.name for d in chosen if d is not None] == ["pacs2", "pacs3"] * 3
+
+
+def test_exclusion_is_by_identity_not_by_name() -> None:
+    servers = pool("pacs1", "pacs2")
+    lookalike = ServerState("pacs1", "10.0.0.11", 104)
+    decision = choose(servers, RoundRobin(), None, None, NOW, exclude=[lookalike])
+    assert decision == Decision(servers[0], "balance")
+
+
+def test_nothing_left() -> None:
+    servers = pool("pacs1", "pacs2")
+    assert choose(servers, RoundRobin(), None, None, NOW, exclude=servers) is None
+    assert choose([], RoundRobin(), None, None, NOW) is None
+    servers[0].health = "down"
+    servers[1].admin = "drain"
+    assert choose(servers, LeastConnections(), PersistenceTable(60.0, 10), KEY, NOW) is None
+
+
+def test_only_schedulable_servers_are_candidates() -> None:
+    servers = pool("up", "down", "drain", "halt", "zero")
+    servers[1].health = "down"
+    servers[2].admin = "drain"
+    servers[3].admin = "halt"
+    servers[4].weight = 0
+    for name in ("roundrobin", "leastconn"):
+        scheduler = make_scheduler(name)
+        for _ in range(10):
+            decision = choose(servers, scheduler, None, None, NOW)
+            assert decision == Decision(servers[0], "balance")
+
+
+# --- property: the decision rules hold for any pool state ----------------------------------------------
+
+server_state = st.tuples(
+    st.sampled_from(["up", "down"]),
+    st.sampled_from(["online", "drain", "halt"]),
+    st.integers(min_value=0, max_value=3),
+    st.integers(min_value=0, max_value=5),
+    st.booleans(),  # excluded?
+)
+
+
+@given(
+    st.lists(server_state, min_size=0, max_size=6),
+    st.integers(min_value=-1, max_value=7),  # index of the pinned server (out of range: a removed node)
+    st.sampled_from(["roundrobin", "leastconn"]),
+)
+def test_decision_rules(specs: list[tuple[str, str, int, int, bool]], pinned: int, algorithm: str) -> None:
+    servers = [
+        ServerState(f"s{i}", "10.0.0.1", 104, weight=w, health=h, admin=a, active=n)  # type: ignore[arg-type]
+        for i, (h, a, w, n, _) in enumerate(specs)
+    ]
+    exclude = [s for s, spec in zip(servers, specs, strict=True) if spec[4]]
+    table = PersistenceTable(timeout=60.0, max_entries=10)
+    if pinned >= 0:
+        table.acquire(KEY, f"s{pinned}", 0.0)
+    target = next((s for s in servers if s.name == f"s{pinned}"), None)
+
+    decision = choose(servers, make_scheduler(algorithm), table, KEY, NOW, exclude=exclude)
+
+    if decision is not None:
+        assert any(decision.server is s for s in servers)
+        assert all(decision.server is not s for s in exclude)  # excluded: never chosen
+    # the rules restated from the docs, independently of ServerState's properties
+    honours = {s.name: s.health == "up" and s.admin != "halt" for s in servers}
+    schedulable = {s.name: s.health == "up" and s.admin == "online" and s.weight > 0 for s in servers}
+    if target is not None and honours[target.name] and target not in exclude:
+        assert decision == Decision(target, "persistence")
+        return
+    assert decision is None or decision.rule == "balance"
+    candidates = [s for s in servers if schedulable[s.name] and s not in exclude]
+    if candidates:
+        assert decision is not None and decision.server in candidates
+    else:
+        assert decision is None
+    if pinned >= 0:
+        # an entry is forgotten exactly when its node is missing, down or halted and was not merely excluded
+        kept = target is not None and target in exclude
+        assert (table.lookup(KEY, NOW) is not None) is kept
