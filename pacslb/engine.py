@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from pacslb.balance.server import Health, ServerState
 from pacslb.checks.base import CheckResult
+from pacslb.checks.http import close_clients as close_http_clients
 from pacslb.checks.monitor import Monitor
 from pacslb.config import Config, ServiceSpec, load_config
 from pacslb.config.values import HostPort
@@ -149,7 +150,7 @@ class Engine:
                 server = ServerState(name, address.host, address.port, server_spec.weight)
             server.weight = server_spec.weight
             if spec.check.type == "none":
-                server.health, server.checked = "up", True
+                server.health = "up"
             servers.append(server)
         return servers
 
@@ -242,6 +243,7 @@ class Engine:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
         await self.store.close()
+        await close_http_clients()
         log_event(log, "stopped")
 
     async def _sweep(self) -> None:

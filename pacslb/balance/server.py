@@ -6,7 +6,7 @@ them, except the active-connection count that :mod:`pacslb.balance.decision` use
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Health = Literal["up", "down"]
@@ -35,7 +35,6 @@ class ServerState:
     admin: AdminState = "online"
     active: int = 0
     total: int = 0
-    checked: bool = field(default=False)
 
     @property
     def address(self) -> str:

@@ -38,8 +38,9 @@ def get_check(kind: str) -> CheckFunction:
 
         return check_tcp
     if kind == "http":
-        from pacslb.checks.http import check_http
+        from pacslb.checks.http import check_http, prepare
 
+        prepare()
         return check_http
     if kind == "dicom_echo":
         from pacslb.checks.dicom_echo import check_dicom_echo

@@ -4,7 +4,8 @@ calling and called AE titles. It proves the node's DICOM service answers, not on
 pynetdicom is thread-based, so each check runs in a worker thread of a dedicated pool (never the
 loop's default executor, which other code may fill). A check the monitor gave up on keeps its thread
 until pynetdicom's own timeouts, set to the check timeout, end it; the pool is sized so that such
-stragglers cannot delay the checks of other nodes.
+stragglers cannot delay the checks of other nodes. pynetdicom is imported with this module (when the
+first monitor of this kind is made, at start or reload), never inside a timed check.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from typing import Any
+
+from pynetdicom import AE, evt
 
 from pacslb.checks.base import CheckResult
 from pacslb.config.model import CheckSpec
@@ -32,8 +35,6 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _echo(host: str, port: int, calling: str, called: str, timeout: float) -> CheckResult:
-    from pynetdicom import AE, evt
-
     ae = AE(ae_title=calling)
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
     ae.acse_timeout = timeout

@@ -4,6 +4,9 @@ listener is stuck cannot pass on an old connection."""
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+
 import httpx
 
 from pacslb.checks.base import CheckResult, describe_os_error
@@ -13,20 +16,56 @@ from pacslb.config.model import CheckSpec
 MAX_CHECK_BODY = 64 * 1024
 
 
+_clients: dict[int, httpx.AsyncClient] = {}
+_tls: ssl.SSLContext | None = None
+
+
+def prepare() -> None:
+    """Build what every http check shares, outside any timed check: loading the CA store takes tens of
+    milliseconds of blocking work. Called when the first monitor of this kind is made."""
+    global _tls
+    if _tls is None:
+        _tls = ssl.create_default_context()
+
+
+def _client() -> httpx.AsyncClient:
+    """One client per event loop, shared by every http check: making one costs tens of milliseconds of
+    blocking work (it builds a TLS context), which must not happen on every check."""
+    loop_id = id(asyncio.get_running_loop())
+    client = _clients.get(loop_id)
+    if client is None:
+        prepare()
+        client = _clients[loop_id] = httpx.AsyncClient(
+            limits=httpx.Limits(max_keepalive_connections=0), trust_env=False, follow_redirects=False, verify=_tls or True or True
+        )
+    return client
+
+
+async def close_clients() -> None:
+    """Close the shared clients (the engine calls this when it stops)."""
+    clients = list(_clients.values())
+    _clients.clear()
+    for client in clients:
+        await client.aclose()
+
+
 async def check_http(spec: CheckSpec, host: str, port: int) -> CheckResult:
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    headers = {"Host": spec.host or netloc, "User-Agent": "pacslb-check", "Connection": "close"}
-    limits = httpx.Limits(max_keepalive_connections=0)
+    headers = {
+        "Host": spec.host or netloc,
+        "User-Agent": "pacslb-check",
+        "Connection": "close",
+        "Accept-Encoding": "identity",  # expect_body is looked for in the body as sent
+    }
     # The monitor enforces the check timeout; httpx's own is a backstop.
     timeout = httpx.Timeout(spec.timeout + 1.0)
     try:
-        async with (
-            httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client,
-            client.stream(spec.method, f"http://{netloc}{spec.path}", headers=headers) as response,
-        ):
+        async with _client().stream(
+            spec.method, f"http://{netloc}{spec.path}", headers=headers, timeout=timeout
+        ) as response:
             body = b""
             if spec.expect_body is not None:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) >= MAX_CHECK_BODY or spec.expect_body.encode() in body:
                         break

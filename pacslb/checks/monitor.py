@@ -4,13 +4,14 @@ Theory of operation. Each checked server of each service has its own task, so a 
 delays nobody else. A check run is bounded by ``check.timeout`` (a check that hangs counts as failed);
 runs start every ``interval`` from the start of the previous one, never overlapping.
 
-States. A server starts ``up`` but unconfirmed, and its first check runs at once: if that fails, the
-server goes down at once; if it passes, it stays up. After that, ``fall`` consecutive failures take an up
-server down and ``rise`` consecutive successes bring a down server up. Starting up rather than down means a
-restarted or reloaded balancer serves immediately instead of refusing every client for rise x interval,
-while a dead node is out within one check timeout (and the connect retry covers even that window).
-When a connection to a server fails, the service wakes its monitor so the next check runs at once
-instead of at the next interval: a node that died is taken out sooner, and fewer clients pay a retry.
+States. A server starts ``up`` and its first check runs at once; ``fall`` consecutive failures take an up
+server down and ``rise`` consecutive successes bring a down server up, from the first check on. Starting
+up rather than down means a restarted or reloaded balancer serves at once instead of refusing every
+client for rise x interval. The first check is not trusted more than later ones: on a machine starting
+many things at once a first check may be slow, and taking a healthy node down for it would refuse
+clients; meanwhile a dead node costs a client only a connect retry on another node. When a connection to
+a server fails, the service wakes its monitor so the next check runs at once instead of at the next
+interval: under traffic a dead node is out after ``fall`` quick checks.
 """
 
 from __future__ import annotations
@@ -93,8 +94,6 @@ class Monitor:
         self.last = result
         server = self.server
         old = server.health
-        first = not server.checked
-        server.checked = True
         if result.ok:
             self._ok_streak += 1
             self._fail_streak = 0
@@ -102,7 +101,7 @@ class Monitor:
         else:
             self._fail_streak += 1
             self._ok_streak = 0
-            new = "down" if old == "down" or first or self._fail_streak >= self.spec.fall else "up"
+            new = "down" if old == "down" or self._fail_streak >= self.spec.fall else "up"
         if new != old:
             server.health = new
             log_event(

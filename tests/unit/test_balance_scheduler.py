@@ -53,7 +53,7 @@ def test_every_config_balance_value_has_a_scheduler() -> None:
 
 def test_server_state_defaults() -> None:
     s = ServerState("pacs1", "10.0.0.11", 104)
-    assert (s.weight, s.health, s.admin, s.active, s.total, s.checked) == (1, "up", "online", 0, 0, False)
+    assert (s.weight, s.health, s.admin, s.active, s.total) == (1, "up", "online", 0, 0)
     assert s.schedulable
     assert s.honours_persistence
 
