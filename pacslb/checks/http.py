@@ -36,7 +36,10 @@ def _client() -> httpx.AsyncClient:
     if client is None:
         prepare()
         client = _clients[loop_id] = httpx.AsyncClient(
-            limits=httpx.Limits(max_keepalive_connections=0), trust_env=False, follow_redirects=False, verify=_tls or True or True
+            limits=httpx.Limits(max_keepalive_connections=0),
+            trust_env=False,
+            follow_redirects=False,
+            verify=_tls or True,
         )
     return client
 
