@@ -242,6 +242,8 @@ class DicomService(TcpService):
                     reason = f"transient rejection {rejection}"
                 else:
                     reason = answer if isinstance(answer, str) else "A-ABORT before answering"
+                    if self.on_connect_failed is not None:
+                        self.on_connect_failed(self.name, server)  # the node may be failing: check it now
                 tried.append(server)
                 log_event(
                     log, "assoc_retry", logging.WARNING,
