@@ -1,0 +1,108 @@
+"""Rise and fall: how check results move a server between up and down (Monitor.apply, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pacslb.balance.server import ServerState
+from pacslb.checks.base import CheckResult
+from pacslb.checks.monitor import Monitor
+from pacslb.config.model import CheckSpec
+
+OK = CheckResult(True, "connected", 0.001)
+FAIL = CheckResult(False, "connection refused", 0.002)
+
+
+def make_monitor(rise: int = 2, fall: int = 3) -> tuple[Monitor, ServerState, list[tuple[str, str]]]:
+    server = ServerState("pacs1", "127.0.0.1", 104)
+    changes: list[tuple[str, str]] = []
+    spec = CheckSpec(type="tcp", rise=rise, fall=fall)
+    monitor = Monitor("dicom", spec, server, lambda s, old, new, r: changes.append((old, new)))
+    return monitor, server, changes
+
+
+def test_a_server_starts_up_and_one_failure_does_not_take_it_down() -> None:
+    monitor, server, changes = make_monitor(fall=3)
+    assert server.health == "up"
+    monitor.apply(FAIL)
+    monitor.apply(FAIL)
+    assert server.health == "up" and changes == []
+    monitor.apply(FAIL)
+    assert server.health == "down" and changes == [("up", "down")]
+
+
+def test_a_success_resets_the_failure_streak() -> None:
+    monitor, server, _ = make_monitor(fall=2)
+    for result in (FAIL, OK, FAIL, OK, FAIL):
+        monitor.apply(result)
+    assert server.health == "up"
+
+
+def test_rise_successes_bring_a_down_server_back() -> None:
+    monitor, server, changes = make_monitor(rise=3, fall=1)
+    monitor.apply(FAIL)
+    assert server.health == "down"
+    monitor.apply(OK)
+    monitor.apply(OK)
+    assert server.health == "down"
+    monitor.apply(OK)
+    assert server.health == "up"
+    assert changes == [("up", "down"), ("down", "up")]
+
+
+def test_state_change_is_logged_on_one_line_with_reason_and_duration(caplog: pytest.LogCaptureFixture) -> None:
+    monitor, _, _ = make_monitor(fall=1)
+    with caplog.at_level(logging.INFO, logger="pacslb.health"):
+        monitor.apply(FAIL)
+    (record,) = caplog.records
+    fields = record.pacslb_fields  # type: ignore[attr-defined]
+    assert record.pacslb_event == "health"  # type: ignore[attr-defined]
+    assert fields["service"] == "dicom" and fields["server"] == "pacs1"
+    assert (fields["old"], fields["new"]) == ("up", "down")
+    assert fields["reason"] == "connection refused"
+    assert fields["check_duration"] == pytest.approx(0.002)
+
+
+@given(st.lists(st.booleans(), max_size=60), st.integers(1, 5), st.integers(1, 5))
+def test_health_follows_the_last_rise_or_fall_streak(results: list[bool], rise: int, fall: int) -> None:
+    monitor, server, _ = make_monitor(rise=rise, fall=fall)
+    expected = "up"
+    streak_ok = streak_fail = 0
+    for ok in results:
+        monitor.apply(OK if ok else FAIL)
+        streak_ok, streak_fail = (streak_ok + 1, 0) if ok else (0, streak_fail + 1)
+        if expected == "up" and streak_fail >= fall:
+            expected = "down"
+        elif expected == "down" and streak_ok >= rise:
+            expected = "up"
+        assert server.health == expected
+
+
+def test_a_hanging_check_counts_as_failed_after_its_timeout() -> None:
+    async def scenario() -> tuple[str, str]:
+        server = ServerState("pacs1", "127.0.0.1", 104)
+        spec = CheckSpec(type="tcp", interval="200ms", timeout="50ms", rise=1, fall=1)
+        monitor = Monitor("dicom", spec, server)
+
+        async def hangs(spec: CheckSpec, host: str, port: int) -> CheckResult:
+            await asyncio.sleep(3600)
+            return OK
+
+        monitor._check = hangs  # the check kind under test: one that never answers
+        monitor.start()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if monitor.last is not None:
+                break
+        await monitor.stop()
+        assert monitor.last is not None
+        return server.health, monitor.last.reason
+
+    health, reason = asyncio.run(scenario())
+    assert health == "down"
+    assert reason == "no answer within 0.05s"
