@@ -31,7 +31,9 @@ from pacslb.errors import ConfigError, PacslbError
 from pacslb.logs import log_event, setup_logging
 from pacslb.proxy.dicom import DicomService
 from pacslb.proxy.listener import Listener, bind_listener
+from pacslb.proxy.relay import DEFAULT_METHOD
 from pacslb.proxy.tcp import TcpService
+from pacslb.proxy.workers import RelayPool
 from pacslb.state.memory import MemoryStore
 from pacslb.state.store import StateStore
 
@@ -60,6 +62,7 @@ class Engine:
         self.monitors: dict[tuple[str, str], Monitor] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
+        self.pool: RelayPool | None = None
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -69,8 +72,14 @@ class Engine:
         Raises:
             StartError: a listener could not be bound (nothing is left running).
         """
-        self._apply(self.config, self._bind(self.config))
+        bound = self._bind(self.config)
+        workers = self.config.worker_count
+        if workers > 1:
+            self.pool = RelayPool(workers)
+            self.pool.start()
+        self._apply(self.config, bound)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        log_event(log, "workers", processes=workers, relay=DEFAULT_METHOD)
         for name, service in self.services.items():
             log_event(
                 log, "listen", service=name, address=str(service.spec.listen), mode=service.spec.mode,
@@ -117,6 +126,8 @@ class Engine:
             else:
                 service = SERVICE_KINDS[spec.mode](name, spec, servers, table)
                 service.on_connect_failed = self._connect_failed
+                if self.pool is not None:
+                    service.relayer = self.pool.relay
             new_services[name] = service
             if name in bound:
                 service.attach(Listener(name, bound[name], service.accept))
@@ -213,6 +224,8 @@ class Engine:
                 log_event(log, "reload_refused", logging.ERROR, reason=str(exc), file=self.config_path)
                 return False
             setup_logging(config.log.format, config.log.level)
+            if config.worker_count != self.config.worker_count:
+                log_event(log, "restart_needed", logging.WARNING, reason="a change of workers applies at restart")
             self._apply(config, bound)
             log_event(log, "reloaded", file=self.config_path, services=len(self.services))
             return True
@@ -242,6 +255,8 @@ class Engine:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        if self.pool is not None:
+            await self.pool.stop()
         await self.store.close()
         await close_http_clients()
         log_event(log, "stopped")

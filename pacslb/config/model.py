@@ -8,6 +8,7 @@ collection) lives in loader.py; rules that relate several fields live in :func:`
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
@@ -38,6 +39,9 @@ PERSISTENCE_BY_MODE: dict[str, frozenset[str]] = {
     "dicom": frozenset({"none", "source_ip", "calling_ae", "calling_ae+source_ip"}),
     "http": frozenset({"none", "source_ip", "cookie", "cookie+source_ip"}),
 }
+
+#: More relay processes than this gains nothing on any machine pacslb is meant for.
+MAX_WORKERS = 64
 
 #: Weights as HAProxy has them: 0 takes no new connections from the scheduler, 256 is the most.
 MAX_WEIGHT = 256
@@ -214,6 +218,15 @@ class Config(_Frozen):
     log: LogSpec = LogSpec()
     # How long SIGTERM waits for established connections to finish before closing them.
     shutdown_grace: Annotated[Duration, Field(ge=0)] = 30.0
+    # Processes that relay bytes (the main one included): "auto" = one per core. See docs/performance.md.
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = "auto"
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number."""
+        if self.workers == "auto":
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+        return self.workers
 
 
 Issue = tuple[tuple[str | int, ...], str]

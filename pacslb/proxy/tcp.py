@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from pacslb.balance.decision import Decision, choose
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
@@ -26,9 +27,17 @@ from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
 from pacslb.proxy.listener import Listener
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import relay
+from pacslb.proxy.relay import RelayResult, relay
 
 log = logging.getLogger("pacslb.conn")
+
+
+class Relayer(Protocol):
+    """relay() itself, or a relay pool's: relays two connected sockets until both directions are done."""
+
+    def __call__(
+        self, client: socket.socket, server: socket.socket, *, idle_timeout: float, timeout_end: End
+    ) -> Awaitable[RelayResult]: ...
 
 
 def _tune(sock: socket.socket) -> None:
@@ -84,6 +93,8 @@ class TcpService:
         self.tasks: set[asyncio.Task[None]] = set()
         # Set by the engine: told when connecting to a server failed, to check it at once.
         self.on_connect_failed: Callable[[str, ServerState], None] | None = None
+        # Set by the engine: what moves the bytes (here, or in a relay worker process).
+        self.relayer: Relayer = relay
         self._loop = asyncio.get_running_loop()
 
     # -- configuration -------------------------------------------------------------------------------
@@ -210,7 +221,7 @@ class TcpService:
         up = down = 0
         end = End.ERROR
         try:
-            result = await relay(client, server_sock, idle_timeout=idle, timeout_end=timeout_end)
+            result = await self.relayer(client, server_sock, idle_timeout=idle, timeout_end=timeout_end)
             up, down, end = result.bytes_up, result.bytes_down, result.end
         except Exception:
             log.exception("relay failed on service %s", self.name)

@@ -1,0 +1,177 @@
+"""Relay workers: connections relayed in other processes behave as in the main one, and nothing leaks.
+
+The engine runs in-process with ``workers: 3`` (the main process plus two relay workers) in front of small
+asyncio echo backends that first greet with their name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import uvloop
+
+from pacslb.config import load_config_text
+from pacslb.engine import Engine
+from pacslb.proxy.outcome import End
+from pacslb.proxy.workers import RelayPool
+
+T = TypeVar("T")
+
+
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await asyncio.wait_for(coro_fn(), 90)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+async def echo_backend() -> tuple[asyncio.Server, int]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def config(port: int, backend: int, workers: int = 3) -> str:
+    return (
+        f"workers: {workers}\nshutdown_grace: 300ms\nservices:\n  svc:\n    listen: 127.0.0.1:{port}\n"
+        f"    check: {{type: none}}\n    servers: {{a: 127.0.0.1:{backend}}}\n"
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def round_trip(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_connections_relayed_by_workers_arrive_intact_and_nothing_leaks() -> None:
+    payloads = [os.urandom(n) for n in (1, 1000, 300_000, 3_000_000) * 6]
+
+    async def scenario() -> tuple[list[bool], int, int, list[int], list[int | None]]:
+        backend, bport = await echo_backend()
+        port = free_port()
+        engine = Engine(load_config_text(config(port, bport)))
+        before = fds()
+        await engine.start()
+        assert engine.pool is not None
+        procs = [w.proc for w in engine.pool.workers]
+        results = await asyncio.gather(*(round_trip(port, p) for p in payloads))
+        intact = [
+            hashlib.sha256(r).digest() == hashlib.sha256(p).digest() for r, p in zip(results, payloads, strict=True)
+        ]
+        used = [len(w.pending) for w in engine.pool.workers]  # all finished: nothing pending
+        await engine.shutdown(grace=1)
+        await asyncio.sleep(0.1)
+        after = fds()
+        backend.close()
+        await backend.wait_closed()
+        return intact, before, after, used, [p.poll() for p in procs]
+
+    intact, before, after, pending, exit_codes = run(scenario)
+    assert all(intact)
+    assert pending == [0, 0]
+    assert exit_codes == [0, 0]  # both workers exited by themselves when the engine stopped
+    assert after == before
+
+
+def test_shutdown_grace_ends_connections_held_in_workers() -> None:
+    async def scenario() -> list[bytes]:
+        backend, bport = await echo_backend()
+        port = free_port()
+        engine = Engine(load_config_text(config(port, bport)))
+        await engine.start()
+        streams = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        for reader, writer in streams:  # each connection is established and relayed somewhere
+            writer.write(b"x")
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"x"
+        await engine.shutdown(grace=0.3)
+        rests = []
+        for reader, writer in streams:
+            try:
+                rests.append(await asyncio.wait_for(reader.read(), 5))
+            except ConnectionError:
+                rests.append(b"")
+            writer.close()
+        backend.close()
+        return rests
+
+    assert run(scenario) == [b""] * 4
+
+
+def test_a_dead_worker_loses_only_its_connections() -> None:
+    async def scenario() -> tuple[End, bytes]:
+        backend, bport = await echo_backend()
+        pool = RelayPool(2)
+        pool.start()
+        import socket
+
+        loop = asyncio.get_running_loop()
+
+        async def pair() -> tuple[socket.socket, socket.socket]:
+            lsock = socket.socket()
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(1)
+            lsock.setblocking(False)
+            outside = socket.socket()
+            outside.setblocking(False)
+            connect = loop.create_task(loop.sock_connect(outside, lsock.getsockname()))
+            inside, _ = await loop.sock_accept(lsock)
+            await connect
+            lsock.close()
+            inside.setblocking(False)
+            return outside, inside
+
+        client_out, client_in = await pair()
+        server_out, server_in = await pair()
+        pool.local_active = 1  # make the worker the less busy relay for this connection
+        task = loop.create_task(pool.relay(client_in, server_in, idle_timeout=30, timeout_end=End.CLIENT_TIMEOUT))
+        await asyncio.sleep(0.5)
+        pool.workers[0].proc.send_signal(signal.SIGKILL)
+        result = await asyncio.wait_for(task, 10)
+        pool.local_active = 0
+        # The pool still relays (here, in the main process) after losing its worker.
+        b_out, b_in = await pair()
+        c_out, c_in = await pair()
+        again = loop.create_task(pool.relay(c_in, b_in, idle_timeout=30, timeout_end=End.CLIENT_TIMEOUT))
+        await loop.sock_sendall(c_out, b"still relaying")
+        got = await asyncio.wait_for(loop.sock_recv(b_out, 100), 5)
+        for sock in (client_out, server_out, b_out, c_out):
+            sock.close()
+        await asyncio.wait_for(again, 5)
+        await pool.stop()
+        backend.close()
+        return result.end, got
+
+    end, got = run(scenario)
+    assert end == End.ERROR
+    assert got == b"still relaying"
