@@ -130,7 +130,6 @@ def test_shutdown_grace_ends_connections_held_in_workers() -> None:
 
 def test_a_dead_worker_loses_only_its_connections() -> None:
     async def scenario() -> tuple[End, bytes]:
-        backend, bport = await echo_backend()
         pool = RelayPool(2)
         pool.start()
         import socket
@@ -169,7 +168,6 @@ def test_a_dead_worker_loses_only_its_connections() -> None:
             sock.close()
         await asyncio.wait_for(again, 5)
         await pool.stop()
-        backend.close()
         return result.end, got
 
     end, got = run(scenario)
