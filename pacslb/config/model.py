@@ -31,7 +31,7 @@ Prefix6 = Annotated[int, BeforeValidator(lambda v: parse_prefix(v, bits=128))]
 
 Mode = Literal["tcp", "dicom", "http"]
 #: Modes this version can run; the others are part of the contract and refused with a clear reason.
-SUPPORTED_MODES: frozenset[str] = frozenset({"tcp", "dicom"})
+SUPPORTED_MODES: frozenset[str] = frozenset({"tcp", "dicom", "http"})
 PersistenceType = Literal["none", "source_ip", "cookie", "cookie+source_ip", "calling_ae", "calling_ae+source_ip"]
 #: Which persistence types each mode can carry out (cookies need HTTP, AE titles need DICOM).
 PERSISTENCE_BY_MODE: dict[str, frozenset[str]] = {
@@ -94,7 +94,7 @@ class PersistenceSpec(_Frozen):
 
 
 CheckType = Literal["tcp", "http", "dicom_echo", "none"]
-HTTP_CHECK_FIELDS = frozenset({"method", "path", "host", "expect_status", "expect_body"})
+HTTP_CHECK_FIELDS = frozenset({"method", "path", "host", "expect_status", "expect_body", "max_clock_skew"})
 DICOM_CHECK_FIELDS = frozenset({"calling_ae", "called_ae"})
 
 
@@ -112,6 +112,9 @@ class CheckSpec(_Frozen):
     host: str | None = None  # Host header; default: the server's address
     expect_status: Annotated[tuple[Annotated[int, Field(ge=100, le=599)], ...], Field(min_length=1)] = (200,)
     expect_body: str | None = None  # substring the body must contain (GET only)
+    # A node whose Date header is further than this from pacslb's clock is reported (a warning in the log):
+    # PACS nodes with drifting clocks misorder studies. Date has a resolution of one second, hence not less.
+    max_clock_skew: Annotated[Duration, Field(ge=1)] = 5.0
     calling_ae: AETitle = "PACSLB"
     called_ae: AETitle = "ANY-SCP"
 
@@ -138,9 +141,14 @@ class TimeoutsSpec(_Frozen):
 def _network(value: Any) -> Any:
     if isinstance(value, str):
         try:
-            return ipaddress.ip_network(value.strip(), strict=False)
+            network = ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
             raise ValueError(f"not a network: {value!r} (use e.g. 10.1.0.0/16 or 10.1.2.3)") from None
+        mapped = network.network_address.ipv4_mapped if isinstance(network, ipaddress.IPv6Network) else None
+        if mapped is not None and network.prefixlen >= 96:
+            # ::ffff:10.9.0.0/112 is 10.9.0.0/16: clients are compared as IPv4, so the network is too.
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96), strict=False)
+        return network
     raise ValueError(f"expected a network such as 10.1.0.0/16 (got {value!r})")
 
 
@@ -177,6 +185,101 @@ class DicomSpec(_Frozen):
     routes: tuple[DicomRoute, ...] = ()  # first match wins; no match = all servers
 
 
+def _readable_file(value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a file path (got {value!r})")
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ValueError(f"cannot read file {value!r}")
+    return value
+
+
+ReadableFile = Annotated[str, AfterValidator(_readable_file)]
+
+
+class CookieSpec(_Frozen):
+    """mode http: the persistence cookie the balancer inserts (persistence.cookie names it)."""
+
+    # The balancer's cookie is taken out of requests before they reach the node, and not set again while
+    # the client's one is valid: the node never sees it, the client never gets it twice.
+    indirect: bool = True
+    # Responses that set the cookie are made private, so a shared cache never gives one client's cookie
+    # to another (who would then all land on one node).
+    nocache: bool = True
+    httponly: bool = True  # page scripts have no business with it
+    samesite: Literal["Lax", "Strict", "None"] | None = "Lax"
+    secure: Literal["auto", "always", "never"] = "auto"  # auto: Secure when the service terminates TLS
+    path: str = "/"
+    domain: str | None = None
+    # None: a session cookie (gone when the browser closes), like HAProxy's default.
+    max_age: Annotated[Duration, Field(gt=0)] | None = None
+    # Key of the HMAC that makes cookie values (balance/cookie.py); the same on both balancers of a pair.
+    secret: Annotated[str, Field(min_length=8)] | None = None
+
+
+class ForwardSpec(_Frozen):
+    """mode http: forwarding fields added to each request for the node."""
+
+    x_forwarded_for: bool = True
+    x_forwarded_proto: bool = True
+    x_forwarded_host: bool = True
+    forwarded: bool = False  # RFC 7239 Forwarded; off by default, as most PACS web servers read X-Forwarded-*
+
+
+class HttpLimitsSpec(_Frozen):
+    """mode http: bounds on what a client can make the balancer hold."""
+
+    # Browsers send a few KiB; a viewer's cookies and query strings can reach 16-32 KiB (nginx accepts
+    # 4 x 8 KiB lines). Above it: 431.
+    max_head_size: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
+    max_headers: Annotated[int, Field(ge=8, le=1000)] = 100  # HAProxy's default is 101
+
+
+class HttpTimeoutsSpec(_Frozen):
+    """mode http: time limits of the HTTP exchange (``timeouts.connect`` applies too)."""
+
+    # The whole request head must arrive within this from its first byte (or from the connection's
+    # start): a client trickling its head (slowloris) gets 408 and is closed.
+    request_head: PositiveDuration = 10.0
+    # How long a client connection may sit between requests. Browsers keep idle connections 1-5 minutes
+    # and open new ones freely; an idle one costs a socket.
+    keep_alive: PositiveDuration = 60.0
+    # A client that sends no byte of its request body, or reads no byte of the response, for this long.
+    client: PositiveDuration = 60.0
+    # A node that sends no byte of its response for this long: 504 if nothing was sent yet. A PACS can
+    # take minutes to build a study archive before its first byte, hence generous.
+    server: PositiveDuration = 5 * 60.0
+    # An idle pooled connection to a node is closed after this: shorter than the keep-alive timeout of
+    # common servers (Apache 5 s, nginx 75 s), so the node seldom closes one just as it is reused.
+    pool_idle: PositiveDuration = 4.0
+
+
+class TlsSpec(_Frozen):
+    """mode http: TLS termination on the service's listener."""
+
+    certificate: ReadableFile  # PEM, the server certificate followed by its chain
+    key: ReadableFile  # PEM private key
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # A plain-HTTP listener that answers every request with a redirect (308) to this service's https URL.
+    redirect_from: Address | None = None
+
+
+class HttpSpec(_Frozen):
+    """mode http: the reverse proxy's settings."""
+
+    cookie: CookieSpec = CookieSpec()
+    forward: ForwardSpec = ForwardSpec()
+    # When no node can serve: 503 with this HTML page (a file) and Retry-After, or the fallback server.
+    maintenance_page: ReadableFile | None = None
+    retry_after: Annotated[Duration, Field(ge=1)] = 30.0
+    fallback: Address | None = None  # a server that gets every request while no node can serve
+    limits: HttpLimitsSpec = HttpLimitsSpec()
+    timeouts: HttpTimeoutsSpec = HttpTimeoutsSpec()
+    tls: TlsSpec | None = None
+    # Idle keep-alive connections kept per node: enough for a burst of parallel browser requests to find
+    # one ready, few enough not to hold a node's worker slots (Orthanc serves 50 at once by default).
+    pool_size: Annotated[int, Field(ge=0, le=10_000)] = 32
+
+
 def _server_shorthand(value: Any) -> Any:
     """Allow ``pacs1: 10.0.0.11:104`` as shorthand for ``pacs1: {address: 10.0.0.11:104}``."""
     if isinstance(value, dict):
@@ -197,6 +300,7 @@ class ServiceSpec(_Frozen):
     ]
     timeouts: TimeoutsSpec = TimeoutsSpec()
     dicom: DicomSpec | None = None  # mode dicom only
+    http: HttpSpec | None = None  # mode http only (absent: every default)
     # Past this many concurrent connections the service stops accepting; new clients wait in the
     # kernel's accept queue (like HAProxy's frontend maxconn) instead of being refused.
     maxconn: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
@@ -282,6 +386,14 @@ def semantic_issues(
         issues.append(((*here, "check", "timeout"), "must not be longer than check.interval"))
     if "dicom" in given and service.mode != "dicom":
         issues.append(((*here, "dicom"), f"only applies to mode dicom (this service is {service.mode})"))
+    if "http" in given and service.mode != "http":
+        issues.append(((*here, "http"), f"only applies to mode http (this service is {service.mode})"))
+    http_given = given.get("http") if isinstance(given.get("http"), dict) else {}
+    assert isinstance(http_given, dict)
+    cookie_types = ("cookie", "cookie+source_ip")
+    no_cookie = service.persistence.type not in cookie_types and not bad("persistence.type")
+    if "cookie" in http_given and service.mode == "http" and no_cookie:
+        issues.append(((*here, "http", "cookie"), "only applies with persistence type cookie or cookie+source_ip"))
     if service.dicom is not None and not bad("dicom.routes", "servers"):
         for i, route in enumerate(service.dicom.routes):
             for j, server in enumerate(route.servers):

@@ -128,6 +128,9 @@ class DicomProtocolError(PacslbError):
 
     def __init__(self, message: str, response: bytes) -> None:
         self.response = response
+        # The AE titles of a request that could be read that far, for the log (None otherwise).
+        self.called_ae: str | None = None
+        self.calling_ae: str | None = None
         super().__init__(message)
 
     @classmethod
@@ -184,8 +187,19 @@ def _uid(value: bytes, what: str) -> str:
     return _text(value, what).rstrip("\0 ")
 
 
-def _ae_title(field: bytes) -> str:
-    return _text(field, "AE title").strip(" ")
+def _ae_title(field: bytes, reason: int) -> str:
+    """An AE title field: ASCII (else A-ABORT), without control characters or backslash (PS3.5 6.2, the
+    default repertoire), else the A-ASSOCIATE-RJ for that title (``reason``: 3 calling, 7 called)."""
+    title = _text(field, "AE title").strip(" ")
+    if any(c < " " or c in "\\\x7f" for c in title):
+        which = "calling" if reason == RJReason.USER_CALLING_AE_NOT_RECOGNIZED else "called"
+        raise DicomProtocolError.reject(
+            f"{which} AE title {title!r} has characters outside the default repertoire",
+            RJResult.REJECTED_PERMANENT,
+            RJSource.SERVICE_USER,
+            reason,
+        )
+    return title
 
 
 def _items(data: bytes | memoryview, what: str) -> list[tuple[int, bytes]]:
@@ -236,14 +250,29 @@ def parse_associate_rq(buffer: bytes | bytearray) -> AssociateRQ | None:
     if len(buffer) < total:
         return None
     raw = bytes(buffer[:total])
+    try:
+        return _parse_whole_rq(raw)
+    except DicomProtocolError as exc:
+        exc.called_ae, exc.calling_ae = _readable_title(raw[10:26]), _readable_title(raw[26:42])
+        raise
+
+
+def _readable_title(field: bytes) -> str | None:
+    try:
+        return field.decode("ascii").strip(" ") or None
+    except UnicodeDecodeError:
+        return None
+
+
+def _parse_whole_rq(raw: bytes) -> AssociateRQ:
     version = int.from_bytes(raw[6:8], "big")
     if not version & 1:
         raise DicomProtocolError.reject(
             f"protocol version 0x{version:04X} not supported",
             RJResult.REJECTED_PERMANENT, RJSource.SERVICE_PROVIDER_ACSE, RJReason.ACSE_PROTOCOL_VERSION_NOT_SUPPORTED,
         )  # fmt: skip
-    called = _ae_title(raw[10:26])
-    calling = _ae_title(raw[26:42])
+    called = _ae_title(raw[10:26], RJReason.USER_CALLED_AE_NOT_RECOGNIZED)
+    calling = _ae_title(raw[26:42], RJReason.USER_CALLING_AE_NOT_RECOGNIZED)
     context_name = ""
     contexts: list[PresentationContext] = []
     max_pdu: int | None = None

@@ -153,7 +153,11 @@ class DicomService(TcpService):
                     buffer += data
             except DicomProtocolError as exc:
                 await _send_and_close(client, exc.response)
-                record.done("aborted" if exc.response[0] == PDUType.A_ABORT else "rejected", str(exc), "balancer")
+                record.calling, record.called = exc.calling_ae or "-", exc.called_ae or "-"
+                if exc.response[0] == PDUType.A_ASSOCIATE_RJ:
+                    record.done("rejected", str(parse_associate_rj(exc.response)), "balancer", error=str(exc))
+                else:
+                    record.done("aborted", str(exc), "balancer")
                 return
             except TimeoutError:
                 await _send_and_close(client, build_abort())
@@ -164,10 +168,13 @@ class DicomService(TcpService):
                 record.done("closed", "client closed before its A-ASSOCIATE-RQ", "client")
                 return
             early = buffer[len(rq.raw) :]  # a client should wait for the AC; pass on whatever it sent anyway
-            record.rq = rq
+            record.calling, record.called = rq.calling_ae, rq.called_ae
             stats = self._ae(rq.calling_ae)
             stats.associations += 1
-            rejection = AT_LIMIT if over_limit else check_access(spec.dicom, rq.calling_ae, rq.called_ae, peer[0])
+            # An AE title that is not allowed gets the permanent answer even when the service is full.
+            rejection = check_access(spec.dicom, rq.calling_ae, rq.called_ae, peer[0])
+            if rejection is None and over_limit:
+                rejection = AT_LIMIT
             if rejection is not None:
                 stats.rejected += 1
                 await _send_and_close(client, _rj(rejection))
@@ -308,10 +315,11 @@ class _Record:
 
     __slots__ = (
         "accepted",
+        "called",
+        "calling",
         "down",
         "end",
         "peer",
-        "rq",
         "rule",
         "server",
         "service",
@@ -324,7 +332,8 @@ class _Record:
         self.service = service
         self.peer = peer
         self.started = started
-        self.rq: AssociateRQ | None = None
+        self.calling = "-"
+        self.called = "-"
         self.server: ServerState | None = None
         self.rule = "-"
         self.tried: list[ServerState] = []
@@ -332,8 +341,7 @@ class _Record:
         self.up = self.down = 0
         self.end: End | None = None
 
-    def done(self, outcome: str, detail: str, by: str) -> None:
-        rq = self.rq
+    def done(self, outcome: str, detail: str, by: str, error: str = "") -> None:
         server = self.server
         end = self.end
         if end is None:
@@ -341,8 +349,8 @@ class _Record:
         fields: dict[str, object] = {
             "service": self.service.name,
             "client": addr_text(self.peer),
-            "calling": rq.calling_ae if rq is not None else "-",
-            "called": rq.called_ae if rq is not None else "-",
+            "calling": self.calling,
+            "called": self.called,
             "server": server.name if server is not None else "-",
             "rule": self.rule,
             "outcome": outcome,
@@ -351,6 +359,8 @@ class _Record:
             fields["detail"] = detail
         if by:
             fields["by"] = by
+        if error:
+            fields["error"] = error
         fields.update(
             retries=len(self.tried),
             duration=self.service._loop.time() - self.started,

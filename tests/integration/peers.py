@@ -962,13 +962,20 @@ class EchoSCP:
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = PYNETDICOM_TIMEOUT
         self.ae.add_supported_context(VERIFICATION)
         self.server: Any = None
+        self.accepted: list[str] = []  # calling AE title of every association it accepted
+
+    def _on_accepted(self, event: Any) -> None:
+        self.accepted.append(str(event.assoc.requestor.ae_title).strip())
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> EchoSCP:
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False)
+        from pynetdicom import evt
+
+        handlers = [(evt.EVT_ACCEPTED, self._on_accepted)]
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
 
     def stop(self) -> None:
@@ -1103,3 +1110,4 @@ class StoreSCP:
 
     def log(self) -> str:
         return _tail(self.log_path)
+
