@@ -1110,4 +1110,3 @@ class StoreSCP:
 
     def log(self) -> str:
         return _tail(self.log_path)
-
