@@ -200,10 +200,13 @@ def _http(port: int, path: str = "/", method: str = "GET") -> tuple[int, dict[st
 
 
 def _assert_clean_exit(demo: Demo, study_dir: Path) -> None:
-    # The demo starts no child processes: anything under it now would be left behind by the stop.
-    children = _run("ps", "-o", "pid=", "--ppid", str(demo.proc.pid)).stdout.split()
-    assert children == [], f"the demo has child processes: {children}"
+    # Its only children are relay workers (one per extra core); the stop must end them too.
+    children = _run("ps", "-o", "pid=,args=", "--ppid", str(demo.proc.pid)).stdout.splitlines()
+    assert all("pacslb.proxy.workers" in line for line in children), children
     assert demo.stop() == 0, demo.stderr()
+    pids = [line.split()[0] for line in children]
+    left = [pid for pid in pids if _run("ps", "-o", "stat=", "-p", pid).stdout.strip() not in ("", "Z")]
+    assert left == [], f"relay workers outlived the demo: {left}"
     assert not study_dir.exists(), "the demo left its temporary directory behind"
     assert _listening(demo.ports.all()) == [], "something still listens on a demo port after exit"
 
