@@ -42,6 +42,9 @@ log = logging.getLogger("pacslb.engine")
 #: The service class of each mode.
 SERVICE_KINDS: dict[str, type[TcpService]] = {"tcp": TcpService, "dicom": DicomService}
 
+#: After the shutdown grace, how long cancelled connections get to close before pacslb exits regardless.
+CANCEL_WAIT = 5.0
+
 #: How often expired persistence entries are swept out (lookups also drop them as they find them).
 SWEEP_INTERVAL = 30.0
 
@@ -254,7 +257,10 @@ class Engine:
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+                # Cancelled connections close at once; a bound keeps a bug in one from hanging the stop.
+                _, stuck = await asyncio.wait(pending, timeout=CANCEL_WAIT)
+                if stuck:
+                    log_event(log, "stop_stuck", logging.ERROR, connections=len(stuck))
         if self.pool is not None:
             await self.pool.stop()
         await self.store.close()
