@@ -36,6 +36,20 @@ IDLE_TICKS_PER_PERIOD = 4
 #: costs a wakeup per 64 KiB; 1 MiB moves bulk data with far fewer, and pages are only used while data sits
 #: in the pipe. Unprivileged users have a soft limit on pipe pages; F_SETPIPE_SZ failing is not an error.
 PIPE_SIZE = 1024 * 1024
+#: Empty pipes kept for the next connections (a pipe costs three system calls to make and two to close:
+#: as much as the rest of a short connection's relay). Each holds no memory while empty.
+IDLE_PIPES = 64
+_idle_pipes: list[tuple[int, int]] = []
+
+
+def close_idle_pipes() -> None:
+    """Close the pipes kept for reuse (at shutdown, or to count descriptors)."""
+    while _idle_pipes:
+        r, w = _idle_pipes.pop()
+        os.close(r)
+        os.close(w)
+
+
 #: Most bytes asked of one splice call.
 SPLICE_CHUNK = PIPE_SIZE
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -243,6 +257,9 @@ class _Pump:
         self.reading = True
 
     def _pipe(self) -> None:
+        if _idle_pipes:
+            self.pipe_r, self.pipe_w = _idle_pipes.pop()
+            return
         self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
@@ -307,8 +324,11 @@ class _Pump:
             self.loop.remove_writer(self.dst.fileno())
             self.writing = False
         if self.pipe_r >= 0:
-            os.close(self.pipe_r)
-            os.close(self.pipe_w)
+            if self.in_pipe == 0 and len(_idle_pipes) < IDLE_PIPES:
+                _idle_pipes.append((self.pipe_r, self.pipe_w))  # empty: the next connection can use it
+            else:
+                os.close(self.pipe_r)
+                os.close(self.pipe_w)
             self.pipe_r = self.pipe_w = -1
 
 
@@ -374,6 +394,40 @@ class _SpliceRelay:
         return (self.up.moved, self.down.moved, self.up.in_pipe, self.down.in_pipe)
 
 
+class _IdleWatch:
+    """Closes a relay through which no byte moved for ``timeout`` seconds. One timer handle per connection,
+    re-armed a few times per period: no task, no future, nothing per byte."""
+
+    __slots__ = ("handle", "last_active", "last_seen", "loop", "period", "state", "timed_out", "timeout")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: _Engine, timeout: float) -> None:
+        self.loop = loop
+        self.state = state
+        self.timeout = timeout
+        self.period = max(timeout / IDLE_TICKS_PER_PERIOD, 0.01)
+        self.last_seen = state.activity()
+        self.last_active = loop.time()
+        self.timed_out = False
+        self.handle: asyncio.TimerHandle | None = loop.call_later(self.period, self.tick)
+
+    def tick(self) -> None:
+        now_seen = self.state.activity()
+        now = self.loop.time()
+        if now_seen != self.last_seen:
+            self.last_seen, self.last_active = now_seen, now
+        elif now - self.last_active >= self.timeout:
+            self.timed_out = True
+            self.handle = None
+            self.state.abort()
+            return
+        self.handle = self.loop.call_later(self.period, self.tick)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 async def _buffered(client: socket.socket, server: socket.socket) -> _Relay:
     loop = asyncio.get_running_loop()
     state = _Relay(loop)
@@ -422,27 +476,16 @@ async def relay(
     else:
         state = await _buffered(client, server)
 
-    period = max(idle_timeout / IDLE_TICKS_PER_PERIOD, 0.01)
-    last_seen = state.activity()
-    last_active = loop.time()
-    timed_out = False
+    watch = _IdleWatch(loop, state, idle_timeout)
     try:
-        while not state.done.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(state.done), period)
-            except TimeoutError:
-                now_seen = state.activity()
-                now = loop.time()
-                if now_seen != last_seen:
-                    last_seen, last_active = now_seen, now
-                elif now - last_active >= idle_timeout and not timed_out:
-                    timed_out = True
-                    state.abort()
+        await state.done
     except asyncio.CancelledError:
         state.abort()
         raise
+    finally:
+        watch.cancel()
     up, down = state.counts()
-    if timed_out:
+    if watch.timed_out:
         end = timeout_end
     elif state.server_first():
         end = End.SERVER_CLOSED

