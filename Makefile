@@ -1,13 +1,14 @@
 # pacslb: `make demo` runs the embedded demo, `make test` runs the whole test suite.
 # Both set up a virtual environment in .venv first; `make test` also installs the real peers the
-# integration tests drive (dcmtk, Orthanc; needs root and Debian's apt).
+# integration tests drive (dcmtk, Orthanc) and the browser the dashboard tests drive (Chromium; needs root
+# and Debian's apt).
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo run test peers lint unit integration clean
+.PHONY: demo run test peers browser lint unit integration clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ run: $(STAMP)
 peers:
 	sh tests/peers/install.sh
 
+# Debian's Chromium for the dashboard tests (tests/browser); Playwright itself comes with the test extra.
+browser:
+	sh tests/browser/install.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check pacslb tests
 	$(BIN)/ruff format --check pacslb tests
@@ -36,8 +41,16 @@ unit: $(STAMP)
 integration: $(STAMP) peers
 	$(BIN)/python -m pytest -q tests/integration
 
-test: $(STAMP) peers lint
+test: $(STAMP) peers browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# `make bench` runs the side-by-side benchmark (pacslb vs HAProxy vs direct; see docs/performance.md).
+# Installs its peers first (haproxy, iperf3, wrk, nginx, dcmtk; needs root + apt). Options go in BENCH_ARGS,
+# e.g. `make bench BENCH_ARGS="--quick --cases bulk,http"` or `make bench BENCH_ARGS=--write-docs`.
+.PHONY: bench
+bench: $(STAMP)
+	sh bench/install.sh
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -1,0 +1,1 @@
+"""The benchmark cases, one module each: bulk (a), dicom_store (b), connrate (c), http (d), memory (e)."""
