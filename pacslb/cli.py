@@ -1,4 +1,5 @@
-"""The ``pacslb`` command: run, check, demo. The only place that prints for the user and exits.
+"""The ``pacslb`` command: run, check, demo, and the operations commands (pacslb/admin/client.py). The only
+place that prints for the user and exits.
 
 Exit codes: 0 success, 1 invalid config or failed start, 2 wrong usage (argparse).
 """
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser("demo", help="simulated PACS nodes behind the four INFINITT-style services")
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(func=cmd_demo)
+
+    from pacslb.admin import client
+
+    client.add_commands(sub)  # status, drain, halt, online, weight, reload: they talk to the admin API
     return parser
 
 

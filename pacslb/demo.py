@@ -69,6 +69,7 @@ DEFAULT_BASE_PORT = 10000
 SERVICE_OFFSETS: dict[str, int] = {"web": 80, "dicom": 104, "query": 105, "mwl": 204}
 NODE_DICOM_OFFSET = 1100
 NODE_HTTP_OFFSET = 1180
+ADMIN_OFFSET = 900
 NODE_COUNT = 3
 #: The highest base for which every derived port (the last node's HTTP port) is still a valid port.
 MAX_BASE_PORT = 65535 - NODE_HTTP_OFFSET - NODE_COUNT
@@ -141,11 +142,16 @@ class DemoPorts:
     def node_http(self, index: int) -> int:
         return self.base + NODE_HTTP_OFFSET + index
 
+    def admin(self) -> int:
+        """The admin API and dashboard."""
+        return self.base + ADMIN_OFFSET
+
     def all(self) -> list[int]:
         """Every port the demo binds (services first, then nodes), e.g. to check they are free."""
         nodes = range(1, NODE_COUNT + 1)
         return [
             *(self.service(n) for n in SERVICE_OFFSETS),
+            self.admin(),
             *(self.node_dicom(i) for i in nodes),
             *(self.node_http(i) for i in nodes),
         ]
@@ -716,23 +722,27 @@ def build_config_text(ports: DemoPorts, persistence: str) -> str:
     echo_check = {"type": "dicom_echo", "calling_ae": CHECK_CALLING_AE, "called_ae": "ANY-SCP", **timing}
     web_check = {"type": "http", "method": "GET", "path": "/status", "expect_status": [200], **timing}
 
-    def service(name: str, check: dict[str, Any], servers: dict[str, str]) -> dict[str, Any]:
+    def service(name: str, mode: str, check: dict[str, Any], servers: dict[str, str]) -> dict[str, Any]:
+        persistence = dict(sticky)
+        if mode == "http" and persistence["type"] != "none":
+            persistence["type"] = "cookie+source_ip"  # the INFINITT web service: cookie, source IP as fallback
         return {
             "listen": f"{HOST}:{ports.service(name)}",
-            "mode": "tcp",  # the only mode of this version; dicom and http modes will read the first PDU/head
+            "mode": mode,
             "balance": "leastconn",
-            "persistence": dict(sticky),
+            "persistence": persistence,
             "check": dict(check),
             "servers": dict(servers),
         }
 
     config = {
         "services": {
-            "web": service("web", web_check, web_servers),
-            "dicom": service("dicom", echo_check, dicom_servers),
-            "query": service("query", echo_check, dicom_servers),
-            "mwl": service("mwl", echo_check, dicom_servers),
+            "web": service("web", "http", web_check, web_servers),
+            "dicom": service("dicom", "dicom", echo_check, dicom_servers),
+            "query": service("query", "dicom", echo_check, dicom_servers),
+            "mwl": service("mwl", "dicom", echo_check, dicom_servers),
         },
+        "admin": {"listen": f"{HOST}:{ports.admin()}"},
         "log": {"format": "text", "level": "info"},
         "shutdown_grace": SHUTDOWN_GRACE,
     }
@@ -751,10 +761,11 @@ def banner(ports: DemoPorts, nodes: Iterable[SimulatedNode], study_dir: Path, pe
         f"pacslb demo ready: 4 services in front of {NODE_COUNT} simulated PACS nodes. Ctrl-C stops it.",
         "",
         f"Services on {HOST} (balance leastconn, persistence {sticky}, checks every {CHECK_INTERVAL}):",
-        f"  web    {HOST}:{web:<6} viewer stand-in over HTTP   (check: GET /status)",
-        f"  dicom  {HOST}:{dicom:<6} C-ECHO, C-STORE             (check: C-ECHO)",
-        f"  query  {HOST}:{query:<6} C-FIND study/patient root   (check: C-ECHO)",
-        f"  mwl    {HOST}:{mwl:<6} modality worklist C-FIND    (check: C-ECHO)",
+        f"  web    {HOST}:{web:<6} mode http: viewer stand-in  (check: GET /status)",
+        f"  dicom  {HOST}:{dicom:<6} mode dicom: C-ECHO, C-STORE (check: C-ECHO)",
+        f"  query  {HOST}:{query:<6} mode dicom: C-FIND          (check: C-ECHO)",
+        f"  mwl    {HOST}:{mwl:<6} mode dicom: worklist C-FIND (check: C-ECHO)",
+        f"Dashboard: http://{HOST}:{ports.admin()}/   (status: pacslb status --admin http://{HOST}:{ports.admin()})",
         "Nodes (one shared archive, as in a real cluster):",
         *(f"  {n.name}  AE {n.ae_title}  DICOM {HOST}:{n.dicom_port}  web http://{HOST}:{n.http_port}/" for n in nodes),
         f"Demo study: {DEMO_STUDY_INSTANCES} CT images in {study_dir}",
@@ -773,8 +784,9 @@ def banner(ports: DemoPorts, nodes: Iterable[SimulatedNode], study_dir: Path, pe
     ]
     if persistence != "none":
         lines += [
-            "Persistence is source_ip: every connection from this machine lands on the node it reached",
-            "first, per service. The log below names the node that answered each request, as does the page.",
+            "Persistence is source_ip (the web service: a cookie, then source_ip): every connection from this",
+            "machine lands on the node it reached first, per service. The log below names the node that",
+            "answered each request, as does the page.",
             "To watch leastconn spread connections over the nodes instead: pacslb demo --no-persistence",
         ]
     else:

@@ -10,18 +10,30 @@ Theory of operation.
   touched. A removed service stops accepting; its connections run to their end.
 - stop (SIGTERM/SIGINT): stop accepting and checking, let connections finish for ``shutdown_grace``,
   then close the rest.
+- operations (pacslb/admin): admin states (online | drain | halt) and run-time weights are set here, by
+  node in every service or in one; they are recorded in the admin state file and applied again to the
+  servers of every reload and at start. A halt drops the node's persistence entries and closes its
+  connections after ``halt_grace``. With ``fate_sharing``, a node whose check fails in one service is taken
+  out of every service. Changes are told to the event log (dashboard, alerts) and to systemd.
 Signals are handled here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
-from pacslb.balance.server import Health, ServerState
+from pacslb.admin import sdnotify
+from pacslb.admin.alerts import Alerter
+from pacslb.admin.events import EventLog
+from pacslb.admin.state import AdminStates, NotFound
+from pacslb.balance.server import AdminState, Health, ServerState
 from pacslb.checks.base import CheckResult
 from pacslb.checks.http import close_clients as close_http_clients
 from pacslb.checks.monitor import Monitor
@@ -30,6 +42,7 @@ from pacslb.config.values import HostPort
 from pacslb.errors import ConfigError, PacslbError
 from pacslb.logs import log_event, setup_logging
 from pacslb.proxy.dicom import DicomService
+from pacslb.proxy.http import HttpService
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.relay import DEFAULT_METHOD
 from pacslb.proxy.tcp import TcpService
@@ -37,16 +50,34 @@ from pacslb.proxy.workers import RelayPool
 from pacslb.state.memory import MemoryStore
 from pacslb.state.store import StateStore
 
+if TYPE_CHECKING:
+    from pacslb.admin.api import AdminServer
+
 log = logging.getLogger("pacslb.engine")
 
 #: The service class of each mode.
-SERVICE_KINDS: dict[str, type[TcpService]] = {"tcp": TcpService, "dicom": DicomService}
+SERVICE_KINDS: dict[str, type[TcpService]] = {"tcp": TcpService, "dicom": DicomService, "http": HttpService}
 
 #: After the shutdown grace, how long cancelled connections get to close before pacslb exits regardless.
 CANCEL_WAIT = 5.0
 
 #: How often expired persistence entries are swept out (lookups also drop them as they find them).
 SWEEP_INTERVAL = 30.0
+#: On stop, how long background work (an old admin listener closing, alerts flushing) may still take.
+BACKGROUND_STOP_TIMEOUT = 5.0
+
+
+def _server_condition(server: ServerState) -> str:
+    """Why a server takes no new client, in a word or two ("down", "drain", "weight 0", ...)."""
+    if server.health == "down":
+        return "down"
+    if server.down_elsewhere is not None:
+        return f"down in {server.down_elsewhere}"
+    if server.admin != "online":
+        return server.admin
+    if server.weight == 0:
+        return "weight 0"
+    return "up"
 
 
 class StartError(PacslbError):
@@ -66,6 +97,18 @@ class Engine:
         self._sweeper: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self.pool: RelayPool | None = None
+        # Operations (pacslb/admin).
+        self.events = EventLog()
+        self.admin_states = AdminStates.load(config.admin.state_file if config.admin is not None else None)
+        self.admin_server: AdminServer | None = None
+        self.alerter: Alerter | None = None
+        self.started_at = time.time()
+        self.reloaded_at: float | None = None
+        self.reload_errors: list[str] = []  # why the last reload was refused (empty when it was applied)
+        self.reload_counts = {"applied": 0, "refused": 0}
+        self._halt_timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._usable: dict[str, bool] = {}
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -76,11 +119,14 @@ class Engine:
             StartError: a listener could not be bound (nothing is left running).
         """
         bound = self._bind(self.config)
+        admin_sock = self._bind_admin(self.config, bound)
         workers = self.config.worker_count
         if workers > 1:
             self.pool = RelayPool(workers)
             self.pool.start()
+        self.events.watch_clock_skew()
         self._apply(self.config, bound)
+        await self._configure_operations(self.config, admin_sock)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         log_event(log, "workers", processes=workers, relay=DEFAULT_METHOD)
         for name, service in self.services.items():
@@ -106,6 +152,51 @@ class Engine:
                 sock.close()
             raise StartError("; ".join(errors))
         return bound
+
+    def _bind_admin(self, config: Config, bound: dict[str, socket.socket]) -> socket.socket | None:
+        """The admin API's new listening socket, when it is new or moved (else None). On failure the
+        services' new sockets in ``bound`` are closed too: all or nothing."""
+        spec = config.admin
+        running = self.admin_server
+        if spec is None or (running is not None and str(running.spec.listen) == str(spec.listen)):
+            return None
+        try:
+            return bind_listener(spec.listen)
+        except OSError as exc:
+            for sock in bound.values():
+                sock.close()
+            raise StartError(f"admin.listen: cannot listen on {spec.listen}: {exc.strerror or exc}") from exc
+
+    async def _configure_operations(self, config: Config, admin_sock: socket.socket | None) -> None:
+        """Start, change or stop the alerts and the admin API for ``config`` (at start and on reload)."""
+        if config.alerts is None:
+            if self.alerter is not None:
+                self._spawn(self.alerter.close())
+                self.alerter = None
+        elif self.alerter is None:
+            self.alerter = Alerter(config.alerts, self.events)
+        else:
+            self.alerter.configure(config.alerts)
+        self.admin_states.path = config.admin.state_file if config.admin is not None else None
+        old = self.admin_server
+        if config.admin is None:
+            self.admin_server = None
+        elif admin_sock is not None:
+            from pacslb.admin.api import AdminServer  # FastAPI is loaded only where an admin API is configured
+
+            self.admin_server = AdminServer(self, config.admin, admin_sock, old.history if old is not None else None)
+            await self.admin_server.start()
+            log_event(log, "listen", service="admin", address=str(config.admin.listen), mode="admin")
+        elif old is not None:
+            old.configure(config.admin)
+        if old is not None and old is not self.admin_server:
+            # Not awaited: this may run inside a request to that very server (POST /api/v1/reload).
+            self._spawn(old.stop(keep_history=self.admin_server is not None))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- apply a config ------------------------------------------------------------------------------
 
@@ -151,6 +242,9 @@ class Engine:
         self.services = new_services
         self.config = config
         self._update_monitors()
+        self._apply_admin_states()
+        self._update_fate()
+        self._check_services()
 
     @staticmethod
     def _servers(spec: ServiceSpec, old: list[ServerState]) -> list[ServerState]:
@@ -192,46 +286,243 @@ class Engine:
             monitor.wake()
 
     def _health_changed(self, server: ServerState, old: Health, new: Health, result: CheckResult) -> None:
+        name = next((n for n, s in self.services.items() if server in s.servers), "-")
+        self.events.add(
+            "health", "info" if new == "up" else "warning", f"{server.name} is {new} in {name} ({result.reason})",
+            service=name, server=server.name, old=old, new=new, reason=result.reason,
+        )  # fmt: skip
+        self._update_fate()
+        self._check_services()
+
+    def _check_services(self) -> None:
+        """Log (and tell the event log) each service that is left with no usable server, or has one again."""
         for name, service in self.services.items():
-            if server not in service.servers:
-                continue
-            usable = sum(1 for s in service.servers if s.schedulable)
-            if new == "down" and usable == 0:
-                log_event(log, "service_down", logging.ERROR, service=name, reason="no usable server")
-            elif new == "up" and usable == 1 and server.schedulable:
-                log_event(log, "service_up", service=name, server=server.name)
+            usable = [s.name for s in service.servers if s.schedulable]
+            was = self._usable.get(name)
+            self._usable[name] = bool(usable)
+            if not usable and was in (True, None):
+                why = ", ".join(f"{s.name} {_server_condition(s)}" for s in service.servers)
+                log_event(log, "service_down", logging.ERROR, service=name, reason="no usable server", servers=why)
+                self.events.add("service", "error", f"service {name} has no usable server ({why})", service=name)
+            elif usable and was is False:
+                log_event(log, "service_up", service=name, servers=",".join(usable))
+                self.events.add(
+                    "service", "info", f"service {name} is usable again ({', '.join(usable)})", service=name
+                )
+        for name in [n for n in self._usable if n not in self.services]:
+            del self._usable[name]
+
+    def _update_fate(self) -> None:
+        """Fate sharing: a node whose own check is down in one service takes nothing in any other."""
+        failing: dict[str, list[str]] = {}
+        if self.config.fate_sharing:
+            for name, service in self.services.items():
+                for server in service.servers:
+                    if server.health == "down":
+                        failing.setdefault(server.name, []).append(name)
+        changed: dict[str, list[str]] = {}
+        for name, service in self.services.items():
+            for server in service.servers:
+                elsewhere = next((f for f in failing.get(server.name, ()) if f != name), None)
+                if elsewhere != server.down_elsewhere:
+                    server.down_elsewhere = elsewhere
+                    changed.setdefault(server.name, []).append(name)
+                    log_event(
+                        log, "fate_shared" if elsewhere else "fate_cleared",
+                        logging.WARNING if elsewhere else logging.INFO,
+                        service=name, server=server.name, failing_in=elsewhere or "-",
+                    )  # fmt: skip
+        for node, services in changed.items():
+            if node in failing:
+                because = ", ".join(failing[node])
+                message = f"{node} taken out of {', '.join(services)} (its check fails in {because})"
+                self.events.add("fate", "warning", message, server=node, services=services)
+            else:
+                self.events.add("fate", "info", f"{node} back in {', '.join(services)}", server=node, services=services)
+
+    # -- admin states (pacslb/admin) -------------------------------------------------------------------------
+
+    def _targets(self, node: str, service: str | None) -> list[tuple[str, ServerState]]:
+        """The servers an admin operation on ``node`` (in ``service``, or every service) acts on.
+
+        Raises:
+            NotFound: no such service, or no such node in it (or anywhere).
+        """
+        if service is not None:
+            found = self.services.get(service)
+            if found is None:
+                raise NotFound(f"no service named {service!r} (services: {', '.join(self.services) or 'none'})")
+            for server in found.servers:
+                if server.name == node:
+                    return [(service, server)]
+            names = ", ".join(s.name for s in found.servers)
+            raise NotFound(f"service {service!r} has no server named {node!r} (its servers: {names})")
+        targets = [(name, s) for name, svc in self.services.items() for s in svc.servers if s.name == node]
+        if not targets:
+            nodes = sorted({s.name for svc in self.services.values() for s in svc.servers})
+            raise NotFound(f"no node named {node!r} (nodes: {', '.join(nodes)})")
+        return targets
+
+    def set_admin(self, node: str, state: AdminState, service: str | None = None, by: str = "api") -> list[str]:
+        """Put ``node`` online, in drain or in halt, in every service it is in or in ``service`` only.
+        Returns the services it acted on.
+
+        Raises:
+            NotFound: no such node or service.
+        """
+        targets = self._targets(node, service)
+        self.admin_states.set_admin(node, state, service)
+        changed = [name for name, server in targets if self._set_server_admin(name, server, state, by)]
+        if changed:
+            level = "info" if state == "online" else "warning"
+            self.events.add(
+                "admin", level, f"{node} set to {state} in {', '.join(changed)} (by {by})",
+                server=node, state=state, services=changed, by=by,
+            )  # fmt: skip
+        self._check_services()
+        return [name for name, _ in targets]
+
+    def set_weight(self, node: str, weight: int | None, service: str | None = None, by: str = "api") -> list[str]:
+        """Give ``node`` a run-time weight (None: back to the config's), everywhere or in ``service``.
+
+        Raises:
+            NotFound: no such node or service.
+        """
+        targets = self._targets(node, service)
+        self.admin_states.set_weight(node, weight, service)
+        for name, server in targets:
+            old = server.weight
+            self._apply_weight(name, server)
+            if server.weight != old:
+                log_event(log, "weight", service=name, server=node, old=old, new=server.weight, by=by)
+        self.events.add(
+            "admin", "info", f"{node} weight {weight if weight is not None else 'as configured'} in "
+            f"{', '.join(n for n, _ in targets)} (by {by})", server=node, weight=weight, by=by,
+        )  # fmt: skip
+        self._check_services()
+        return [name for name, _ in targets]
+
+    def _apply_weight(self, service: str, server: ServerState) -> None:
+        wanted = self.admin_states.weight(service, server.name)
+        if wanted is None:
+            spec = self.services[service].spec.servers.get(server.name)
+            wanted = spec.weight if spec is not None else server.weight
+        server.weight = wanted
+
+    def _apply_admin_states(self) -> None:
+        """Give every server the admin state and weight recorded for it (after a reload, at start)."""
+        for name, service in self.services.items():
+            for server in service.servers:
+                self._apply_weight(name, server)
+                wanted = self.admin_states.admin(name, server.name)
+                if self._set_server_admin(name, server, wanted, "state"):
+                    self.events.add(
+                        "admin", "info", f"{server.name} is {wanted} in {name} (kept from before)",
+                        server=server.name, state=wanted, services=[name], by="state",
+                    )  # fmt: skip
+
+    def _set_server_admin(self, service: str, server: ServerState, state: AdminState, by: str) -> bool:
+        """Change one server's admin state; returns whether it changed."""
+        key = (service, server.name)
+        timer = self._halt_timers.get(key)
+        if timer is not None and state != "halt":
+            timer.cancel()
+            del self._halt_timers[key]
+        old = server.admin
+        if old == state:
+            return False
+        server.admin = state
+        if state != "halt":
+            log_event(log, "admin", service=service, server=server.name, old=old, new=state, by=by)
+            return True
+        table = self.services[service].table
+        dropped = table.drop_server(server.name) if table is not None else 0
+        grace = self.config.halt_grace
+        self._halt_timers[key] = asyncio.get_running_loop().call_later(grace, self._halt_expired, service, server)
+        log_event(
+            log, "admin", logging.WARNING, service=service, server=server.name, old=old, new=state, by=by,
+            persistence_dropped=dropped, active=server.active, closing_in=grace,
+        )  # fmt: skip
+        return True
+
+    def _halt_expired(self, service: str, server: ServerState) -> None:
+        """A halt's grace is over: close the connections still relaying to the server."""
+        self._halt_timers.pop((service, server.name), None)
+        if server.admin != "halt":
+            return
+        closed = sum(s.close_server_connections(server) for s in [*self.services.values(), *self.retired])
+        if closed:
+            log_event(log, "halt_closed", logging.WARNING, service=service, server=server.name, connections=closed)
+            self.events.add(
+                "halt", "warning", f"{server.name} halted in {service}: {closed} connection(s) closed",
+                service=service, server=server.name, connections=closed,
+            )  # fmt: skip
+
+    def halt_deadline(self, service: str, node: str) -> float | None:
+        """When a halted server's connections will be closed (event-loop time), or None."""
+        timer = self._halt_timers.get((service, node))
+        return timer.when() if timer is not None else None
 
     # -- reload --------------------------------------------------------------------------------------
 
     async def reload(self) -> bool:
         """Reload the config file. Returns whether the new config was applied."""
         async with self._reloading:
-            if self.config_path is None:
-                log_event(log, "reload_refused", logging.WARNING, reason="no config file to reload (demo)")
-                return False
+            sdnotify.reloading()
             try:
-                config = load_config(self.config_path)
-                bound = self._bind(config)
-            except ConfigError as exc:
-                for issue in exc.issues:
-                    log_event(log, "config_error", logging.ERROR, error=str(issue))
-                log_event(
-                    log,
-                    "reload_refused",
-                    logging.ERROR,
-                    reason=f"{len(exc.issues)} config error(s)",
-                    file=self.config_path,
+                applied = await self._reload()
+            finally:
+                sdnotify.ready(self.status_line())
+            self.reload_counts["applied" if applied else "refused"] += 1
+            if applied:
+                self.reloaded_at = time.time()
+                self.events.add("reload", "info", f"config reloaded from {self.config_path}")
+            else:
+                self.events.add(
+                    "reload", "error", f"reload refused: {'; '.join(self.reload_errors)}", errors=self.reload_errors
                 )
-                return False
-            except StartError as exc:
-                log_event(log, "reload_refused", logging.ERROR, reason=str(exc), file=self.config_path)
-                return False
-            setup_logging(config.log.format, config.log.level)
-            if config.worker_count != self.config.worker_count:
-                log_event(log, "restart_needed", logging.WARNING, reason="a change of workers applies at restart")
-            self._apply(config, bound)
-            log_event(log, "reloaded", file=self.config_path, services=len(self.services))
-            return True
+            return applied
+
+    async def _reload(self) -> bool:
+        self.reload_errors = []
+        if self.config_path is None:
+            self.reload_errors = ["no config file to reload (demo)"]
+            log_event(log, "reload_refused", logging.WARNING, reason="no config file to reload (demo)")
+            return False
+        try:
+            config = load_config(self.config_path)
+            bound = self._bind(config)
+            admin_sock = self._bind_admin(config, bound)
+        except ConfigError as exc:
+            self.reload_errors = [str(issue) for issue in exc.issues]
+            for issue in exc.issues:
+                log_event(log, "config_error", logging.ERROR, error=str(issue))
+            log_event(
+                log,
+                "reload_refused",
+                logging.ERROR,
+                reason=f"{len(exc.issues)} config error(s)",
+                file=self.config_path,
+            )
+            return False
+        except StartError as exc:
+            self.reload_errors = [str(exc)]
+            log_event(log, "reload_refused", logging.ERROR, reason=str(exc), file=self.config_path)
+            return False
+        setup_logging(config.log.format, config.log.level)
+        if config.worker_count != self.config.worker_count:
+            log_event(log, "restart_needed", logging.WARNING, reason="a change of workers applies at restart")
+        self._apply(config, bound)
+        await self._configure_operations(config, admin_sock)
+        log_event(log, "reloaded", file=self.config_path, services=len(self.services))
+        return True
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (shown by ``systemctl status``)."""
+        servers = [s for svc in self.services.values() for s in svc.servers]
+        usable = sum(1 for s in servers if s.schedulable)
+        active = sum(svc.active for svc in self.services.values())
+        return f"{len(self.services)} services, {usable}/{len(servers)} servers usable, {active} connections"
 
     # -- stop ----------------------------------------------------------------------------------------
 
@@ -244,6 +535,10 @@ class Engine:
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting and checking, wait up to ``grace`` for connections to end, close the rest."""
         grace = self.config.shutdown_grace if grace is None else grace
+        sdnotify.stopping()
+        for timer in self._halt_timers.values():
+            timer.cancel()
+        self._halt_timers.clear()
         for service in self.services.values():
             service.stop_accepting()
         if self._sweeper is not None:
@@ -263,6 +558,15 @@ class Engine:
                     log_event(log, "stop_stuck", logging.ERROR, connections=len(stuck))
         if self.pool is not None:
             await self.pool.stop()
+        if self.admin_server is not None:
+            await self.admin_server.stop()
+            self.admin_server = None
+        if self.alerter is not None:
+            await self.alerter.close()
+            self.alerter = None
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=BACKGROUND_STOP_TIMEOUT)
+        self.events.close()
         await self.store.close()
         await close_http_clients()
         log_event(log, "stopped")
@@ -301,12 +605,20 @@ async def serve(config: Config, config_path: str | None = None, *, on_ready: Cal
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    interval = sdnotify.watchdog_interval()
+    watchdog = loop.create_task(sdnotify.watchdog(interval)) if interval is not None else None
     try:
         log_event(log, "ready", services=len(engine.services), config=config_path or "-")
+        engine.events.add("lifecycle", "info", f"pacslb started with {len(engine.services)} services")
+        sdnotify.ready(engine.status_line())
         if on_ready is not None:
             on_ready()
         await stop.wait()
     finally:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
         await engine.shutdown()

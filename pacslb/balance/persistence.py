@@ -15,12 +15,16 @@ Times are plain floats from the caller's monotonic clock: nothing here reads a c
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 
+# Parsing an address with ipaddress costs microseconds per connection; clients come back, so remember the
+# keys of recent ones (bounded; a scan from many addresses only churns the cache).
+@functools.lru_cache(maxsize=65536)
 def source_ip_key(address: str, prefix4: int = 32, prefix6: int = 128) -> str:
     """The persistence key of a client address: the address of its network of the given prefix length.
 

@@ -25,6 +25,10 @@ class ServerState:
         admin: online (normal), drain (only clients pinned to it), halt (nothing).
         active: connections open to it right now (including ones still connecting).
         total: connections it has been given since start.
+        bytes_up, bytes_down: bytes relayed to and from it by connections that have ended (for the
+            dashboard's throughput and the metrics; counted once per connection, never per read).
+        down_elsewhere: with fate sharing, the service whose check found this node down: it then takes
+            nothing here either, whatever this service's own check says (None: not taken out).
     """
 
     name: str
@@ -35,6 +39,9 @@ class ServerState:
     admin: AdminState = "online"
     active: int = 0
     total: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    down_elsewhere: str | None = None
 
     @property
     def address(self) -> str:
@@ -43,9 +50,9 @@ class ServerState:
     @property
     def schedulable(self) -> bool:
         """May the scheduler give it a new client?"""
-        return self.health == "up" and self.admin == "online" and self.weight > 0
+        return self.health == "up" and self.admin == "online" and self.weight > 0 and self.down_elsewhere is None
 
     @property
     def honours_persistence(self) -> bool:
         """May a client pinned to it by persistence still come back to it? (a drained node: yes)"""
-        return self.health == "up" and self.admin != "halt"
+        return self.health == "up" and self.admin != "halt" and self.down_elsewhere is None

@@ -1,16 +1,37 @@
 """The http check: a HEAD or GET whose status is in ``expect_status`` (and whose body, for GET, contains
 ``expect_body``). One new connection per check, no keep-alive, like HAProxy's httpchk, so a node whose
-listener is stuck cannot pass on an old connection."""
+listener is stuck cannot pass on an old connection.
+
+Clock check: every answer's Date header is compared with pacslb's clock. A node further off than
+``max_clock_skew`` is reported with a ``clock_skew`` warning (again at most every
+:data:`SKEW_REPEAT` while it stays off) and a ``clock_ok`` line when it is back; the skew never changes the
+node's health (a PACS with a wrong clock still serves, but misorders studies: someone must fix its NTP)."""
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import logging
 import ssl
+import time
 
 import httpx
 
 from pacslb.checks.base import CheckResult, describe_os_error
 from pacslb.config.model import CheckSpec
+from pacslb.logs import log_event
+
+log = logging.getLogger("pacslb.health")
+
+#: While a node's clock stays off, the warning is repeated this often (not at every check: a node checked
+#: every 2 s would flood the log).
+SKEW_REPEAT = 600.0
+#: Date has a resolution of one second (RFC 9110 5.6.7): the true time of the answer lies within the
+#: second it names, so its middle is the best estimate.
+DATE_RESOLUTION = 1.0
+
+#: (host, port) -> when the last skew warning for that node was logged (monotonic).
+_skewed: dict[tuple[str, int], float] = {}
 
 #: Bytes of body read to look for expect_body; a health page is small, and a check must stay cheap.
 MAX_CHECK_BODY = 64 * 1024
@@ -74,8 +95,38 @@ async def check_http(spec: CheckSpec, host: str, port: int) -> CheckResult:
                         break
     except httpx.HTTPError as exc:
         return CheckResult(False, describe_os_error(exc))
+    _check_clock(response.headers.get("date"), time.time(), spec.max_clock_skew, host, port)
     if response.status_code not in spec.expect_status:
         return CheckResult(False, f"HTTP {response.status_code}")
     if spec.expect_body is not None and spec.expect_body.encode() not in body:
         return CheckResult(False, f"HTTP {response.status_code}, body lacks {spec.expect_body!r}")
     return CheckResult(True, f"HTTP {response.status_code}")
+
+
+def clock_skew(date: str | None, now: float) -> float | None:
+    """How far ahead of ``now`` (seconds since the epoch) a node's Date header is; None without a valid one."""
+    if not date:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return when.timestamp() + DATE_RESOLUTION / 2 - now
+
+
+def _check_clock(date: str | None, now: float, limit: float, host: str, port: int) -> None:
+    skew = clock_skew(date, now)
+    if skew is None:
+        return
+    key = (host, port)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if abs(skew) > limit:
+        last = _skewed.get(key)
+        mono = time.monotonic()
+        if last is None or mono - last >= SKEW_REPEAT:
+            _skewed[key] = mono
+            log_event(log, "clock_skew", logging.WARNING, address=address, skew=skew, limit=limit)
+    elif _skewed.pop(key, None) is not None:
+        log_event(log, "clock_ok", address=address, skew=skew)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from pacslb.balance.server import Health, ServerState
@@ -46,6 +47,7 @@ class Monitor:
         self.server = server
         self.on_change = on_change
         self.last: CheckResult | None = None
+        self.last_at: float | None = None  # wall-clock time of ``last``, for the dashboard and `pacslb status`
         self._ok_streak = 0
         self._fail_streak = 0
         self._task: asyncio.Task[None] | None = None
@@ -92,6 +94,7 @@ class Monitor:
     def apply(self, result: CheckResult) -> None:
         """Count one check result and change the server's health when rise or fall is reached."""
         self.last = result
+        self.last_at = time.time()
         server = self.server
         old = server.health
         if result.ok:

@@ -11,7 +11,16 @@ import ipaddress
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 
 from pacslb.config.values import (
     HostPort,
@@ -315,6 +324,122 @@ class LogSpec(_Frozen):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+#: Where the admin API listens when ``admin:`` is given without ``listen``: loopback only, so that nobody
+#: on the network can drain a PACS node unless an administrator chose to open it (with a token).
+DEFAULT_ADMIN_LISTEN = HostPort("127.0.0.1", 9900)
+#: A bearer token shorter than this could be guessed by trying: 16 random characters are out of reach.
+MIN_TOKEN_LENGTH = 16
+#: SMTP port when ``alerts.email.server`` names none (submission with STARTTLS is 587, plain relay 25).
+DEFAULT_SMTP_PORT = 25
+
+
+def _is_loopback(address: HostPort) -> bool:
+    return ipaddress.ip_address(address.host).is_loopback
+
+
+class AdminSpec(_Frozen):
+    """The admin API, dashboard and metrics (pacslb/admin). Absent from the file: no admin listener."""
+
+    listen: Address = DEFAULT_ADMIN_LISTEN
+    # A file holding the bearer token (one line). With it, every write needs ``Authorization: Bearer TOKEN``;
+    # reads need it too when the listener is not on loopback. Re-read on reload.
+    token_file: ReadableFile | None = None
+    # Where admin states (drain, halt) and weights set at run time are kept, so that they survive a
+    # restart. Absent: they survive reloads only.
+    state_file: str | None = None
+
+    @field_validator("state_file")
+    @classmethod
+    def _state_dir_exists(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        folder = os.path.dirname(os.path.abspath(value))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"folder {folder!r} does not exist or is not writable")
+        return value
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_long_enough(cls, value: str | None) -> str | None:
+        if value is not None:
+            with open(value, encoding="utf-8", errors="replace") as handle:
+                token = handle.readline().strip()
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise ValueError(f"the token in {value!r} is shorter than {MIN_TOKEN_LENGTH} characters")
+        return value
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> AdminSpec:
+        if not _is_loopback(self.listen) and self.token_file is None:
+            raise ValueError(f"listen {self.listen} is reachable from the network: it needs a token_file")
+        return self
+
+
+def _smtp_server(value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected 'host' or 'host:port', e.g. 'mail.example.org:587' (got {value!r})")
+    text = value.strip()
+    host, sep, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
+    if not sep:
+        host, port = text, str(DEFAULT_SMTP_PORT)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected 'host' or 'host:port' with a port from 1 to 65535 (got {value!r})")
+    return (host, int(port))
+
+
+class EmailSpec(_Frozen):
+    """alerts by email. Unlike node addresses, the mail server may be a host name: if DNS fails, only the
+    alert fails (and is logged), never the balancing."""
+
+    server: Annotated[tuple[str, int], BeforeValidator(_smtp_server)]
+    starttls: bool = False  # upgrade the connection with STARTTLS before logging in (submission port 587)
+    username: str | None = None
+    password_file: ReadableFile | None = None  # the password, one line; needs username
+    sender: Annotated[str, Field(min_length=3)]
+    recipients: Annotated[tuple[Annotated[str, Field(min_length=3)], ...], Field(min_length=1)]
+    # A mail server that does not answer within this is given up on for this message (it is logged).
+    timeout: PositiveDuration = 10.0
+
+    @model_validator(mode="after")
+    def _login_complete(self) -> EmailSpec:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
+class WebhookSpec(_Frozen):
+    """alerts as a JSON POST to a URL (chat systems, incident tools)."""
+
+    url: Annotated[str, Field(pattern=r"^https?://\S+$")]
+    timeout: PositiveDuration = 5.0
+
+
+AlertEvent = Literal["health", "service", "admin", "reload"]
+
+
+class AlertsSpec(_Frozen):
+    """Alerts when something changes: by email, webhook, or both."""
+
+    email: EmailSpec | None = None
+    webhook: WebhookSpec | None = None
+    # What is worth a message: health (a server up/down), service (a service left with no usable server, or
+    # back), admin (drain/halt/online), reload (applied or refused).
+    events: Annotated[tuple[AlertEvent, ...], Field(min_length=1)] = ("health", "service")
+    # Events within this time of the first are sent together in one message: a node going down in four
+    # services at once is one mail, not four.
+    batch: Annotated[Duration, Field(ge=0)] = 10.0
+    # At most this many messages per hour and channel; past it, events are kept and summarised in the next
+    # message allowed, so a flapping node cannot flood a mailbox but nothing is lost.
+    max_per_hour: Annotated[int, Field(ge=1, le=3600)] = 12
+
+    @model_validator(mode="after")
+    def _has_channel(self) -> AlertsSpec:
+        if self.email is None and self.webhook is None:
+            raise ValueError("give email, webhook or both (alerts without a channel go nowhere)")
+        return self
+
+
 class Config(_Frozen):
     """The whole config file."""
 
@@ -324,6 +449,14 @@ class Config(_Frozen):
     shutdown_grace: Annotated[Duration, Field(ge=0)] = 30.0
     # Processes that relay bytes (the main one included): "auto" = one per core. See docs/performance.md.
     workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = "auto"
+    admin: AdminSpec | None = None  # the admin API, dashboard and metrics; absent: none
+    alerts: AlertsSpec | None = None  # email / webhook alerts; absent: none
+    # A node failing its check in one service is taken out of every service it is in (the PACS is one
+    # machine: if its DICOM port is dead, its web viewer is of no use either).
+    fate_sharing: bool = False
+    # After an administrator halts a node, its established connections may finish for this long; then they
+    # are closed. 0s closes them at once.
+    halt_grace: Annotated[Duration, Field(ge=0)] = 10.0
 
     @property
     def worker_count(self) -> int:

@@ -274,7 +274,7 @@ class DicomService(TcpService):
         try:
             up, down, end = await self.relay(client, server_sock, server, key)
         except asyncio.CancelledError:
-            record.end = End.SHUTDOWN
+            record.end = self.cancelled_end()
             record.done("accepted", "", "")
             raise
         up += len(rq.raw) + len(early)
@@ -369,4 +369,6 @@ class _Record:
             end=end.value,
         )
         level = logging.INFO if outcome == "accepted" else logging.WARNING
+        if outcome in ("rejected", "aborted"):
+            self.service.rejections[f"{outcome}_by_{by}" if by else outcome] += 1
         log_event(log, "assoc", level, **fields)

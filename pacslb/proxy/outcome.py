@@ -16,3 +16,4 @@ class End(StrEnum):
     ABORTED = "aborted"  # mode dicom: pacslb aborted a client that broke the protocol or stayed silent
     SHUTDOWN = "shutdown"  # closed by pacslb stopping after its grace period
     ERROR = "error"  # a bug in pacslb; logged with its traceback
+    HALTED = "halted"  # closed when an administrator's halt of its node was past its grace

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -58,7 +59,8 @@ async def connect_to(server: ServerState, timeout: float) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, (server.host, server.port)), timeout)
+        async with asyncio.timeout(timeout):  # no extra task per connect, unlike wait_for
+            await loop.sock_connect(sock, (server.host, server.port))
     except TimeoutError as exc:
         sock.close()
         raise ConnectFailed(server.name, f"no answer within {timeout:g}s") from exc
@@ -91,6 +93,11 @@ class TcpService:
         self.active = 0
         self.total = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        # Connections relaying to each server (their handler tasks), so that a halt can close them.
+        self.by_server: dict[ServerState, set[asyncio.Task[None]]] = {}
+        self.halting: set[asyncio.Task[None]] = set()  # tasks being closed by a halt (logged end=halted)
+        # Connections refused by the balancer itself, by the reason the log gives (metrics read it).
+        self.rejections: Counter[str] = Counter()
         # Set by the engine: told when connecting to a server failed, to check it at once.
         self.on_connect_failed: Callable[[str, ServerState], None] | None = None
         # Set by the engine: what moves the bytes (here, or in a relay worker process).
@@ -190,10 +197,24 @@ class TcpService:
         try:
             up, down, end = await self.relay(client, server_sock, server, key)
         except asyncio.CancelledError:
-            end = End.SHUTDOWN
+            end = self.cancelled_end()
             raise
         finally:
             self._log(peer, server, decision.rule, started, up, down, end, len(tried))
+
+    def cancelled_end(self) -> End:
+        """How a connection whose task was cancelled ended: by a halt of its node, or by the shutdown."""
+        task = asyncio.current_task()
+        return End.HALTED if task is not None and task in self.halting else End.SHUTDOWN
+
+    def close_server_connections(self, server: ServerState) -> int:
+        """Close every connection relaying to ``server`` (a halt's grace is over); returns how many."""
+        tasks = self.by_server.get(server, set())
+        for task in tasks:
+            self.halting.add(task)
+            task.add_done_callback(self.halting.discard)
+            task.cancel()
+        return len(tasks)
 
     def connect_failed(self, peer: tuple[str, int], server: ServerState, reason: str, attempt: int) -> None:
         """Log a failed attempt and have the server checked at once."""
@@ -220,6 +241,12 @@ class TcpService:
         timeout_end = End.CLIENT_TIMEOUT if timeouts.client_idle <= timeouts.server_idle else End.SERVER_TIMEOUT
         up = down = 0
         end = End.ERROR
+        task = asyncio.current_task()
+        relaying = self.by_server.get(server)
+        if relaying is None:
+            relaying = self.by_server[server] = set()
+        if task is not None:
+            relaying.add(task)
         try:
             result = await self.relayer(client, server_sock, idle_timeout=idle, timeout_end=timeout_end)
             up, down, end = result.bytes_up, result.bytes_down, result.end
@@ -227,6 +254,11 @@ class TcpService:
             log.exception("relay failed on service %s", self.name)
         finally:
             server.active -= 1
+            server.bytes_up += up
+            server.bytes_down += down
+            relaying.discard(task)
+            if not relaying and self.by_server.get(server) is relaying:
+                del self.by_server[server]
             if table is not None and key is not None:
                 table.release(key, server.name, loop.time())
         return up, down, end
@@ -243,6 +275,8 @@ class TcpService:
         retries: int,
     ) -> None:
         level = logging.INFO if server is not None else logging.WARNING
+        if server is None:
+            self.rejections[end.value] += 1
         log_event(
             log, "conn", level,
             service=self.name, client=addr_text(peer),

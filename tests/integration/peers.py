@@ -1110,3 +1110,211 @@ class StoreSCP:
 
     def log(self) -> str:
         return _tail(self.log_path)
+
+
+# ------------------------------------------------------------------------------------------ mode http
+#
+# nginx nodes for the http-mode tests: each answers with its own name and the forwarding fields it
+# received (so a test sees which node served a request and what pacslb added), serves a large file,
+# stores PUT uploads (its WebDAV module), and answers HEAD properly, as a real web server does.
+
+NGINX_BIN = Path("/usr/sbin/nginx")
+#: nginx is ready within milliseconds; 10 s allows for a loaded machine.
+NGINX_START_TIMEOUT = 10.0
+
+#: One process (no master), so that killing it kills the node, as a crash of the machine would.
+_NGINX_CONF = """
+worker_processes 1;
+master_process off;
+daemon off;
+user root;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {root}/access.log;
+    client_body_temp_path {root}/tmp;
+    proxy_temp_path {root}/tmp;
+    fastcgi_temp_path {root}/tmp;
+    uwsgi_temp_path {root}/tmp;
+    scgi_temp_path {root}/tmp;
+    keepalive_requests 100000;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root}/www;
+        client_max_body_size 0;
+        location = /whoami {{
+            default_type text/plain;
+            add_header X-Node {name};
+            return 200 "{echo}\\n";
+        }}
+        location /upload/ {{
+            dav_methods PUT;
+            create_full_put_path on;
+            client_body_temp_path {root}/tmp;
+        }}
+        location / {{
+            add_header X-Node {name};
+        }}
+    }}
+}}
+"""
+
+
+#: What /whoami answers: the node's name and the fields it received that pacslb adds or changes.
+_NGINX_ECHO = (
+    "node={name} xff=$http_x_forwarded_for proto=$http_x_forwarded_proto host=$http_host "
+    "xfh=$http_x_forwarded_host fwd=$http_forwarded cookie=$http_cookie conn=$http_connection"
+)
+
+
+@dataclass
+class NginxNode:
+    """One nginx process on a loopback port: a web node that says who it is."""
+
+    name: str
+    port: int
+    root: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def www(self) -> Path:
+        return self.root / "www"
+
+    def start(self) -> NginxNode:
+        if not NGINX_BIN.exists():
+            pytest.fail(f"nginx is missing: {INSTALL_HINT}", pytrace=False)
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        (self.www / "upload").mkdir(parents=True, exist_ok=True)
+        (self.www / "index.html").write_text(f"<html><body>{self.name}</body></html>\n")
+        conf = self.root / "nginx.conf"
+        conf.write_text(
+            _NGINX_CONF.format(
+                root=self.root,
+                port=self.port,
+                name=self.name,
+                echo=_NGINX_ECHO.format(name=self.name),
+            )
+        )
+        self.proc = _popen([str(NGINX_BIN), "-c", str(conf), "-p", str(self.root)], self.root / "nginx.out")
+        wait_for(self._ready, NGINX_START_TIMEOUT, f"nginx {self.name} on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            pytest.fail(f"nginx {self.name} exited: {_tail(self.root / 'error.log')}", pytrace=False)
+        try:
+            return httpx.get(f"{self.url}/whoami", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc, 10.0, signal.SIGQUIT)  # graceful: finish what is in flight, then exit
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc, 5.0, signal.SIGKILL)
+            self.proc = None
+
+
+def start_nginx(root: Path, count: int) -> list[NginxNode]:
+    """``count`` nginx nodes named web1, web2, ... each on its own free port."""
+    nodes = [NginxNode(f"web{i + 1}", free_port(), root / f"web{i + 1}") for i in range(count)]
+    try:
+        for node in nodes:
+            node.start()
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
+#: An http check quick enough for tests (two failures take a node down: a first check on a machine busy
+#: starting things can be slow).
+HTTP_CHECK: dict[str, Any] = {
+    "type": "http",
+    "method": "GET",
+    "path": "/whoami",
+    "interval": "500ms",
+    "timeout": "500ms",
+    "rise": 1,
+    "fall": 2,
+}
+
+
+def http_service(
+    listen_port: int,
+    nodes: Iterable[NginxNode | OrthancNode],
+    *,
+    persistence: Mapping[str, Any] | None = None,
+    check: Mapping[str, Any] | None = None,
+    http: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One http-mode service as a config mapping."""
+    servers = {
+        node.name: (node.address if isinstance(node, NginxNode) else f"127.0.0.1:{node.http_port}") for node in nodes
+    }
+    spec = service(
+        listen_port,
+        servers,
+        persistence=persistence or {"type": "cookie+source_ip"},
+        check=check or HTTP_CHECK,
+        mode="http",
+        **extra,
+    )
+    spec["mode"] = "http"
+    if http is not None:
+        spec["http"] = dict(http)
+    return spec
+
+
+def http_config(services: Mapping[str, Mapping[str, Any]], workers: int | str = 1, **top: Any) -> str:
+    """A config for the http-mode tests: one process (HTTP is served by the main process; relay workers
+    only carry Upgrade tunnels, which test_http_upgrade covers with them), a short shutdown grace."""
+    top.setdefault("shutdown_grace", "1s")
+    return config_text(services, workers=workers, **top)
+
+
+# ------------------------------------------------------------------------------------ operations (admin)
+#
+# Helpers for the operations tests (test_admin_*.py, tests/browser): the admin section of a config and
+# calls to the admin API of a running pacslb.
+
+#: A call to the admin API answers in milliseconds; a reload in a second or two on a busy machine.
+ADMIN_TIMEOUT = 15.0
+
+
+def admin_section(port: int, token_file: Path | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``admin:`` mapping of a config: the API on 127.0.0.1:``port``."""
+    section: dict[str, Any] = {"listen": f"127.0.0.1:{port}", **extra}
+    if token_file is not None:
+        section["token_file"] = str(token_file)
+    return section
+
+
+def admin_api(port: int, method: str, path: str, token: str | None = None, **kwargs: Any) -> httpx.Response:
+    """One request to the admin API of the pacslb listening on ``port``."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.request(
+        method, f"http://127.0.0.1:{port}{path}", headers=headers, timeout=ADMIN_TIMEOUT, trust_env=False, **kwargs
+    )
+
+
+def admin_server(port: int, service: str, node: str) -> dict[str, Any]:
+    """One server's entry in GET /api/v1/status."""
+    status = admin_api(port, "GET", "/api/v1/status").json()
+    svc = next(s for s in status["services"] if s["name"] == service)
+    return dict(next(s for s in svc["servers"] if s["name"] == node))

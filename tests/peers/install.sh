@@ -11,7 +11,7 @@
 # whatever was there before is put back afterwards).
 set -eu
 
-PACKAGES="dcmtk orthanc"
+PACKAGES="dcmtk orthanc nginx"
 
 missing=""
 for pkg in $PACKAGES; do

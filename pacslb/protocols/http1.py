@@ -1,0 +1,885 @@
+"""HTTP/1.1 message heads, framing and the header rewrites of a reverse proxy (RFC 9110, RFC 9112): sans-IO.
+
+What it does:
+- parses request and response streams with httptools (llhttp, the parser of Node.js), never with a grammar
+  of its own: :class:`RequestReader` and :class:`ResponseReader` take bytes and queue *events*: a head
+  (:class:`RequestHead` / :class:`ResponseHead`), body data (``bytes``, already de-chunked), the end of a
+  message (:class:`EndOfMessage`, with any trailer fields), or the switch to another protocol
+  (:class:`Upgrade`, with the bytes that followed the head);
+- bounds what a peer can make it hold: a head larger than ``max_head_size`` or with more than
+  ``max_headers`` fields is refused (431 for a client, 502 for a node) while it is still arriving;
+- knows the framing of every message (RFC 9112 section 6.3): no body, Content-Length, chunked, or, for a
+  response, delimited by the close of the connection; a response to HEAD, a 204 or a 304 has no body;
+- builds the heads the proxy sends: hop-by-hop fields removed (RFC 9110 7.6.1), the body re-framed,
+  X-Forwarded-For/-Proto/-Host and Forwarded (RFC 7239) added, and the balancer's persistence cookie read,
+  removed (``indirect``) and set (``Set-Cookie`` with its attributes);
+- builds the short responses the balancer answers on its own behalf (400, 408, 431, 502, 503, 504 ...).
+
+What it must not do: any I/O, any clock, any decision about nodes. Errors are :class:`HttpProtocolError`
+carrying the status the peer should get; httptools' exceptions never leave this module.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import httptools
+
+from pacslb.errors import PacslbError
+
+#: Largest request or response head (request or status line plus every field) accepted. Browsers send
+#: heads of a few KiB; a PACS viewer's cookies and long query strings can reach 16-32 KiB, and nginx
+#: accepts 4 x 8 KiB lines. Larger heads are refused with 431 while still arriving, so nobody can make
+#: pacslb hold an unbounded head.
+DEFAULT_MAX_HEAD_SIZE = 64 * 1024
+#: Most header fields in one head: HAProxy's default is 101; a client sending more is abusive or broken.
+DEFAULT_MAX_HEADERS = 100
+#: Most trailer fields kept from a chunked body (RFC 9112 7.1.2); trailers are rare and small.
+MAX_TRAILERS = 32
+
+Headers = list[tuple[bytes, bytes]]
+
+#: Hop-by-hop fields (RFC 9110 7.6.1, and the old Keep-Alive / Proxy-Connection): about one connection,
+#: never forwarded. Transfer-Encoding is re-created for the next hop when the body needs it.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+REASONS: dict[int, str] = {
+    100: "Continue",
+    101: "Switching Protocols",
+    200: "OK",
+    301: "Moved Permanently",
+    308: "Permanent Redirect",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+class HttpProtocolError(PacslbError):
+    """A peer broke HTTP/1.1 (or a limit). ``status`` is what a client should be answered, when it is the
+    client that broke it; a node's error is reported to the client as 502."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class Framing(Enum):
+    """How the end of a message body is found (RFC 9112 6.3)."""
+
+    NONE = "none"  # no body
+    LENGTH = "length"  # Content-Length bytes
+    CHUNKED = "chunked"  # chunked transfer coding
+    CLOSE = "close"  # responses only: until the connection closes
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A parsed request head. ``headers`` are as received (names in their original case); ``names`` are
+    their names in lower case, in the same order (lowered once, here, so that nothing lowers them again)."""
+
+    method: bytes
+    target: bytes
+    version: str  # "1.1", "1.0"
+    headers: Headers
+    keep_alive: bool  # the client wants the connection kept after this exchange
+    upgrade: bool  # a protocol switch was requested (Connection: upgrade + Upgrade)
+    framing: Framing
+    content_length: int | None
+    expect_continue: bool  # Expect: 100-continue
+    names: list[bytes]
+
+    @property
+    def path(self) -> str:
+        """The target without its query (the query of a viewer URL can carry patient identifiers, so the
+        access log leaves it out)."""
+        return self.target.partition(b"?")[0].decode("latin-1")
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a field (``name`` in lower case), or None."""
+        names = self.names
+        return self.headers[names.index(name)][1] if name in names else None
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A parsed response head; ``names`` as in :class:`RequestHead`."""
+
+    status: int
+    reason: bytes
+    version: str
+    headers: Headers
+    keep_alive: bool  # the node keeps the connection after this response
+    framing: Framing
+    content_length: int | None
+    names: list[bytes]
+
+    @property
+    def informational(self) -> bool:
+        """An interim 1xx response (other than 101): a final response follows."""
+        return 100 <= self.status < 200 and self.status != 101
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    """The message is complete. ``trailers`` are the trailer fields of a chunked body, if any."""
+
+    trailers: Headers = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Upgrade:
+    """The message before switched protocols; ``rest`` is what followed its head (bytes of the new protocol)."""
+
+    rest: bytes
+
+
+Event = RequestHead | ResponseHead | bytes | EndOfMessage | Upgrade
+END = EndOfMessage()  # shared: the usual end, without trailers (never mutated)
+
+
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _tokens(headers: Headers, name: bytes) -> list[bytes]:
+    """The comma-separated tokens of every field called ``name``, lower-cased."""
+    out: list[bytes] = []
+    for key, value in headers:
+        if key.lower() == name:
+            out.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+    return out
+
+
+def _content_length(value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    # llhttp has already refused malformed and conflicting values; this only converts.
+    try:
+        return int(value.split(b",")[0].strip())
+    except ValueError:
+        raise HttpProtocolError(f"invalid Content-Length {value!r}") from None
+
+
+#: The fields whose values :func:`_scan` picks out while it lowers every name.
+_FRAMING_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
+
+
+class _Scan:
+    """What one pass over a head's fields finds: every name in lower case, the values that decide the
+    framing (the first Host, Content-Length and Expect; every Transfer-Encoding), and their size as sent
+    (``name: value`` and CRLF)."""
+
+    __slots__ = ("content_length", "expect", "host", "names", "size", "transfer_encoding")
+
+    def __init__(self, headers: Headers) -> None:
+        names: list[bytes] = []
+        host = length = expect = None
+        te: list[bytes] = []
+        size = 4 * len(headers)
+        for name, value in headers:
+            size += len(name) + len(value)
+            low = name.lower()
+            names.append(low)
+            if low in _FRAMING_FIELDS:
+                if low == b"host":
+                    if host is None:
+                        host = value
+                elif low == b"content-length":
+                    if length is None:
+                        length = value
+                elif low == b"transfer-encoding":
+                    te.extend(t.strip().lower() for t in value.split(b",") if t.strip())
+                elif expect is None:
+                    expect = value
+        self.names = names
+        self.size = size
+        self.host = host
+        self.content_length = length
+        self.expect = expect
+        self.transfer_encoding = te
+
+
+class _Reader:
+    """Shared machinery of the request and response readers: httptools callbacks -> queued events.
+
+    The reader parses everything it is fed, so pipelined messages queue up behind each other; the driver
+    bounds that by not feeding more while ``body_bytes`` (body data queued and not yet taken) is high.
+    """
+
+    __slots__ = (
+        "_trailer_mode",
+        "_url",
+        "after_upgrade",
+        "body_bytes",
+        "events",
+        "head_size",
+        "headers",
+        "in_head",
+        "in_message",
+        "max_head_size",
+        "max_headers",
+        "parser",
+        "status",
+        "trailers",
+        "upgraded",
+    )
+
+    #: The status a too-large head gets: 431 from a client; a node's is reported as 502 (set by subclasses).
+    LIMIT_STATUS = 431
+    #: What a malformed message is answered with.
+    ERROR_STATUS = 400
+
+    def __init__(self, max_head_size: int, max_headers: int) -> None:
+        self.events: deque[Event] = deque()
+        self.body_bytes = 0
+        self.max_head_size = max_head_size
+        self.max_headers = max_headers
+        self.headers: Headers = []
+        self.trailers: Headers = []
+        self.head_size = 0
+        self.in_head = False
+        self.in_message = False
+        self.upgraded = False
+        self.after_upgrade = bytearray()
+        self.status = b""
+        self._url = b""
+        self._trailer_mode = False
+
+    # -- httptools callbacks ---------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self.in_head = True
+        self.head_size = 0
+        self.headers = []
+        self.trailers = []
+        self._url = b""
+        self.status = b""
+        self._trailer_mode = False
+
+    # These run for every piece of every message: they only collect. The size of a head is checked once it
+    # is complete (_complete_head) and, while it is incomplete, by feed(): whatever arrives while a head
+    # is incomplete counts, so an incomplete head never holds more than one read past the limit.
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_status(self, status: bytes) -> None:
+        self.status += status
+
+    def on_header(self, name: bytes, value: bytes | None) -> None:
+        if self._trailer_mode:
+            if len(self.trailers) < MAX_TRAILERS:
+                self.trailers.append((name, value or b""))
+            return
+        headers = self.headers
+        headers.append((name, value or b""))
+        if len(headers) > self.max_headers:
+            raise HttpProtocolError(f"more than {self.max_headers} header fields", self.LIMIT_STATUS)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self._trailer_mode = True
+        scan = _Scan(self.headers)
+        self._grow(scan.size + len(self._url) + len(self.status))
+        self._emit_head(scan)
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self.events.append(EndOfMessage(self.trailers) if self.trailers else END)
+
+    def _grow(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > self.max_head_size:
+            raise HttpProtocolError(f"head larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
+
+    def _emit_head(self, scan: _Scan) -> None:
+        raise NotImplementedError
+
+    # -- feeding -------------------------------------------------------------------------------------------
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Parse ``data``; events go to :attr:`events`.
+
+        Raises:
+            HttpProtocolError: malformed input, or a limit exceeded.
+        """
+        if self.upgraded:
+            self.after_upgrade += data  # bytes of the new protocol; the driver takes them with the tunnel
+            return
+        if self.in_head:
+            # The fields of an incomplete head are held inside httptools until complete; bound them too.
+            self._grow(len(data))
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded = True
+            offset = int(exc.args[0])
+            self.events.append(Upgrade(bytes(data[offset:])))
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HttpProtocolError):
+                raise cause from None
+            raise  # a bug in a callback: not the peer's fault
+        except httptools.HttpParserError as exc:
+            detail = exc.args[0] if exc.args else type(exc).__name__
+            raise HttpProtocolError(f"malformed message: {detail}", self.ERROR_STATUS) from exc
+
+    parser: httptools.HttpRequestParser | httptools.HttpResponseParser
+
+    def take(self) -> Event | None:
+        """The next event, or None when more bytes are needed."""
+        if not self.events:
+            return None
+        event = self.events.popleft()
+        if type(event) is bytes:
+            self.body_bytes -= len(event)
+        return event
+
+
+class RequestReader(_Reader):
+    """Reads the requests of one client connection, one after the other (pipelining included)."""
+
+    __slots__ = ()
+
+    def __init__(self, max_head_size: int = DEFAULT_MAX_HEAD_SIZE, max_headers: int = DEFAULT_MAX_HEADERS) -> None:
+        super().__init__(max_head_size, max_headers)
+        self.parser = httptools.HttpRequestParser(self)
+
+    def _emit_head(self, scan: _Scan) -> None:
+        parser = self.parser
+        assert isinstance(parser, httptools.HttpRequestParser)
+        headers = self.headers
+        version = parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise HttpProtocolError(f"HTTP/{version} is not supported", 505 if version >= "2" else 400)
+        if version == "1.1" and scan.host is None:
+            raise HttpProtocolError("HTTP/1.1 request without Host (RFC 9112 3.2)")
+        length = _content_length(scan.content_length)
+        if scan.transfer_encoding:
+            framing = Framing.CHUNKED  # llhttp refuses any other final coding in a request
+        elif length:
+            framing = Framing.LENGTH
+        else:
+            framing = Framing.NONE
+        expect = scan.expect
+        self.events.append(
+            RequestHead(
+                method=parser.get_method(),
+                target=self._url,
+                version=version,
+                headers=headers,
+                keep_alive=parser.should_keep_alive(),
+                upgrade=parser.should_upgrade(),
+                framing=framing,
+                content_length=length,
+                expect_continue=expect is not None and expect.strip().lower() == b"100-continue",
+                names=scan.names,
+            )
+        )
+
+    def eof(self) -> None:
+        """The client closed its sending side; fine between requests.
+
+        Raises:
+            HttpProtocolError: the client closed in the middle of a request.
+        """
+        if self.in_message and not self.upgraded:
+            raise HttpProtocolError("client closed in the middle of a request")
+
+
+class ResponseReader(_Reader):
+    """Reads the response to one request (and the interim 1xx responses before it).
+
+    A new reader is made for every request: the framing of a response depends on the request (HEAD), and
+    httptools cannot be told that a response has no body.
+    """
+
+    __slots__ = ("extra", "finished", "head", "method_head", "upgrade_requested")
+
+    LIMIT_STATUS = 502
+    ERROR_STATUS = 502
+
+    def __init__(
+        self,
+        method: bytes,
+        upgrade_requested: bool = False,
+        max_head_size: int = DEFAULT_MAX_HEAD_SIZE,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+    ) -> None:
+        super().__init__(max_head_size, max_headers)
+        self.parser = httptools.HttpResponseParser(self)
+        self.method_head = method == b"HEAD"
+        self.upgrade_requested = upgrade_requested
+        self.finished = False  # the final response is complete
+        self.extra = False  # bytes came after the final response: the connection cannot be reused
+        self.head: ResponseHead | None = None  # the last head seen (an interim one until the final comes)
+
+    def next_response(self, method: bytes, upgrade_requested: bool = False) -> None:
+        """Get ready for the response to the next request on the same keep-alive connection, as a new
+        reader would be (but without making one per request).
+
+        Only for a connection whose last response was read to its end with nothing after it (the driver
+        reuses no other). After a response to HEAD, httptools still expects the body the head announced, so
+        that parser is replaced; after any other, it already waits for the next message.
+        """
+        if self.method_head or self.in_message or self.upgraded or self.events:
+            self.parser = httptools.HttpResponseParser(self)
+            self.events.clear()
+            self.in_message = self.in_head = False
+        self.method_head = method == b"HEAD"
+        self.upgrade_requested = upgrade_requested
+        self.finished = False
+        self.extra = False
+        self.head = None
+        self.body_bytes = 0
+        self.upgraded = False
+        self.after_upgrade.clear()
+
+    def _emit_head(self, scan: _Scan) -> None:
+        parser = self.parser
+        assert isinstance(parser, httptools.HttpResponseParser)
+        headers = self.headers
+        status = parser.get_status_code()
+        version = parser.get_http_version()
+        length = _content_length(scan.content_length)
+        te = scan.transfer_encoding
+        if status < 200 or status in (204, 304) or self.method_head:
+            framing = Framing.NONE
+        elif te:
+            framing = Framing.CHUNKED if te[-1] == b"chunked" else Framing.CLOSE
+        elif length is not None:
+            framing = Framing.LENGTH if length else Framing.NONE
+        else:
+            framing = Framing.CLOSE
+        if status == 101 and not self.upgrade_requested:
+            raise HttpProtocolError("101 Switching Protocols to a request that asked for no upgrade", 502)
+        keep_alive = parser.should_keep_alive() and framing is not Framing.CLOSE
+        head = ResponseHead(status, self.status, version, headers, keep_alive, framing, length, scan.names)
+        self.head = head
+        self.events.append(head)
+        if self.method_head and status >= 200:
+            # httptools would wait for the Content-Length bytes of the GET this HEAD stands for: the
+            # response ends here, and anything after it makes the connection unusable.
+            self.events.append(END)
+            self.finished = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.finished:
+            self.extra = True
+            return
+        self.body_bytes += len(body)
+        self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        head = self.head
+        if self.finished or head is None:
+            return
+        if head.status < 200:
+            return  # an interim response ends with its head; a 101 is followed by the Upgrade event
+        self.finished = True
+        self.events.append(EndOfMessage(self.trailers) if self.trailers else END)
+
+    def feed(self, data: bytes | memoryview) -> None:
+        if self.finished and not self.upgraded:
+            self.extra = True
+            return
+        super().feed(data)
+
+    def eof(self) -> None:
+        """The node closed its sending side. Completes a close-delimited body.
+
+        Raises:
+            HttpProtocolError: the node closed before its response was complete (502 if nothing was sent
+                to the client yet; the driver decides).
+        """
+        if self.finished or self.upgraded:
+            return
+        head = self.head
+        if head is None or head.informational or self.in_head:
+            raise HttpProtocolError("node closed the connection before a complete response head", 502)
+        if head.framing is Framing.CLOSE:  # the only body that ends this way
+            self.finished = True
+            self.in_message = False
+            self.events.append(END)
+            return
+        raise HttpProtocolError("node closed the connection in the middle of a response body", 502)
+
+
+# -- building heads ----------------------------------------------------------------------------------------
+
+
+def _connection_named(headers: Headers) -> set[bytes]:
+    """Field names listed in Connection (they are hop-by-hop too, RFC 9110 7.6.1)."""
+    return set(_tokens(headers, b"connection"))
+
+
+def end_to_end(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """``headers`` without hop-by-hop fields, without the fields Connection names, without ``drop``."""
+    named = _connection_named(headers)
+    out: Headers = []
+    for name, value in headers:
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named or low in drop:
+            continue
+        out.append((name, value))
+    return out
+
+
+def serialize_head(start_line: bytes, headers: Headers) -> bytes:
+    parts = [start_line, b"\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of the chunked transfer coding (RFC 9112 7.1)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def last_chunk(trailers: Headers = ()) -> bytes:  # type: ignore[assignment]
+    """The last chunk, with trailer fields (forwarded as received, less hop-by-hop ones)."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    return serialize_head(b"0", end_to_end(list(trailers)))
+
+
+def format_host_for(ip: str) -> str:
+    """A client address as the Forwarded header's ``for=`` wants it (RFC 7239 6: IPv6 quoted, bracketed)."""
+    return f'"[{ip}]"' if ":" in ip else ip
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """Which forwarding fields a proxied request gets (configured per service)."""
+
+    x_forwarded_for: bool = True
+    x_forwarded_proto: bool = True
+    x_forwarded_host: bool = True
+    forwarded: bool = False
+
+
+def forwarding_headers(
+    headers: Headers, client_ip: str, proto: str, options: Forwarding
+) -> tuple[Headers, list[tuple[bytes, bytes]]]:
+    """Split ``headers`` into those kept and the forwarding fields to add for this hop.
+
+    X-Forwarded-For is appended to (an earlier proxy's addresses stay first); X-Forwarded-Proto and
+    X-Forwarded-Host describe what *this* balancer received, so a client's own are replaced; Forwarded
+    (RFC 7239) is appended to like X-Forwarded-For.
+    """
+    drop: set[bytes] = set()
+    added: list[tuple[bytes, bytes]] = []
+    ip = client_ip.encode()
+    host = header_value(headers, b"host")
+    if options.x_forwarded_for:
+        previous = [v for k, v in headers if k.lower() == b"x-forwarded-for"]
+        drop.add(b"x-forwarded-for")
+        added.append((b"X-Forwarded-For", b", ".join([*previous, ip])))
+    if options.x_forwarded_proto:
+        drop.add(b"x-forwarded-proto")
+        added.append((b"X-Forwarded-Proto", proto.encode()))
+    if options.x_forwarded_host and host is not None:
+        drop.add(b"x-forwarded-host")
+        added.append((b"X-Forwarded-Host", host))
+    if options.forwarded:
+        previous = [v for k, v in headers if k.lower() == b"forwarded"]
+        drop.add(b"forwarded")
+        element = f"for={format_host_for(client_ip)};proto={proto}".encode()
+        if host is not None:
+            element += b';host="' + host.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+        added.append((b"Forwarded", b", ".join([*previous, element])))
+    kept = [(k, v) for k, v in headers if k.lower() not in drop] if drop else headers
+    return kept, added
+
+
+# -- cookies (RFC 6265) --------------------------------------------------------------------------------------
+
+
+def cookie_values(headers: Headers, name: bytes) -> list[bytes]:
+    """Every value of cookie ``name`` in the request's Cookie fields (a browser may send one twice, for two
+    paths; every one is a candidate)."""
+    found: list[bytes] = []
+    for key, value in headers:
+        if key.lower() != b"cookie":
+            continue
+        for pair in value.split(b";"):
+            cname, sep, cvalue = pair.strip().partition(b"=")
+            if sep and cname == name:
+                found.append(cvalue.strip().strip(b'"'))
+    return found
+
+
+def remove_cookie(headers: Headers, name: bytes) -> Headers:
+    """``headers`` with cookie ``name`` taken out of every Cookie field (a field left empty goes)."""
+    out: Headers = []
+    for key, value in headers:
+        if key.lower() != b"cookie" or name not in value:
+            out.append((key, value))
+            continue
+        kept = _without_cookie(value, name)
+        if kept:
+            out.append((key, kept))
+    return out
+
+
+def _without_cookie(value: bytes, name: bytes) -> bytes:
+    """A Cookie field's value without cookie ``name`` (empty when nothing else is left)."""
+    pairs = [p.strip() for p in value.split(b";")]
+    return b"; ".join(p for p in pairs if p and p.partition(b"=")[0].strip() != name)
+
+
+@dataclass(frozen=True, slots=True)
+class CookieAttributes:
+    """Attributes of the persistence cookie the balancer sets (RFC 6265 4.1)."""
+
+    path: str = "/"
+    domain: str | None = None
+    max_age: int | None = None  # seconds; None: a session cookie, gone when the browser closes
+    httponly: bool = True
+    secure: bool = False
+    samesite: str | None = "Lax"
+
+
+def set_cookie(name: str, value: str, attributes: CookieAttributes) -> bytes:
+    """The value of a Set-Cookie field."""
+    parts = [f"{name}={value}"]
+    if attributes.path:
+        parts.append(f"Path={attributes.path}")
+    if attributes.domain:
+        parts.append(f"Domain={attributes.domain}")
+    if attributes.max_age is not None:
+        parts.append(f"Max-Age={attributes.max_age}")
+    if attributes.httponly:
+        parts.append("HttpOnly")
+    if attributes.secure:
+        parts.append("Secure")
+    if attributes.samesite:
+        parts.append(f"SameSite={attributes.samesite}")
+    return "; ".join(parts).encode()
+
+
+def make_private(headers: Headers) -> Headers:
+    """Mark a response uncacheable by shared caches ("nocache"): it carries a client's own cookie, which a
+    shared cache must not hand to other clients. ``public`` and ``s-maxage`` go, ``private`` is added."""
+    out: Headers = []
+    directives: list[bytes] = []
+    for key, value in headers:
+        if key.lower() == b"cache-control":
+            directives += _shared_cache_directives_removed(value)
+        else:
+            out.append((key, value))
+    out.append((b"Cache-Control", _private_cache_control(directives)))
+    return out
+
+
+def _shared_cache_directives_removed(value: bytes) -> list[bytes]:
+    """The directives of a Cache-Control value, less those that allow a shared cache to store it."""
+    return [
+        d.strip()
+        for d in value.split(b",")
+        if d.strip() and d.strip().lower() != b"public" and not d.strip().lower().startswith(b"s-maxage")
+    ]
+
+
+def _private_cache_control(directives: list[bytes]) -> bytes:
+    lowered = [d.lower() for d in directives]
+    if b"private" not in lowered and b"no-store" not in lowered:
+        directives.append(b"private")
+    return b", ".join(directives)
+
+
+# -- the heads the proxy sends, each in one pass --------------------------------------------------------------
+#
+# The functions above are the rules, one per concern. A proxy applies all of them to every message, so the
+# two below do the same in a single pass over the fields, with the names lowered once by the reader; the unit
+# tests check that they give the very bytes the composition of the rules gives.
+
+
+class RequestRewrite:
+    """What a service does to every request head it forwards (worked out once per config).
+
+    Args:
+        forwarding: the forwarding fields to add.
+        proto: the scheme the client used ("http" or "https").
+        strip_cookie: the name of a cookie to remove before the node sees it (the persistence cookie
+            with ``indirect``), or None.
+    """
+
+    __slots__ = ("forwarding", "proto", "special", "strip_cookie")
+
+    def __init__(self, forwarding: Forwarding, proto: str, strip_cookie: bytes | None) -> None:
+        self.forwarding = forwarding
+        self.proto = proto
+        self.strip_cookie = strip_cookie
+        special = set(HOP_BY_HOP) | {b"expect"}
+        if strip_cookie is not None:
+            special.add(b"cookie")
+        for enabled, name in (
+            (forwarding.x_forwarded_for, b"x-forwarded-for"),
+            (forwarding.x_forwarded_proto, b"x-forwarded-proto"),
+            (forwarding.x_forwarded_host, b"x-forwarded-host"),
+            (forwarding.forwarded, b"forwarded"),
+        ):
+            if enabled:
+                special.add(name)
+        #: Names the pass must look at (all others are copied as they are).
+        self.special = frozenset(special)
+
+
+def _named_by_connection(names: list[bytes], headers: Headers) -> frozenset[bytes]:
+    """Field names listed in the Connection fields (hop-by-hop too, RFC 9110 7.6.1)."""
+    named: set[bytes] = set()
+    for low, (_, value) in zip(names, headers, strict=True):
+        if low == b"connection":
+            options = value.lower()
+            if options != b"keep-alive":  # the usual value, hop-by-hop anyway
+                named.update(t.strip() for t in options.split(b",") if t.strip())
+    return frozenset(named)
+
+
+_NOTHING: frozenset[bytes] = frozenset()
+
+
+def proxy_request_head(head: RequestHead, client_ip: str, rewrite: RequestRewrite, default_host: bytes) -> bytes:
+    """The head that forwards ``head`` to a node: the request line as HTTP/1.1; the end-to-end fields
+    (hop-by-hop ones and Expect removed, :func:`end_to_end`); the persistence cookie removed
+    (:func:`remove_cookie`); the forwarding fields (:func:`forwarding_headers`); Host ``default_host`` for
+    an HTTP/1.0 request without one; and the body's framing and the Upgrade fields again.
+    """
+    headers = head.headers
+    names = head.names
+    named = _named_by_connection(names, headers) if b"connection" in names else _NOTHING
+    special = rewrite.special
+    options = rewrite.forwarding
+    strip = rewrite.strip_cookie
+    host = None if b"host" in named else head.header(b"host")
+    previous_for: list[bytes] = []
+    previous_forwarded: list[bytes] = []
+    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+    for low, (name, value) in zip(names, headers, strict=True):
+        if low in special or low in named:
+            if low in HOP_BY_HOP or low in named or low == b"expect":
+                continue
+            if low == b"cookie":
+                if strip is not None and strip in value:
+                    value = _without_cookie(value, strip)
+                    if not value:
+                        continue
+            elif low == b"x-forwarded-for":
+                previous_for.append(value)
+                continue
+            elif low == b"forwarded":
+                previous_forwarded.append(value)
+                continue
+            elif low == b"x-forwarded-proto" or (low == b"x-forwarded-host" and host is not None):
+                continue
+        parts += (name, b": ", value, b"\r\n")
+    if options.x_forwarded_for:
+        parts += (b"X-Forwarded-For: ", b", ".join([*previous_for, client_ip.encode()]), b"\r\n")
+    if options.x_forwarded_proto:
+        parts += (b"X-Forwarded-Proto: ", rewrite.proto.encode(), b"\r\n")
+    if options.x_forwarded_host and host is not None:
+        parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+    if options.forwarded:
+        element = f"for={format_host_for(client_ip)};proto={rewrite.proto}".encode()
+        if host is not None:
+            element += b';host="' + host.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+        parts += (b"Forwarded: ", b", ".join([*previous_forwarded, element]), b"\r\n")
+    if head.version == "1.0" and b"host" not in names:
+        parts += (b"Host: ", default_host, b"\r\n")
+    if head.framing is Framing.CHUNKED:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if head.upgrade:
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", head.header(b"upgrade") or b"", b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def proxy_response_head(
+    response: ResponseHead, added: Headers, private: bool = False, connection: bytes | None = None
+) -> bytes:
+    """The head that forwards ``response`` to the client: the status line as HTTP/1.1 (a missing reason
+    phrase as "-"); the end-to-end fields (:func:`end_to_end`); ``added`` (the body's new framing, the
+    persistence cookie); when ``private``, Cache-Control as :func:`make_private` makes it; then Connection:
+    ``connection`` when given.
+    """
+    headers = response.headers
+    names = response.names
+    named = _named_by_connection(names, headers) if b"connection" in names else _NOTHING
+    directives: list[bytes] = []
+    parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason or b"-")]
+    for low, (name, value) in zip(names, headers, strict=True):
+        if low in HOP_BY_HOP or low in named:
+            continue
+        if private and low == b"cache-control":
+            directives += _shared_cache_directives_removed(value)
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    for name, value in added:
+        parts += (name, b": ", value, b"\r\n")
+    if private:
+        parts += (b"Cache-Control: ", _private_cache_control(directives), b"\r\n")
+    if connection is not None:
+        parts += (b"Connection: ", connection, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+# -- the balancer's own responses ----------------------------------------------------------------------------
+
+
+def simple_response(
+    status: int,
+    body: bytes = b"",
+    *,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    extra: Headers = (),  # type: ignore[assignment]
+    close: bool = True,
+    head_only: bool = False,
+) -> bytes:
+    """A complete response from the balancer itself (an error page, a redirect, a maintenance page)."""
+    if not body and status >= 400:
+        body = f"{status} {REASONS.get(status, '')}\n".encode()
+    headers: Headers = [
+        (b"Content-Type", content_type),
+        (b"Content-Length", str(len(body)).encode()),
+        (b"Cache-Control", b"no-store"),
+    ]
+    headers += list(extra)
+    if close:
+        headers.append((b"Connection", b"close"))
+    start = f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}".encode()
+    return serialize_head(start, headers) + (b"" if head_only else body)

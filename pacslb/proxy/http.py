@@ -1,0 +1,1325 @@
+"""A virtual service in http mode: an HTTP/1.1 reverse proxy that chooses a node for every request.
+
+Theory of operation.
+- Each client connection is one task running :meth:`HttpService._handle`: read a request head, decide,
+  take a keep-alive connection to the chosen node from its pool (or connect, with retries on other
+  nodes), send the rewritten head, stream the request body, stream the response back, and loop for the
+  next request. Requests are answered strictly in order, so pipelined requests need nothing special: the
+  ones behind wait, parsed, in the connection's reader.
+- Both sides are asyncio transports driven by :class:`_Side` protocols that feed every byte straight into
+  a sans-IO reader (protocols/http1.py). The task waits on a side only when it has nothing to do, and
+  every wait is bounded by a timeout. Backpressure: a side stops reading while its reader holds more than
+  :data:`HIGH_WATER` body bytes (or :data:`MAX_QUEUED_EVENTS` events), and the task waits for a side's
+  write buffer to drain before taking more, so a body of any size passes through a fixed amount of memory.
+- Decision per request (balance/cookie.py): a valid persistence cookie naming a node that honours
+  persistence, then the source-IP table, then the scheduler; a node that fails to connect is excluded and
+  the decision taken again. When nothing is left: the fallback server, or 503 with the maintenance page.
+- Node connections are pooled per node (LIFO, at most ``http.pool_size`` idle ones, each closed after
+  ``http.timeouts.pool_idle``). A connection goes back to the pool only when its response was read to the
+  end, the node allows keep-alive and it sent nothing extra. A request without a body that fails on a
+  reused connection before any response byte (the node closed it while idle) is retried once on a fresh
+  connection.
+- ``Upgrade`` (WebSocket): the request goes to the node with its Upgrade fields; on 101 the two
+  connections leave HTTP and are handed to the relay (plain) or pumped between the transports (TLS).
+- ``Expect: 100-continue`` is answered by the balancer once the node's connection is ready, and the
+  expectation is not forwarded (as nginx does): the body then streams straight to the node.
+- One ``request`` log line per request (see docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import cast
+
+from pacslb.balance.cookie import CookieCodec, choose_with_cookie
+from pacslb.balance.persistence import PersistenceTable, source_ip_key
+from pacslb.balance.server import ServerState
+from pacslb.config.model import HttpSpec, ServiceSpec
+from pacslb.errors import ConnectFailed
+from pacslb.logs import log_event
+from pacslb.protocols.http1 import (
+    CookieAttributes,
+    EndOfMessage,
+    Event,
+    Forwarding,
+    Framing,
+    Headers,
+    HttpProtocolError,
+    RequestHead,
+    RequestReader,
+    RequestRewrite,
+    ResponseHead,
+    ResponseReader,
+    Upgrade,
+    chunk,
+    cookie_values,
+    end_to_end,
+    last_chunk,
+    make_private,
+    proxy_request_head,
+    proxy_response_head,
+    serialize_head,
+    set_cookie,
+    simple_response,
+)
+from pacslb.proxy.listener import Listener, bind_listener
+from pacslb.proxy.outcome import End
+from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
+
+log = logging.getLogger("pacslb.http")
+
+#: A side stops reading while its reader holds this many body bytes not yet forwarded: enough for the
+#: kernel to keep a gigabit link busy between two wakeups, small enough that 4096 clients cannot make
+#: pacslb hold much (256 KiB each at most, per direction).
+HIGH_WATER = 256 * 1024
+#: ... and reads again once the task has taken it below this.
+LOW_WATER = 64 * 1024
+#: A side also stops reading while this many parsed events wait: a client pipelining thousands of tiny
+#: requests without reading the answers cannot make the queue grow.
+MAX_QUEUED_EVENTS = 64
+#: Write buffer limits of each transport (asyncio's default high mark is 64 KiB): past the high mark the
+#: task waits for the peer to read; a larger buffer means fewer wakeups for bulk bodies.
+WRITE_HIGH = 512 * 1024
+WRITE_LOW = 128 * 1024
+#: Body data gathered into one write when several events are ready at once.
+GATHER_BYTES = 256 * 1024
+#: A TLS handshake must complete within this (a client that connects and stays silent holds a socket).
+TLS_HANDSHAKE_TIMEOUT = 10.0
+#: After the balancer answered with an error and Connection: close, how long the socket may linger so the
+#: client reads the answer before the close (closing with unread input would reset the connection).
+LINGER = 1.0
+#: Longest maintenance page served (it is held in memory and sent with every 503).
+MAX_PAGE_SIZE = 1024 * 1024
+#: How often a flush looks at a transport's write buffer when the transport does not say it is empty.
+FLUSH_POLL = 0.01
+#: The pools are swept for connections idle past ``pool_idle`` this many times per ``pool_idle``.
+POOL_SWEEPS = 4
+#: A wait whose deadline is this close when its timer fires times out (the loop's timers have millisecond
+#: resolution: re-arming for less would only spin).
+TIMER_SLACK = 0.001
+#: Interim response written to a client that sent Expect: 100-continue.
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_ERROR_BODIES = {
+    400: "400 Bad Request: the request is not valid HTTP/1.1.\n",
+    408: "408 Request Timeout: the request did not arrive in time.\n",
+    431: "431 Request Header Fields Too Large.\n",
+    502: "502 Bad Gateway: the PACS node did not answer properly.\n",
+    503: "503 Service Unavailable: no PACS node can serve this request now; please retry shortly.\n",
+    504: "504 Gateway Timeout: the PACS node did not answer in time.\n",
+}
+
+
+def _error(status: int, *, extra: Headers = (), head_only: bool = False) -> bytes:  # type: ignore[assignment]
+    body = _ERROR_BODIES.get(status, "").encode()
+    return simple_response(status, body, extra=list(extra), head_only=head_only)
+
+
+class _Side(asyncio.Protocol):
+    """One connection (to a client or to a node): its transport, its reader, and a wake-up for the task."""
+
+    __slots__ = (
+        "deadline",
+        "eof",
+        "error",
+        "held",
+        "loop",
+        "lost",
+        "paused",
+        "reader",
+        "timer",
+        "timer_at",
+        "transport",
+        "waiter",
+        "write_paused",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader: RequestReader | ResponseReader | None) -> None:
+        self.loop = loop
+        self.reader = reader
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: HttpProtocolError | None = None
+        self.eof = False
+        self.lost = False
+        self.paused = False
+        self.write_paused = False
+        self.held: bytearray | None = None  # leaving HTTP for a tunnel: what arrives is kept for the tunnel
+        # The timeout of the current wait (see wait()): one timer per side, re-armed only when it fires
+        # early or a wait needs it sooner, instead of a timer made and cancelled for every wait.
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+
+    # -- protocol callbacks --------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+
+    def data_received(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held += data
+            return
+        reader = self.reader
+        if reader is None or self.error is not None:
+            self.unexpected(data)
+            return
+        try:
+            reader.feed(data)
+        except HttpProtocolError as exc:
+            self.error = exc
+            self.pause()
+        else:
+            if reader.body_bytes > HIGH_WATER or len(reader.events) > MAX_QUEUED_EVENTS:
+                self.pause()
+        self.wake()
+
+    def unexpected(self, data: bytes) -> None:
+        """Bytes when none were expected (a pooled node connection): the connection is unusable."""
+        self.close()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.wake()
+        return True  # keep the transport: the other direction may still be needed (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.eof = True
+        self.wake()
+        if self.timer is not None:  # a task still waiting wakes up, sees ``lost`` and leaves
+            self.timer.cancel()
+            self.timer = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.wake()
+
+    # -- for the task ----------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None and not self.lost:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.lost:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def wait(self, timeout: float) -> asyncio.Future[None]:
+        """Something to await until something happens on this side; it raises TimeoutError after ``timeout``
+        seconds. (A future, not a coroutine: one object less per wait.)"""
+        loop = self.loop
+        deadline = self.deadline = loop.time() + timeout
+        if self.timer is None or self.timer_at > deadline:
+            self._arm(deadline)
+        waiter = self.waiter = loop.create_future()
+        return waiter
+
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._tick)
+        self.timer_at = when
+
+    def _tick(self) -> None:
+        """The timer: the current wait times out if its deadline has come, else the timer waits for it."""
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # nobody is waiting: the next wait arms the timer again
+        if self.deadline - self.loop.time() <= TIMER_SLACK:
+            self.waiter = None
+            waiter.set_exception(TimeoutError())
+        else:
+            self._arm(self.deadline)
+
+    def take(self) -> Event | None:
+        """The next parsed event, reading more when the reader's queue has room again."""
+        reader = self.reader
+        assert reader is not None
+        event = reader.take()
+        if self.paused and self.error is None and reader.body_bytes < LOW_WATER and len(reader.events) < 8:
+            self.resume()
+        return event
+
+    async def next_event(self, timeout: float) -> Event | None:
+        """The next event; None when the peer closed (the reader's ``eof()`` says whether that was fine).
+
+        Raises:
+            HttpProtocolError: the peer sent something malformed or too large.
+            TimeoutError: nothing within ``timeout`` seconds.
+        """
+        while True:
+            event = self.take()
+            if event is not None:
+                return event
+            if self.error is not None:
+                raise self.error
+            if self.eof:
+                return None
+            await self.wait(timeout)
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.lost and not transport.is_closing():
+            transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        """Until the write buffer is below its low mark.
+
+        Raises:
+            ConnectionError: the peer is gone.
+            TimeoutError: the peer read nothing for ``timeout`` seconds.
+        """
+        while self.write_paused and not self.lost:
+            await self.wait(timeout)
+        if self.lost:
+            raise ConnectionResetError("peer gone")
+
+    async def flush(self, timeout: float) -> None:
+        """Until everything written reached the kernel (before the socket leaves its transport).
+
+        Raises:
+            TimeoutError: the peer read nothing for ``timeout`` seconds.
+        """
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        # With a high mark of 0 the transport tells us (resume_writing) as soon as its buffer is empty; the
+        # short polls cover a transport that does not.
+        transport.set_write_buffer_limits(0, 0)
+        deadline = self.loop.time() + timeout
+        while not self.lost and transport.get_write_buffer_size() > 0:
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            with contextlib.suppress(TimeoutError):
+                await self.wait(min(remaining, FLUSH_POLL))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+
+class _NodeConn(_Side):
+    """A keep-alive connection to a node: a :class:`_Side` that can rest in the service's pool."""
+
+    __slots__ = ("idle_since", "pool", "responses", "server", "uses")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, server: ServerState) -> None:
+        super().__init__(loop, None)
+        self.server = server
+        self.pool: list[_NodeConn] | None = None  # the pool it rests in, while idle
+        self.idle_since = 0.0  # when it went into the pool
+        self.responses: ResponseReader | None = None  # its reader, kept for the next request while pooled
+        self.uses = 0
+
+    def unexpected(self, data: bytes) -> None:
+        self.leave_pool()
+        self.close()
+
+    def eof_received(self) -> bool:
+        if self.pool is not None:  # the node closed an idle connection: forget it
+            self.leave_pool()
+            self.close()
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.leave_pool()
+        super().connection_lost(exc)
+
+    def leave_pool(self) -> None:
+        if self.pool is not None:
+            with contextlib.suppress(ValueError):
+                self.pool.remove(self)
+            self.pool = None
+
+
+class _Pump(asyncio.Protocol):
+    """One direction of a tunnel between two transports (used where the relay cannot go: TLS)."""
+
+    __slots__ = ("done", "moved", "other", "transport")
+
+    def __init__(self, transport: asyncio.Transport, done: asyncio.Future[None]) -> None:
+        self.transport = transport
+        self.other: _Pump | None = None
+        self.done = done
+        self.moved = 0
+
+    def data_received(self, data: bytes) -> None:
+        assert self.other is not None
+        self.moved += len(data)
+        self.other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        assert self.other is not None
+        if self.other.transport.can_write_eof():
+            self.other.transport.write_eof()
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        assert self.other is not None
+        self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        assert self.other is not None
+        self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        assert self.other is not None
+        self.other.transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+@dataclass(slots=True)
+class _Record:
+    """What the ``request`` log line of one exchange will say."""
+
+    client: str
+    method: str = "-"
+    path: str = "-"
+    server: str = "-"
+    rule: str = "-"
+    status: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    reused: bool = False
+    retries: int = 0
+    started: float = 0.0
+    connected: float = 0.0
+    responded: float = 0.0
+    end: str = "ok"
+    detail: str = ""
+    conn: _NodeConn | None = None  # the node connection in use, closed if the exchange fails
+
+
+class _Settings:
+    """What a spec means for the proxy, worked out once per config (not per request)."""
+
+    def __init__(self, name: str, spec: ServiceSpec) -> None:
+        http = spec.http or HttpSpec()
+        self.http = http
+        persistence = spec.persistence
+        self.cookie_name = persistence.cookie if persistence.type in ("cookie", "cookie+source_ip") else None
+        self.cookie_bytes = self.cookie_name.encode() if self.cookie_name else b""
+        self.use_table = persistence.type in ("source_ip", "cookie+source_ip")
+        self.codec = CookieCodec(name, spec.servers, http.cookie.secret)
+        cookie = http.cookie
+        tls = http.tls is not None
+        self.cookie_attributes = CookieAttributes(
+            path=cookie.path,
+            domain=cookie.domain,
+            max_age=int(cookie.max_age) if cookie.max_age is not None else None,
+            httponly=cookie.httponly,
+            secure=cookie.secure == "always" or (cookie.secure == "auto" and tls),
+            samesite=cookie.samesite,
+        )
+        forward = http.forward
+        self.forwarding = Forwarding(
+            forward.x_forwarded_for, forward.x_forwarded_proto, forward.x_forwarded_host, forward.forwarded
+        )
+        self.proto = "https" if tls else "http"
+        self.rewrite = RequestRewrite(
+            self.forwarding, self.proto, self.cookie_bytes if self.cookie_name and cookie.indirect else None
+        )
+        # Per node: its cookie value as a client sends it back, and the Set-Cookie field that gives it.
+        self.cookies: dict[str, tuple[bytes, tuple[bytes, bytes]]] = {}
+        if self.cookie_name is not None:
+            for node, value in self.codec.by_node.items():
+                field = (b"Set-Cookie", set_cookie(self.cookie_name, value, self.cookie_attributes))
+                self.cookies[node] = (value.encode(), field)
+        self.page: bytes | None = None
+        if http.maintenance_page is not None:
+            try:
+                with open(http.maintenance_page, "rb") as f:
+                    self.page = f.read(MAX_PAGE_SIZE)
+            except OSError as exc:
+                log_event(
+                    log, "maintenance_page_error", logging.ERROR,
+                    service=name, file=http.maintenance_page, reason=exc.strerror or str(exc),
+                )  # fmt: skip
+        self.fallback = (
+            ServerState("fallback", http.fallback.host, http.fallback.port) if http.fallback is not None else None
+        )
+        self.tls: ssl.SSLContext | None = make_tls_context(http) if http.tls is not None else None
+
+
+def make_tls_context(http: HttpSpec) -> ssl.SSLContext:
+    """A server-side TLS context with secure defaults: TLS 1.2 or later (``min_version``), the system's
+    default cipher policy (forward secrecy, AEAD), no compression, no renegotiation, ALPN http/1.1."""
+    assert http.tls is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if http.tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    context.load_cert_chain(http.tls.certificate, http.tls.key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class _Abort(Exception):
+    """The exchange cannot go on; the client connection is closed (after ``response``, if any)."""
+
+    def __init__(self, status: int, end: str, detail: str, response: bytes | None = None) -> None:
+        self.status = status
+        self.end = end
+        self.detail = detail
+        self.response = response
+
+
+class HttpService(TcpService):
+    """One http-mode virtual service."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: ServiceSpec,
+        servers: list[ServerState],
+        table: PersistenceTable | None,
+    ) -> None:
+        super().__init__(name, spec, servers, table)
+        self.settings = _Settings(name, spec)
+        self.pools: dict[ServerState, list[_NodeConn]] = {}
+        self.redirect: Listener | None = None
+        self.stopping = False
+        self.idle: set[_Side] = set()  # client sides waiting between requests (closed at once on stop)
+        self.sweeper: asyncio.TimerHandle | None = None  # closes idle pooled connections (see _sweep)
+
+    # -- configuration -----------------------------------------------------------------------------------
+
+    def apply(self, spec: ServiceSpec, servers: list[ServerState], table: PersistenceTable | None) -> None:
+        old_redirect = self._redirect_address()
+        super().apply(spec, servers, table)
+        self.settings = _Settings(self.name, spec)
+        for server in [s for s in self.pools if s not in servers]:
+            for conn in list(self.pools.pop(server)):
+                conn.leave_pool()
+                conn.close()
+        if self._redirect_address() != old_redirect and self.listener is not None:
+            self._open_redirect()
+
+    def attach(self, listener: Listener) -> None:
+        super().attach(listener)
+        if self.redirect is None:
+            self._open_redirect()
+
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        self.stopping = True
+        if self.redirect is not None:
+            self.redirect.close()
+            self.redirect = None
+        for side in list(self.idle):
+            side.wake()
+        for pool in self.pools.values():
+            for conn in list(pool):
+                conn.leave_pool()
+                conn.close()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
+
+    def _redirect_address(self) -> str | None:
+        tls = self.settings.http.tls
+        return str(tls.redirect_from) if tls is not None and tls.redirect_from is not None else None
+
+    def _open_redirect(self) -> None:
+        if self.redirect is not None:
+            self.redirect.close()
+            self.redirect = None
+        tls = self.settings.http.tls
+        if tls is None or tls.redirect_from is None:
+            return
+        try:
+            sock = bind_listener(tls.redirect_from)
+        except OSError as exc:
+            log_event(
+                log, "redirect_listen_failed", logging.ERROR,
+                service=self.name, address=str(tls.redirect_from), reason=exc.strerror or str(exc),
+            )  # fmt: skip
+            return
+        self.redirect = Listener(f"{self.name}/redirect", sock, self._accept_redirect)
+        self.redirect.resume()
+        log_event(log, "listen", service=f"{self.name}/redirect", address=str(tls.redirect_from), mode="redirect")
+
+    # -- client connections --------------------------------------------------------------------------------
+
+    async def _handle(self, client_sock: socket.socket, peer: tuple[str, int]) -> None:
+        loop = self._loop
+        settings = self.settings
+        try:
+            _tune(client_sock)
+            client = _Side(loop, RequestReader(settings.http.limits.max_head_size, settings.http.limits.max_headers))
+            try:
+                await loop.connect_accepted_socket(
+                    lambda: client,
+                    sock=client_sock,
+                    ssl=settings.tls,
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if settings.tls is not None else None,
+                )
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                log_event(
+                    log, "tls_failed" if settings.tls else "accept_failed", logging.WARNING,
+                    service=self.name, client=addr_text(peer), reason=str(exc) or type(exc).__name__,
+                )  # fmt: skip
+                client_sock.close()
+                return
+        except BaseException:
+            client_sock.close()
+            raise
+        try:
+            await self._serve(client, peer)
+        except asyncio.CancelledError:
+            client.abort()
+            raise
+        except Exception:
+            log.exception("http connection failed on service %s", self.name)
+            client.abort()
+        finally:
+            self.idle.discard(client)
+            if not client.lost:
+                client.close()
+
+    async def _serve(self, client: _Side, peer: tuple[str, int]) -> None:
+        """Exchanges on one client connection until it closes, errs, idles out or the service stops."""
+        loop = self._loop
+        first = True
+        reader = client.reader
+        assert isinstance(reader, RequestReader)
+        client_text = addr_text(peer)
+        key_spec: ServiceSpec | None = None  # the spec ``key`` was worked out for (a reload may change it)
+        key: str | None = None
+        while True:
+            timeouts = self.settings.http.timeouts
+            waited_from = loop.time()
+            head_deadline = waited_from + timeouts.request_head
+            idle_deadline = waited_from + (timeouts.request_head if first else timeouts.keep_alive)
+            first = False
+            record = _Record(client_text)
+            # Wait for a request head: the keep-alive timeout until its first byte, then the head timeout.
+            head: RequestHead | None = None
+            self.idle.add(client)
+            try:
+                while head is None:
+                    event = client.take()
+                    if event is not None:
+                        if not isinstance(event, RequestHead):  # cannot happen: heads start messages
+                            raise HttpProtocolError("unexpected data before a request head")
+                        head = event
+                        break
+                    if client.error is not None:
+                        raise client.error
+                    if client.eof:
+                        reader.eof()  # raises when the client closed mid-head
+                        return
+                    if self.stopping and not reader.in_message:
+                        return
+                    if reader.in_message:
+                        head_deadline = min(head_deadline, loop.time() + timeouts.request_head)
+                        remaining = head_deadline - loop.time()
+                    else:
+                        remaining = idle_deadline - loop.time()
+                    if remaining <= 0:
+                        if reader.in_message:
+                            raise _Abort(408, "client_timeout", "request head not received in time", _error(408))
+                        return  # idle keep-alive connection: close quietly
+                    with contextlib.suppress(TimeoutError):
+                        await client.wait(remaining)
+            except HttpProtocolError as exc:
+                record.status = exc.status
+                record.end = "bad_request"
+                record.detail = str(exc)
+                await self._refuse(client, _error(exc.status), record)
+                self._log_request(record)
+                return
+            except _Abort as exc:
+                record.status, record.end, record.detail = exc.status, exc.end, exc.detail
+                if exc.response is not None:
+                    await self._refuse(client, exc.response, record)
+                self._log_request(record)
+                return
+            finally:
+                self.idle.discard(client)
+            record.started = loop.time()
+            record.method = head.method.decode("latin-1")
+            record.path = head.path
+            if key_spec is not self.spec and self.settings.use_table:
+                key_spec = self.spec
+                persistence = key_spec.persistence
+                key = source_ip_key(peer[0], persistence.netmask, persistence.netmask6)
+            try:
+                keep = await self._exchange(client, head, peer, key, record)
+            except _Abort as exc:
+                record.status = record.status or exc.status
+                record.end, record.detail = exc.end, exc.detail
+                if exc.response is not None:
+                    await self._refuse(client, exc.response, record)
+                else:
+                    client.abort()
+                self._log_request(record)
+                return
+            self._log_request(record)
+            if not keep or self.stopping:
+                return
+
+    async def _refuse(self, client: _Side, response: bytes, record: _Record | None = None) -> None:
+        """Send the balancer's own final answer, then close without resetting what the client may still be
+        sending (a reset could destroy the answer before the client reads it)."""
+        if record is not None:
+            record.bytes_down += len(response)
+        client.write(response)
+        transport = client.transport
+        if transport is None or client.lost:
+            return
+        if transport.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.write_eof()
+        client.reader = None  # whatever else arrives is discarded (unexpected -> close)
+        deadline = self._loop.time() + LINGER
+        with contextlib.suppress(TimeoutError):
+            while not client.lost and (remaining := deadline - self._loop.time()) > 0:
+                await client.wait(remaining)
+
+    # -- one exchange ----------------------------------------------------------------------------------------
+
+    async def _exchange(
+        self, client: _Side, head: RequestHead, peer: tuple[str, int], key: str | None, record: _Record
+    ) -> bool:
+        """Serve one request (``key``: the client's source-IP persistence key). Returns whether the client
+        connection stays open for the next one.
+
+        Raises:
+            _Abort: the client connection must be closed (with an answer when one can still be given).
+        """
+        settings = self.settings
+        if head.method == b"CONNECT":
+            raise _Abort(
+                405, "bad_request", "CONNECT is not served", simple_response(405, b"405 CONNECT is not served\n")
+            )
+        if head.upgrade and head.framing is not Framing.NONE:
+            raise _Abort(400, "bad_request", "Upgrade with a request body", _error(400))
+        loop = self._loop
+        spec = self.spec
+        if not settings.use_table:
+            key = None
+        offered = (
+            cookie_values(head.headers, settings.cookie_bytes)
+            if settings.cookie_name is not None and b"cookie" in head.names
+            else []
+        )
+        table = self.table if settings.use_table else None
+        tried: list[ServerState] = []
+        conn: _NodeConn | None = None
+        server: ServerState | None = None
+        rule = "-"
+        while conn is None:
+            picked = choose_with_cookie(
+                self.servers, self.scheduler, table, key, offered, settings.codec, loop.time(), tried
+            )
+            if picked is None or len(tried) > spec.retries:
+                server = settings.fallback
+                if server is None or server in tried:
+                    raise _Abort(503, "no_server", "no node can serve", self._unavailable(head))
+                rule = "fallback"
+            else:
+                server, rule = picked
+            record.server, record.rule = server.name, rule
+            server.active += 1
+            try:
+                conn = self._pooled(server)
+                record.reused = conn is not None
+                if conn is None:
+                    conn = await self._connect(server)
+            except ConnectFailed as exc:
+                server.active -= 1
+                tried.append(server)
+                record.retries = len(tried)
+                if server is not settings.fallback:
+                    self.connect_failed(peer, server, exc.reason, len(tried))
+        assert server is not None
+        server.total += 1
+        record.connected = now = loop.time()
+        if rule == "fallback":
+            table = None  # the fallback server is no persistence target
+        if key is not None and table is not None:
+            table.acquire(key, server.name, now)
+        try:
+            return await self._proxy(client, conn, server, head, peer, record, rule, offered)
+        except BaseException:
+            if record.conn is not None:
+                record.conn.abort()  # whatever state it is in, it cannot serve another request
+            raise
+        finally:
+            server.active -= 1
+            if key is not None and table is not None:
+                table.release(key, server.name, loop.time())
+
+    def _unavailable(self, head: RequestHead) -> bytes:
+        """The 503 when no node can serve. The request body (if any) is not read: the connection closes."""
+        settings = self.settings
+        extra: Headers = [(b"Retry-After", str(int(settings.http.retry_after)).encode())]
+        if settings.page is not None:
+            response = simple_response(
+                503,
+                settings.page,
+                content_type=b"text/html; charset=utf-8",
+                extra=extra,
+                head_only=head.method == b"HEAD",
+            )
+        else:
+            response = _error(503, extra=extra, head_only=head.method == b"HEAD")
+        return response
+
+    def _pooled(self, server: ServerState) -> _NodeConn | None:
+        """The most recently used idle connection to ``server`` (it is the least likely to have been closed
+        by the node), or None. One idle for ``pool_idle`` or longer is never used (nor any older)."""
+        pool = self.pools.get(server)
+        if not pool:
+            return None
+        fresh_since = self._loop.time() - self.settings.http.timeouts.pool_idle
+        while pool:
+            conn = pool.pop()
+            conn.pool = None
+            if (
+                conn.idle_since > fresh_since
+                and not conn.eof
+                and not conn.lost
+                and conn.transport is not None
+                and not conn.transport.is_closing()
+            ):
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, server: ServerState) -> _NodeConn:
+        sock = await connect_to(server, self.spec.timeouts.connect)
+        conn = _NodeConn(self._loop, server)
+        try:
+            await self._loop.create_connection(lambda: conn, sock=sock)
+        except OSError as exc:
+            sock.close()
+            raise ConnectFailed(server.name, exc.strerror or str(exc)) from exc
+        return conn
+
+    def _release(self, conn: _NodeConn, reusable: bool) -> None:
+        """Back to the pool when it can serve another request, closed otherwise."""
+        conn.reader = None
+        server = conn.server
+        pool_size = self.settings.http.pool_size
+        if not reusable or self.stopping or conn.eof or conn.lost or pool_size == 0 or server not in self.servers:
+            conn.close()
+            return
+        pool = self.pools.setdefault(server, [])
+        if len(pool) >= pool_size:
+            oldest = pool.pop(0)  # the least recently used goes: it is the likeliest to be closed by the node
+            oldest.pool = None
+            oldest.close()
+        conn.resume()
+        conn.pool = pool
+        conn.idle_since = self._loop.time()
+        pool.append(conn)  # so every pool is ordered by idle_since, oldest first
+        if self.sweeper is None:
+            self.sweeper = self._loop.call_later(self.settings.http.timeouts.pool_idle / POOL_SWEEPS, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the pooled connections idle for ``pool_idle`` or longer; again later while any is left.
+
+        One timer for every pool, not one per connection (that would be a timer made and cancelled per
+        request). A connection is closed within ``(1 + 1/POOL_SWEEPS) * pool_idle``; :meth:`_pooled` never
+        uses one older than ``pool_idle``.
+        """
+        self.sweeper = None
+        pool_idle = self.settings.http.timeouts.pool_idle
+        fresh_since = self._loop.time() - pool_idle
+        left = False
+        for pool in self.pools.values():
+            while pool and pool[0].idle_since <= fresh_since:
+                oldest = pool.pop(0)
+                oldest.pool = None
+                oldest.close()
+            left = left or bool(pool)
+        if left and not self.stopping:
+            self.sweeper = self._loop.call_later(pool_idle / POOL_SWEEPS, self._sweep)
+
+    async def _proxy(
+        self,
+        client: _Side,
+        conn: _NodeConn,
+        server: ServerState,
+        head: RequestHead,
+        peer: tuple[str, int],
+        record: _Record,
+        rule: str,
+        offered: list[bytes],
+    ) -> bool:
+        """Send the request to the node and its response to the client. Returns whether the client
+        connection stays open."""
+        settings = self.settings
+        limits = settings.http.limits
+        loop = self._loop
+        record.conn = conn
+        request = proxy_request_head(head, peer[0], settings.rewrite, server.address.encode())
+        attempts = 0
+        while True:
+            attempts += 1
+            reader = conn.responses
+            if (
+                reader is None
+                or reader.max_head_size != limits.max_head_size
+                or reader.max_headers != limits.max_headers
+            ):
+                reader = conn.responses = ResponseReader(
+                    head.method, head.upgrade, limits.max_head_size, limits.max_headers
+                )
+            else:
+                reader.next_response(head.method, head.upgrade)
+            conn.reader = reader
+            conn.uses += 1
+            if head.expect_continue and attempts == 1 and head.version == "1.1":
+                client.write(CONTINUE)
+            body_done = await self._send_body(client, conn, head, record, request)
+            try:
+                response = await self._response_head(client, conn, head)
+                break
+            except _Retry:
+                # A reused connection the node had closed while idle: once more on a fresh connection.
+                conn.close()
+                if not record.reused or head.framing is not Framing.NONE or attempts > 1:
+                    raise _Abort(502, "server_closed", "node closed the connection", _error(502)) from None
+                try:
+                    conn = record.conn = await self._connect(server)
+                except ConnectFailed as exc:
+                    raise _Abort(502, "server_closed", exc.reason, _error(502)) from None
+                record.reused = False
+        record.responded = loop.time()
+        record.status = response.status
+        if response.status == 101:
+            await self._tunnel(client, conn, response, record, self._with_cookie([], server, rule, offered))
+            return False
+        # Which framing the client gets, and whether its connection can stay open after.
+        client_11 = head.version == "1.1"
+        keep = head.keep_alive and body_done and not self.stopping
+        added: Headers = []
+        rechunk = False
+        if response.framing in (Framing.CHUNKED, Framing.CLOSE):
+            if client_11:
+                added.append((b"Transfer-Encoding", b"chunked"))
+                rechunk = True
+            else:
+                keep = False  # an HTTP/1.0 client learns the end of the body from the close
+        cookie = self._cookie_field(server, rule, offered)
+        if cookie is not None:
+            added.append(cookie)
+        connection = b"close" if not keep else None if client_11 else b"keep-alive"
+        data = proxy_response_head(response, added, cookie is not None and settings.http.cookie.nocache, connection)
+        # The head goes out with the body that is already there: one write, not two.
+        complete = await self._send_response_body(client, conn, rechunk, record, data)
+        reusable = complete and response.keep_alive and not reader.extra and body_done
+        record.conn = None
+        self._release(conn, reusable)
+        if not complete:
+            raise _Abort(response.status, record.end, record.detail)
+        return keep
+
+    def _cookie_field(self, server: ServerState, rule: str, offered: list[bytes]) -> tuple[bytes, bytes] | None:
+        """The Set-Cookie field a response gets, when the client should get the persistence cookie: always
+        (not indirect), or when the cookie it sent does not name the node that served it."""
+        settings = self.settings
+        if settings.cookie_name is None or rule == "fallback":
+            return None
+        value, field = settings.cookies[server.name]
+        if settings.http.cookie.indirect and value in offered:
+            return None
+        return field
+
+    def _with_cookie(self, headers: Headers, server: ServerState, rule: str, offered: list[bytes]) -> Headers:
+        """``headers`` of a response plus the persistence cookie when the client should get it (see
+        :meth:`_cookie_field`), made uncacheable with ``nocache``."""
+        cookie = self._cookie_field(server, rule, offered)
+        if cookie is None:
+            return headers
+        headers.append(cookie)
+        return make_private(headers) if self.settings.http.cookie.nocache else headers
+
+    async def _send_body(
+        self, client: _Side, conn: _NodeConn, head: RequestHead, record: _Record, request: bytes
+    ) -> bool:
+        """Send the request head ``request`` and stream the request body to the node. Returns False when the
+        node went away before it was all sent (its response, if any, is still forwarded; the client
+        connection then closes)."""
+        timeouts = self.settings.http.timeouts
+        if head.framing is Framing.NONE:
+            conn.write(request)
+            # Its end is queued right behind the head (an Upgrade request's Upgrade event after that).
+            try:
+                event = await client.next_event(timeouts.client)
+            except (TimeoutError, HttpProtocolError):
+                event = None
+            if not isinstance(event, EndOfMessage):
+                raise _Abort(400, "bad_request", "request without its end", _error(400))
+            return True
+        chunked = head.framing is Framing.CHUNKED
+        parts: list[bytes] = [request]  # the head goes with the body bytes already there
+        size = 0
+        while True:
+            try:
+                event = await client.next_event(timeouts.client) if not parts else client.take()
+            except TimeoutError:
+                raise _Abort(408, "client_timeout", "request body stalled", _error(408)) from None
+            except HttpProtocolError as exc:
+                raise _Abort(exc.status, "bad_request", str(exc), _error(exc.status)) from None
+            if event is None and parts:
+                conn.write(b"".join(parts))
+                parts, size = [], 0
+                if conn.lost:
+                    return False
+                if conn.write_paused:
+                    try:
+                        await conn.drain(timeouts.server)
+                    except (ConnectionError, TimeoutError):
+                        return False
+                continue
+            if event is None:
+                reader = client.reader
+                assert isinstance(reader, RequestReader)
+                try:
+                    reader.eof()
+                except HttpProtocolError:
+                    raise _Abort(400, "client_closed", "client closed during the request body") from None
+                raise _Abort(400, "client_closed", "client closed during the request body")
+            if type(event) is bytes:
+                record.bytes_up += len(event)
+                parts.append(chunk(event) if chunked else event)
+                size += len(event)
+                if size >= GATHER_BYTES:
+                    conn.write(b"".join(parts))
+                    parts, size = [], 0
+                continue
+            if isinstance(event, EndOfMessage):
+                if chunked:
+                    parts.append(last_chunk(event.trailers))
+                if parts:
+                    conn.write(b"".join(parts))
+                return not conn.lost
+            raise HttpProtocolError("unexpected event in a request body")  # pragma: no cover
+
+    async def _response_head(self, client: _Side, conn: _NodeConn, head: RequestHead) -> ResponseHead:
+        """The node's final response head; interim 1xx responses go to the client as they come.
+
+        Raises:
+            _Retry: a reused connection closed before any response byte.
+            _Abort: 502 (bad or no response) or 504 (no response in time).
+        """
+        timeout = self.settings.http.timeouts.server
+        reader = conn.reader
+        assert isinstance(reader, ResponseReader)
+        while True:
+            try:
+                event = await conn.next_event(timeout)
+            except TimeoutError:
+                raise _Abort(504, "server_timeout", f"no response within {timeout:g}s", _error(504)) from None
+            except HttpProtocolError as exc:
+                raise _Abort(502, "bad_response", str(exc), _error(502)) from None
+            if event is None:
+                if reader.head is None and not reader.in_message:
+                    raise _Retry
+                raise _Abort(502, "server_closed", "node closed before its response head", _error(502))
+            if isinstance(event, ResponseHead):
+                if event.informational:
+                    if head.version == "1.1" and event.status != 100:  # our own 100 was already sent
+                        client.write(serialize_head(b"HTTP/1.1 %d %s" % (event.status, event.reason), event.headers))
+                    continue
+                return event
+            raise _Abort(502, "bad_response", "response data before its head", _error(502))  # pragma: no cover
+
+    async def _send_response_body(
+        self, client: _Side, conn: _NodeConn, rechunk: bool, record: _Record, response: bytes
+    ) -> bool:
+        """Send the response head ``response`` and stream the response body to the client. Returns whether
+        the response was complete; when not, ``record`` says why."""
+        timeouts = self.settings.http.timeouts
+        reader = conn.reader
+        assert isinstance(reader, ResponseReader)
+        parts: list[bytes] = [response]  # the head goes with the body bytes already there
+        size = 0
+        while True:
+            event = conn.take()
+            if event is None:
+                if parts:
+                    data = b"".join(parts)
+                    record.bytes_down += len(data)
+                    client.write(data)
+                    parts, size = [], 0
+                if client.lost:
+                    record.end, record.detail = "client_closed", "client left during the response"
+                    return False
+                if client.write_paused:
+                    try:
+                        await client.drain(timeouts.client)
+                    except TimeoutError:
+                        record.end, record.detail = "client_timeout", "client stopped reading the response"
+                        return False
+                    except ConnectionError:
+                        record.end, record.detail = "client_closed", "client left during the response"
+                        return False
+                    continue
+                if conn.error is not None:
+                    record.end, record.detail = "bad_response", str(conn.error)
+                    return False
+                if conn.eof:
+                    try:
+                        reader.eof()
+                    except HttpProtocolError as exc:
+                        record.end, record.detail = "server_closed", str(exc)
+                        return False
+                    continue
+                try:
+                    await conn.wait(timeouts.server)
+                except TimeoutError:
+                    record.end, record.detail = "server_timeout", "node stalled during the response"
+                    return False
+                continue
+            if type(event) is bytes:
+                parts.append(chunk(event) if rechunk else event)
+                size += len(event)
+                if size >= GATHER_BYTES:
+                    data = b"".join(parts)
+                    record.bytes_down += len(data)
+                    client.write(data)
+                    parts, size = [], 0
+                    if client.write_paused:
+                        with contextlib.suppress(TimeoutError, ConnectionError):
+                            await client.drain(timeouts.client)
+                continue
+            if isinstance(event, EndOfMessage):
+                if rechunk:
+                    parts.append(last_chunk(event.trailers))
+                if parts:
+                    data = b"".join(parts)
+                    record.bytes_down += len(data)
+                    client.write(data)
+                return True
+            record.end, record.detail = "bad_response", "unexpected event in a response body"  # pragma: no cover
+            return False  # pragma: no cover
+
+    # -- Upgrade ---------------------------------------------------------------------------------------------
+
+    async def _tunnel(
+        self, client: _Side, conn: _NodeConn, response: ResponseHead, record: _Record, extra: Headers
+    ) -> None:
+        """101: forward the answer (plus ``extra`` fields), then move bytes both ways until both sides are done."""
+        out = end_to_end(response.headers) + extra
+        upgrade = next((v for k, v in response.headers if k.lower() == b"upgrade"), None)
+        out += [(b"Connection", b"Upgrade")]
+        if upgrade is not None:
+            out.append((b"Upgrade", upgrade))
+        data = serialize_head(b"HTTP/1.1 101 %s" % (response.reason or b"Switching Protocols"), out)
+        record.bytes_down += len(data)
+        client.write(data)
+        # What each side sent after its head belongs to the new protocol: kept, with whatever still
+        # arrives until the tunnel runs, and passed on first.
+        self._hold(client)
+        self._hold(conn)
+        client.pause()
+        conn.pause()
+        timeouts = self.spec.timeouts
+        idle = min(timeouts.client_idle, timeouts.server_idle)
+        try:
+            if self.settings.tls is None:  # the sockets leave their transports: nothing may stay behind
+                await client.flush(self.settings.http.timeouts.client)
+        except TimeoutError:
+            client.abort()
+            conn.abort()
+            record.end = "client_timeout"
+            return
+        if client.lost or conn.lost:
+            client.abort()
+            conn.abort()
+            record.end = "client_closed" if client.lost else "server_closed"
+            return
+        assert client.held is not None and conn.held is not None
+        to_node, to_client = bytes(client.held), bytes(conn.held)
+        record.bytes_up += len(to_node)
+        record.bytes_down += len(to_client)
+        client_transport, node_transport = client.transport, conn.transport
+        assert client_transport is not None and node_transport is not None
+        if self.settings.tls is None:
+            # Plain: take the sockets back from the transports (a duplicate descriptor each, then the
+            # transports let go) and hand them to the relay, which splices without Python in the path.
+            client_sock = _take_socket(client_transport)
+            node_sock = _take_socket(node_transport)
+            try:
+                for sock, data in ((node_sock, to_node), (client_sock, to_client)):
+                    if data:
+                        await asyncio.wait_for(self._loop.sock_sendall(sock, data), self.settings.http.timeouts.client)
+            except (OSError, TimeoutError):
+                client_sock.close()
+                node_sock.close()
+                record.end = "client_closed"
+                return
+            result = await self.relayer(client_sock, node_sock, idle_timeout=idle, timeout_end=End.CLIENT_TIMEOUT)
+            record.bytes_up += result.bytes_up
+            record.bytes_down += result.bytes_down
+            record.end = result.end.value
+            return
+        # TLS: the bytes must pass through the TLS transport; pump them between the two transports.
+        done: asyncio.Future[None] = self._loop.create_future()
+        up = _Pump(client_transport, done)
+        down = _Pump(node_transport, done)
+        up.other, down.other = down, up
+        client_transport.set_protocol(up)
+        node_transport.set_protocol(down)
+        if to_node:
+            node_transport.write(to_node)
+        if to_client:
+            client_transport.write(to_client)
+        client_transport.resume_reading()
+        node_transport.resume_reading()
+        last = (-1, -1)
+        try:
+            while not done.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(done), idle)
+                if (up.moved, down.moved) == last and not done.done():
+                    record.end = End.CLIENT_TIMEOUT.value
+                    break
+                last = (up.moved, down.moved)
+        finally:
+            client_transport.abort()
+            node_transport.abort()
+            record.bytes_up += up.moved
+            record.bytes_down += down.moved
+
+    @staticmethod
+    def _hold(side: _Side) -> None:
+        """Stop parsing ``side``: what its reader holds beyond the HTTP head, and all that arrives from now
+        on, is kept in ``side.held`` for the tunnel."""
+        held = bytearray()
+        reader = side.reader
+        if reader is not None:
+            while reader.events:
+                event = reader.events.popleft()
+                if isinstance(event, Upgrade):
+                    held += event.rest
+                elif type(event) is bytes:
+                    held += event
+            held += reader.after_upgrade
+        side.reader = None
+        side.held = held
+
+    # -- the redirect listener -------------------------------------------------------------------------------
+
+    def _accept_redirect(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        task = self._loop.create_task(self._redirect_one(sock, peer))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _redirect_one(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Answer one plain-HTTP request with 308 to the same URL on this service's https address."""
+        loop = self._loop
+        settings = self.settings
+        client = _Side(loop, RequestReader(settings.http.limits.max_head_size, settings.http.limits.max_headers))
+        try:
+            await loop.connect_accepted_socket(lambda: client, sock=sock)
+        except OSError:
+            sock.close()
+            return
+        record = _Record(addr_text(peer), server="-", rule="redirect")
+        try:
+            try:
+                event = await client.next_event(settings.http.timeouts.request_head)
+            except (TimeoutError, HttpProtocolError):
+                event = None
+            if not isinstance(event, RequestHead):
+                client.close()
+                return
+            record.method, record.path = event.method.decode("latin-1"), event.path
+            host = (event.header(b"host") or str(self.spec.listen.host).encode()).decode("latin-1")
+            hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            port = self.spec.listen.port
+            authority = hostname if port == 443 else f"{hostname}:{port}"
+            location = f"https://{authority}{event.target.decode('latin-1')}".encode()
+            record.status = 308
+            await self._refuse(
+                client, simple_response(308, b"", extra=[(b"Location", location)], head_only=event.method == b"HEAD")
+            )
+            self._log_request(record)
+        finally:
+            client.close()
+
+    # -- logging ---------------------------------------------------------------------------------------------
+
+    def _log_request(self, record: _Record) -> None:
+        # A tunnel (101) ends when either side closes it: that is its normal end, not trouble.
+        status = record.status
+        end = record.end
+        trouble = end in _TROUBLE and status != 101
+        level = logging.WARNING if not status or status >= 500 or trouble else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        now = self._loop.time()
+        started = record.started or now
+        fields: dict[str, object] = {
+            "service": self.name,
+            "client": record.client,
+            "server": record.server,
+            "rule": record.rule,
+            "method": record.method,
+            "path": record.path,
+            "status": status or "-",
+            "bytes_up": record.bytes_up,
+            "bytes_down": record.bytes_down,
+            "connect": (record.connected - started) if record.connected else 0.0,
+            "response": (record.responded - started) if record.responded else 0.0,
+            "duration": now - started,
+            "reused": int(record.reused),
+            "retries": record.retries,
+            "end": end,
+        }
+        if record.detail:
+            fields["detail"] = record.detail
+        log_event(log, "request", level, **fields)
+
+
+#: How an exchange can end that is the node's fault (logged as a warning).
+_TROUBLE = frozenset({"server_closed", "server_timeout", "bad_response", "no_server"})
+
+
+class _Retry(Exception):
+    """A reused node connection closed before answering (see _forward)."""
+
+
+def _take_socket(transport: asyncio.Transport) -> socket.socket:
+    """A socket of its own for what ``transport`` carries; the transport is closed without touching the
+    connection (the duplicate keeps it open)."""
+    raw = transport.get_extra_info("socket")
+    fd = os.dup(raw.fileno())
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    transport.abort()
+    return sock

@@ -1,0 +1,294 @@
+"""mode http as a reverse proxy: keep-alive, pipelining, HEAD, bodies, forwarding fields, and the answers
+pacslb gives on its own behalf (400, 408, 431, 502, 503, 504), driven by curl, httpx and raw sockets
+against real nginx nodes (peers.NginxNode)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import peers
+import pytest
+from peers import NginxNode, PacslbProcess
+
+pytestmark = pytest.mark.peers
+
+PacslbFactory = Callable[[str], PacslbProcess]
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[list[NginxNode]]:
+    nodes = peers.start_nginx(tmp_path / "nginx", 2)
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+def start(pacslb: PacslbFactory, nodes: list[NginxNode], **options: object) -> tuple[PacslbProcess, str]:
+    port = peers.free_port()
+    spec = peers.http_service(port, nodes, **options)  # type: ignore[arg-type]
+    lb = pacslb(peers.http_config({"web": spec}))
+    return lb, f"http://127.0.0.1:{port}"
+
+
+def echo(text: str) -> dict[str, str]:
+    """The fields of an nginx /whoami answer: ``node=web1 xff=... proto=...``."""
+    out = {}
+    for part in text.split():
+        key, _, value = part.partition("=")
+        out[key] = value
+    return out
+
+
+def raw(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``payload`` on one connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_keep_alive_forwarding_fields_and_the_access_log(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+    lb, url = start(pacslb, web)
+    with httpx.Client(base_url=url) as client:
+        first = client.get("/whoami", headers={"X-Forwarded-For": "10.9.8.7"})
+        second = client.get("/whoami?patient=SECRET")
+    assert first.status_code == second.status_code == 200
+    fields = echo(first.text)
+    # X-Forwarded-For is appended to; Host is kept; X-Forwarded-Host and -Proto say what pacslb received.
+    assert fields["xff"] == "10.9.8.7,", fields  # nginx prints "10.9.8.7, 127.0.0.1" split by spaces
+    assert "xff=10.9.8.7, 127.0.0.1 " in first.text
+    assert fields["host"] == f"127.0.0.1:{port_of(url)}"
+    assert fields["xfh"] == f"127.0.0.1:{port_of(url)}"
+    assert fields["proto"] == "http"
+    assert echo(second.text)["xff"] == "127.0.0.1"
+
+    lines = lb.wait_events("request", 2, timeout=5.0)
+    assert [e.get("status") for e in lines] == ["200", "200"]
+    assert lines[0].get("method") == "GET" and lines[0].get("path") == "/whoami"
+    assert lines[1].get("path") == "/whoami"  # the query (patient identifiers!) is not logged
+    assert "SECRET" not in lb.log()
+    assert lines[1].get("reused") == "1", "the second request did not reuse the pooled node connection"
+    assert lines[0].get("client") == lines[1].get("client"), "the client connection was not kept alive"
+    assert lines[0].get("server") in {"web1", "web2"}
+    for key in ("bytes_down", "connect", "response", "duration", "rule"):
+        assert lines[0].get(key), key
+
+
+def test_forwarded_header_when_enabled(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+    _, url = start(pacslb, web, http={"forward": {"forwarded": True, "x_forwarded_host": False}})
+    text = httpx.get(f"{url}/whoami").text
+    assert f'fwd=for=127.0.0.1;proto=http;host="127.0.0.1:{port_of(url)}"' in text
+    assert echo(text)["xfh"] == ""
+
+
+def test_pipelined_requests_are_answered_in_order(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+    _, url = start(pacslb, web, persistence={"type": "none"})
+    requests = (
+        b"".join(b"GET /whoami?n=%d HTTP/1.1\r\nHost: h%d\r\n\r\n" % (i, i) for i in range(5))
+        + b"HEAD /index.html HTTP/1.1\r\nHost: last\r\nConnection: close\r\n\r\n"
+    )
+    answer = raw(port_of(url), requests)
+    assert answer.count(b"HTTP/1.1 200 OK") == 6
+    hosts = [part.split(b" ")[0] for part in answer.split(b"host=")[1:]]
+    assert hosts == [b"h0", b"h1", b"h2", b"h3", b"h4"], answer
+    # The HEAD answer comes last, with the Content-Length of the page and no body after it.
+    last = answer.rsplit(b"HTTP/1.1 200 OK", 1)[1]
+    assert b"Content-Length: 31" in last and last.endswith(b"\r\n\r\n")
+    assert b"Connection: close" in last
+
+
+def test_head_and_http10(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+    _, url = start(pacslb, web)
+    head = httpx.head(f"{url}/index.html")
+    assert head.status_code == 200 and head.headers["content-length"] == "31" and head.content == b""
+    answer = raw(port_of(url), b"GET /whoami HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"node=web" in answer
+    assert b"Connection: close" in answer
+
+
+def test_chunked_upload_and_expect_continue_with_curl(
+    pacslb: PacslbFactory, web: list[NginxNode], tmp_path: Path
+) -> None:
+    _, url = start(pacslb, web, persistence={"type": "none"})
+    data = tmp_path / "up.bin"
+    data.write_bytes(bytes(range(256)) * 12289)  # 3 MiB + 256 bytes: curl asks Expect: 100-continue
+    for name, extra in (("plain", []), ("chunked", ["-H", "Transfer-Encoding: chunked"])):
+        done = subprocess.run(
+            ["curl", "-sS", "-v", "-T", str(data), *extra, "-w", "%{http_code}", f"{url}/upload/{name}.bin"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.stdout.decode().endswith("201"), done.stderr.decode()[-2000:]
+        assert b"HTTP/1.1 100 Continue" in done.stderr
+    stored = {p.name: p.read_bytes() for node in web for p in (node.www / "upload").iterdir()}
+    assert stored == {"plain.bin": data.read_bytes(), "chunked.bin": data.read_bytes()}
+
+
+def test_malformed_oversized_and_slow_requests(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+    _, url = start(pacslb, web, http={"limits": {"max_head_size": 4096}, "timeouts": {"request_head": "500ms"}})
+    port = port_of(url)
+    assert raw(port, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    smuggle = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    assert raw(port, smuggle).startswith(b"HTTP/1.1 400 ")
+    assert raw(port, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")  # HTTP/1.1 needs Host
+    big = b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + b"x" * 5000 + b"\r\n\r\n"
+    assert raw(port, big).startswith(b"HTTP/1.1 431 ")
+    assert raw(port, b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+    # A head that trickles in too slowly: 408, then closed; meanwhile another client is served at once.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+        slow.sendall(b"GET /whoami HTTP/1.1\r\nHost: a\r\n")
+        started = time.monotonic()
+        assert httpx.get(f"{url}/whoami", timeout=2).status_code == 200
+        answer = slow.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert 0.4 < time.monotonic() - started < 3
+    # An idle connection (no byte sent) is closed quietly, without a 408.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as idle:
+        assert idle.recv(4096) == b""
+
+
+class _BadNode:
+    """A node that accepts and then misbehaves: ``silent`` never answers, otherwise it closes at once."""
+
+    def __init__(self, silent: bool) -> None:
+        self.silent = silent
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                if self.silent:
+                    self.conns.append(conn)
+                else:
+                    conn.recv(65536)
+                    conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def test_node_errors_become_502_and_504(pacslb: PacslbFactory) -> None:
+    closing, silent = _BadNode(silent=False), _BadNode(silent=True)
+    try:
+        port = peers.free_port()
+        spec = peers.service(
+            port,
+            {"closing": closing.address, "silent": silent.address},
+            mode="http",
+            balance="roundrobin",
+            check={"type": "none"},
+            http={"timeouts": {"server": "1s"}},
+        )
+        lb = pacslb(peers.http_config({"web": spec}))
+        statuses = sorted(httpx.get(f"http://127.0.0.1:{port}/x", timeout=5).status_code for _ in range(2))
+        assert statuses == [502, 504]
+        answer = httpx.get(f"http://127.0.0.1:{port}/x", timeout=5)
+        assert answer.status_code in (502, 504) and "PACS node" in answer.text
+        lines = lb.wait_events("request", 3, timeout=5)
+        ends = {e.get("server"): e.get("end") for e in lines}
+        assert ends == {"closing": "server_closed", "silent": "server_timeout"}
+        assert all(e.level == "warning" for e in lines)
+    finally:
+        closing.close()
+        silent.close()
+
+
+def test_no_node_gives_503_with_the_maintenance_page(pacslb: PacslbFactory, tmp_path: Path) -> None:
+    page = tmp_path / "maintenance.html"
+    page.write_text("<h1>PACS maintenance until 22:00</h1>")
+    port = peers.free_port()
+    spec = peers.service(
+        port,
+        {"gone": f"127.0.0.1:{peers.free_port()}"},
+        mode="http",
+        check={"type": "none"},
+        retries=0,
+        http={"maintenance_page": str(page), "retry_after": "2m"},
+    )
+    lb = pacslb(peers.http_config({"web": spec}))
+    answer = httpx.get(f"http://127.0.0.1:{port}/viewer")
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "120"
+    assert answer.headers["content-type"].startswith("text/html")
+    assert "PACS maintenance" in answer.text
+    line = lb.wait_event("request", timeout=5)
+    assert (line.get("status"), line.get("end")) == ("503", "no_server")
+
+
+def test_fallback_server_when_no_node_can_serve(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+    port = peers.free_port()
+    spec = peers.service(
+        port,
+        {"gone": f"127.0.0.1:{peers.free_port()}"},
+        mode="http",
+        check={"type": "none"},
+        retries=0,
+        persistence={"type": "cookie"},
+        http={"fallback": web[1].address},
+    )
+    lb = pacslb(peers.http_config({"web": spec}))
+    answer = httpx.get(f"http://127.0.0.1:{port}/whoami")
+    assert answer.status_code == 200 and echo(answer.text)["node"] == "web2"
+    assert "set-cookie" not in answer.headers  # the fallback is no node to stick to
+    line = lb.wait_event("request", timeout=5, status="200")
+    assert (line.get("server"), line.get("rule")) == ("fallback", "fallback")
+
+
+def test_clock_skew_of_a_node_is_reported(pacslb: PacslbFactory) -> None:
+    """A node whose Date header is 2 minutes ahead: the http check logs a clock_skew warning (once), and
+    the node stays up."""
+    import email.utils
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    date = email.utils.formatdate(time.time() + 120, usegmt=True).encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nDate: %s\r\nContent-Length: 2\r\n\r\nok" % date)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        port = peers.free_port()
+        node = f"127.0.0.1:{listener.getsockname()[1]}"
+        check = {**peers.HTTP_CHECK, "path": "/", "max_clock_skew": "10s"}
+        spec = peers.service(port, {"drifting": node}, mode="http", check=check)
+        lb = pacslb(peers.http_config({"web": spec}))
+        warning = lb.wait_event("clock_skew", timeout=5, address=node)
+        assert warning.level == "warning" and 115 < float(warning.get("skew")) < 125
+        time.sleep(1.2)  # a few more checks: no more warnings, and the node is still up
+        assert len(lb.events("clock_skew")) == 1
+        assert not lb.events("health")
+    finally:
+        listener.close()
