@@ -7,46 +7,16 @@ node it reached. These tests run on uvloop, as production does.
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
-import uvloop
+from inproc import echo_server, free_port, run
 
 from pacslb.config import load_config, load_config_text
 from pacslb.engine import Engine
 
-T = TypeVar("T")
-
-
-def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro_fn(), 60)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 async def backend(name: str) -> tuple[asyncio.Server, int]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(name.encode() + b"\n")
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+    return await echo_server(name.encode() + b"\n")
 
 
 class Client:

@@ -11,41 +11,13 @@ import gc
 import hashlib
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import pytest
-import uvloop
+from inproc import run, tcp_pair
 
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayResult, close_idle_pipes, relay
-
-T = TypeVar("T")
-
-
-def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro_fn(), 60)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
-
-
-async def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two connected non-blocking TCP sockets over loopback: (outside end, pacslb's end)."""
-    loop = asyncio.get_running_loop()
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(1)
-    lsock.setblocking(False)
-    outside = socket.socket()
-    outside.setblocking(False)
-    connect = loop.create_task(loop.sock_connect(outside, lsock.getsockname()))
-    inside, _ = await loop.sock_accept(lsock)
-    await connect
-    lsock.close()
-    inside.setblocking(False)
-    return outside, inside
 
 
 async def recv_all(sock: socket.socket) -> bytes:

@@ -11,10 +11,8 @@ import gc
 import hashlib
 import os
 import signal
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
-import uvloop
+from inproc import echo_server, free_port, run, tcp_pair
 
 from pacslb.config import load_config_text
 from pacslb.engine import Engine
@@ -22,44 +20,12 @@ from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import close_idle_pipes
 from pacslb.proxy.workers import RelayPool
 
-T = TypeVar("T")
-
-
-def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro_fn(), 90)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
-
-
-async def echo_backend() -> tuple[asyncio.Server, int]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
-
 
 def config(port: int, backend: int, workers: int = 3) -> str:
     return (
         f"workers: {workers}\nshutdown_grace: 300ms\nservices:\n  svc:\n    listen: 127.0.0.1:{port}\n"
         f"    check: {{type: none}}\n    servers: {{a: 127.0.0.1:{backend}}}\n"
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def round_trip(port: int, payload: bytes) -> bytes:
@@ -82,7 +48,7 @@ def test_connections_relayed_by_workers_arrive_intact_and_nothing_leaks() -> Non
     payloads = [os.urandom(n) for n in (1, 1000, 300_000, 3_000_000) * 6]
 
     async def scenario() -> tuple[list[bool], int, int, list[int], list[int | None]]:
-        backend, bport = await echo_backend()
+        backend, bport = await echo_server()
         port = free_port()
         engine = Engine(load_config_text(config(port, bport)))
         before = fds()
@@ -110,7 +76,7 @@ def test_connections_relayed_by_workers_arrive_intact_and_nothing_leaks() -> Non
 
 def test_shutdown_grace_ends_connections_held_in_workers() -> None:
     async def scenario() -> list[bytes]:
-        backend, bport = await echo_backend()
+        backend, bport = await echo_server()
         port = free_port()
         engine = Engine(load_config_text(config(port, bport)))
         await engine.start()
@@ -136,26 +102,10 @@ def test_a_dead_worker_loses_only_its_connections() -> None:
     async def scenario() -> tuple[End, bytes]:
         pool = RelayPool(2)
         pool.start()
-        import socket
-
         loop = asyncio.get_running_loop()
 
-        async def pair() -> tuple[socket.socket, socket.socket]:
-            lsock = socket.socket()
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(1)
-            lsock.setblocking(False)
-            outside = socket.socket()
-            outside.setblocking(False)
-            connect = loop.create_task(loop.sock_connect(outside, lsock.getsockname()))
-            inside, _ = await loop.sock_accept(lsock)
-            await connect
-            lsock.close()
-            inside.setblocking(False)
-            return outside, inside
-
-        client_out, client_in = await pair()
-        server_out, server_in = await pair()
+        client_out, client_in = await tcp_pair()
+        server_out, server_in = await tcp_pair()
         pool.local_active = 1  # make the worker the less busy relay for this connection
         task = loop.create_task(pool.relay(client_in, server_in, idle_timeout=30, timeout_end=End.CLIENT_TIMEOUT))
         await asyncio.sleep(0.5)
@@ -163,8 +113,8 @@ def test_a_dead_worker_loses_only_its_connections() -> None:
         result = await asyncio.wait_for(task, 10)
         pool.local_active = 0
         # The pool still relays (here, in the main process) after losing its worker.
-        b_out, b_in = await pair()
-        c_out, c_in = await pair()
+        b_out, b_in = await tcp_pair()
+        c_out, c_in = await tcp_pair()
         again = loop.create_task(pool.relay(c_in, b_in, idle_timeout=30, timeout_end=End.CLIENT_TIMEOUT))
         await loop.sock_sendall(c_out, b"still relaying")
         got = await asyncio.wait_for(loop.sock_recv(b_out, 100), 5)
