@@ -50,7 +50,7 @@ def _dcmtk(name: str) -> str:
             )
             if "dcmtk" in version.stdout:
                 return candidate
-    pytest.skip(f"dcmtk's {name} is not installed (run tests/peers/install.sh)")
+    pytest.fail(f"dcmtk's {name} is not installed (run tests/peers/install.sh)")
 
 
 def _ports_free(ports: list[int]) -> bool:
