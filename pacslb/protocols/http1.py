@@ -178,50 +178,39 @@ def _tokens(headers: Headers, name: bytes) -> list[bytes]:
 def _content_length(value: bytes | None) -> int | None:
     if value is None:
         return None
-    # llhttp has already refused malformed and conflicting values; this only converts.
+    # llhttp has already refused malformed and conflicting values; this only converts (a list of equal
+    # values, "5, 5", to the first).
+    try:
+        return int(value)
+    except ValueError:
+        pass
     try:
         return int(value.split(b",")[0].strip())
     except ValueError:
         raise HttpProtocolError(f"invalid Content-Length {value!r}") from None
 
 
-#: The fields whose values :func:`_scan` picks out while it lowers every name.
-_FRAMING_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
+def _lowered(headers: Headers) -> list[bytes]:
+    """The names of ``headers`` in lower case (lowered once per head; every later look-up uses these)."""
+    return [name.lower() for name, _ in headers]
 
 
-class _Scan:
-    """What one pass over a head's fields finds: every name in lower case, the values that decide the
-    framing (the first Host, Content-Length and Expect; every Transfer-Encoding), and their size as sent
-    (``name: value`` and CRLF)."""
+def _first(names: list[bytes], headers: Headers, name: bytes) -> bytes | None:
+    """The value of the first field ``name`` (lower case), or None."""
+    return headers[names.index(name)][1] if name in names else None
 
-    __slots__ = ("content_length", "expect", "host", "names", "size", "transfer_encoding")
 
-    def __init__(self, headers: Headers) -> None:
-        names: list[bytes] = []
-        host = length = expect = None
-        te: list[bytes] = []
-        size = 4 * len(headers)
-        for name, value in headers:
-            size += len(name) + len(value)
-            low = name.lower()
-            names.append(low)
-            if low in _FRAMING_FIELDS:
-                if low == b"host":
-                    if host is None:
-                        host = value
-                elif low == b"content-length":
-                    if length is None:
-                        length = value
-                elif low == b"transfer-encoding":
-                    te.extend(t.strip().lower() for t in value.split(b",") if t.strip())
-                elif expect is None:
-                    expect = value
-        self.names = names
-        self.size = size
-        self.host = host
-        self.content_length = length
-        self.expect = expect
-        self.transfer_encoding = te
+def _codings(names: list[bytes], headers: Headers) -> list[bytes]:
+    """The transfer codings of every Transfer-Encoding field, in order, lower-cased."""
+    if b"transfer-encoding" not in names:
+        return []
+    return [
+        t.strip().lower()
+        for low, (_, value) in zip(names, headers, strict=True)
+        if low == b"transfer-encoding"
+        for t in value.split(b",")
+        if t.strip()
+    ]
 
 
 class _Reader:
@@ -232,6 +221,7 @@ class _Reader:
     """
 
     __slots__ = (
+        "_feeding",
         "_trailer_mode",
         "_url",
         "after_upgrade",
@@ -269,6 +259,7 @@ class _Reader:
         self.status = b""
         self._url = b""
         self._trailer_mode = False
+        self._feeding = 0  # the size of what feed() is parsing
 
     # -- httptools callbacks ---------------------------------------------------------------------------
 
@@ -283,7 +274,7 @@ class _Reader:
         self._trailer_mode = False
 
     # These run for every piece of every message: they only collect. The size of a head is checked once it
-    # is complete (_complete_head) and, while it is incomplete, by feed(): whatever arrives while a head
+    # is complete (on_headers_complete) and, while it is incomplete, by feed(): whatever arrives while a head
     # is incomplete counts, so an incomplete head never holds more than one read past the limit.
 
     def on_url(self, url: bytes) -> None:
@@ -305,9 +296,12 @@ class _Reader:
     def on_headers_complete(self) -> None:
         self.in_head = False
         self._trailer_mode = True
-        scan = _Scan(self.headers)
-        self._grow(scan.size + len(self._url) + len(self.status))
-        self._emit_head(scan)
+        headers = self.headers
+        if self.head_size + self._feeding > self.max_head_size:
+            # It may be too large (it is no larger than what arrived while it did): count it exactly, as
+            # sent ("name: value" and CRLF per field).
+            self._grow(sum(len(n) + len(v) + 4 for n, v in headers) + len(self._url) + len(self.status))
+        self._emit_head(_lowered(headers))
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
@@ -322,7 +316,7 @@ class _Reader:
         if self.head_size > self.max_head_size:
             raise HttpProtocolError(f"head larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
 
-    def _emit_head(self, scan: _Scan) -> None:
+    def _emit_head(self, names: list[bytes]) -> None:
         raise NotImplementedError
 
     # -- feeding -------------------------------------------------------------------------------------------
@@ -339,6 +333,7 @@ class _Reader:
         if self.in_head:
             # The fields of an incomplete head are held inside httptools until complete; bound them too.
             self._grow(len(data))
+        self._feeding = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -375,23 +370,23 @@ class RequestReader(_Reader):
         super().__init__(max_head_size, max_headers)
         self.parser = httptools.HttpRequestParser(self)
 
-    def _emit_head(self, scan: _Scan) -> None:
+    def _emit_head(self, names: list[bytes]) -> None:
         parser = self.parser
         assert isinstance(parser, httptools.HttpRequestParser)
         headers = self.headers
         version = parser.get_http_version()
         if version not in ("1.0", "1.1"):
             raise HttpProtocolError(f"HTTP/{version} is not supported", 505 if version >= "2" else 400)
-        if version == "1.1" and scan.host is None:
+        if version == "1.1" and b"host" not in names:
             raise HttpProtocolError("HTTP/1.1 request without Host (RFC 9112 3.2)")
-        length = _content_length(scan.content_length)
-        if scan.transfer_encoding:
+        length = _content_length(_first(names, headers, b"content-length"))
+        if _codings(names, headers):
             framing = Framing.CHUNKED  # llhttp refuses any other final coding in a request
         elif length:
             framing = Framing.LENGTH
         else:
             framing = Framing.NONE
-        expect = scan.expect
+        expect = _first(names, headers, b"expect")
         self.events.append(
             RequestHead(
                 method=parser.get_method(),
@@ -403,7 +398,7 @@ class RequestReader(_Reader):
                 framing=framing,
                 content_length=length,
                 expect_continue=expect is not None and expect.strip().lower() == b"100-continue",
-                names=scan.names,
+                names=names,
             )
         )
 
@@ -465,14 +460,14 @@ class ResponseReader(_Reader):
         self.upgraded = False
         self.after_upgrade.clear()
 
-    def _emit_head(self, scan: _Scan) -> None:
+    def _emit_head(self, names: list[bytes]) -> None:
         parser = self.parser
         assert isinstance(parser, httptools.HttpResponseParser)
         headers = self.headers
         status = parser.get_status_code()
         version = parser.get_http_version()
-        length = _content_length(scan.content_length)
-        te = scan.transfer_encoding
+        length = _content_length(_first(names, headers, b"content-length"))
+        te = _codings(names, headers)
         if status < 200 or status in (204, 304) or self.method_head:
             framing = Framing.NONE
         elif te:
@@ -484,7 +479,7 @@ class ResponseReader(_Reader):
         if status == 101 and not self.upgrade_requested:
             raise HttpProtocolError("101 Switching Protocols to a request that asked for no upgrade", 502)
         keep_alive = parser.should_keep_alive() and framing is not Framing.CLOSE
-        head = ResponseHead(status, self.status, version, headers, keep_alive, framing, length, scan.names)
+        head = ResponseHead(status, self.status, version, headers, keep_alive, framing, length, names)
         self.head = head
         self.events.append(head)
         if self.method_head and status >= 200:
@@ -499,6 +494,16 @@ class ResponseReader(_Reader):
             return
         self.body_bytes += len(body)
         self.events.append(body)
+
+    def take_rest(self) -> list[Event] | None:
+        """Once the final response is complete: every event still queued (its body pieces, then its end),
+        as :meth:`take` would give them one by one; None while the response is still arriving."""
+        if not self.finished or self.upgraded:
+            return None
+        rest = list(self.events)
+        self.events.clear()
+        self.body_bytes = 0
+        return rest
 
     def on_message_complete(self) -> None:
         self.in_message = False
@@ -762,11 +767,13 @@ class RequestRewrite:
 def _named_by_connection(names: list[bytes], headers: Headers) -> frozenset[bytes]:
     """Field names listed in the Connection fields (hop-by-hop too, RFC 9110 7.6.1)."""
     named: set[bytes] = set()
-    for low, (_, value) in zip(names, headers, strict=True):
-        if low == b"connection":
-            options = value.lower()
-            if options != b"keep-alive":  # the usual value, hop-by-hop anyway
-                named.update(t.strip() for t in options.split(b",") if t.strip())
+    at = 0
+    for _ in range(names.count(b"connection")):
+        at = names.index(b"connection", at)
+        options = headers[at][1].lower()
+        at += 1
+        if options != b"keep-alive":  # the usual value, hop-by-hop anyway
+            named.update(t.strip() for t in options.split(b",") if t.strip())
     return frozenset(named)
 
 
@@ -788,44 +795,48 @@ def proxy_request_head(head: RequestHead, client_ip: str, rewrite: RequestRewrit
     host = None if b"host" in named else head.header(b"host")
     previous_for: list[bytes] = []
     previous_forwarded: list[bytes] = []
-    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-    for low, (name, value) in zip(names, headers, strict=True):
-        if low in special or low in named:
-            if low in HOP_BY_HOP or low in named or low == b"expect":
-                continue
-            if low == b"cookie":
-                if strip is not None and strip in value:
-                    value = _without_cookie(value, strip)
-                    if not value:
-                        continue
-            elif low == b"x-forwarded-for":
-                previous_for.append(value)
-                continue
-            elif low == b"forwarded":
-                previous_forwarded.append(value)
-                continue
-            elif low == b"x-forwarded-proto" or (low == b"x-forwarded-host" and host is not None):
-                continue
-        parts += (name, b": ", value, b"\r\n")
+    if named or not special.isdisjoint(names):
+        lines: list[bytes] = []
+        for low, field in zip(names, headers, strict=True):
+            if low in special or low in named:
+                if low in HOP_BY_HOP or low in named or low == b"expect":
+                    continue
+                value = field[1]
+                if low == b"cookie":
+                    if strip is not None and strip in value:
+                        value = _without_cookie(value, strip)
+                        if not value:
+                            continue
+                        field = (field[0], value)
+                elif low == b"x-forwarded-for":
+                    previous_for.append(value)
+                    continue
+                elif low == b"forwarded":
+                    previous_forwarded.append(value)
+                    continue
+                elif low == b"x-forwarded-proto" or (low == b"x-forwarded-host" and host is not None):
+                    continue
+            lines.append(b": ".join(field))
+    else:  # nothing to change (a plain client): every field as it came
+        lines = [b": ".join(field) for field in headers]
     if options.x_forwarded_for:
-        parts += (b"X-Forwarded-For: ", b", ".join([*previous_for, client_ip.encode()]), b"\r\n")
+        lines.append(b"X-Forwarded-For: " + b", ".join([*previous_for, client_ip.encode()]))
     if options.x_forwarded_proto:
-        parts += (b"X-Forwarded-Proto: ", rewrite.proto.encode(), b"\r\n")
+        lines.append(b"X-Forwarded-Proto: " + rewrite.proto.encode())
     if options.x_forwarded_host and host is not None:
-        parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        lines.append(b"X-Forwarded-Host: " + host)
     if options.forwarded:
         element = f"for={format_host_for(client_ip)};proto={rewrite.proto}".encode()
         if host is not None:
             element += b';host="' + host.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-        parts += (b"Forwarded: ", b", ".join([*previous_forwarded, element]), b"\r\n")
+        lines.append(b"Forwarded: " + b", ".join([*previous_forwarded, element]))
     if head.version == "1.0" and b"host" not in names:
-        parts += (b"Host: ", default_host, b"\r\n")
+        lines.append(b"Host: " + default_host)
     if head.framing is Framing.CHUNKED:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
+        lines.append(b"Transfer-Encoding: chunked")
     if head.upgrade:
-        parts += (b"Connection: Upgrade\r\nUpgrade: ", head.header(b"upgrade") or b"", b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        lines += (b"Connection: Upgrade", b"Upgrade: " + (head.header(b"upgrade") or b""))
+    return b"\r\n".join([b"%s %s HTTP/1.1" % (head.method, head.target), *lines, b"", b""])
 
 
 def proxy_response_head(
@@ -838,24 +849,26 @@ def proxy_response_head(
     """
     headers = response.headers
     names = response.names
-    named = _named_by_connection(names, headers) if b"connection" in names else _NOTHING
-    directives: list[bytes] = []
-    parts = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason or b"-")]
-    for low, (name, value) in zip(names, headers, strict=True):
-        if low in HOP_BY_HOP or low in named:
-            continue
-        if private and low == b"cache-control":
-            directives += _shared_cache_directives_removed(value)
-            continue
-        parts += (name, b": ", value, b"\r\n")
-    for name, value in added:
-        parts += (name, b": ", value, b"\r\n")
+    skip = HOP_BY_HOP
+    if b"connection" in names:
+        skip = skip | _named_by_connection(names, headers)
+    lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason or b"-")]
     if private:
-        parts += (b"Cache-Control: ", _private_cache_control(directives), b"\r\n")
+        directives = [
+            directive
+            for low, (_, value) in zip(names, headers, strict=True)
+            if low == b"cache-control" and low not in skip
+            for directive in _shared_cache_directives_removed(value)
+        ]
+        skip = skip | {b"cache-control"}
+    lines += [b": ".join(field) for low, field in zip(names, headers, strict=True) if low not in skip]
+    lines += [b": ".join(field) for field in added]
+    if private:
+        lines.append(b"Cache-Control: " + _private_cache_control(directives))
     if connection is not None:
-        parts += (b"Connection: ", connection, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        lines.append(b"Connection: " + connection)
+    lines += (b"", b"")
+    return b"\r\n".join(lines)
 
 
 # -- the balancer's own responses ----------------------------------------------------------------------------

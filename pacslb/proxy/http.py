@@ -14,11 +14,12 @@ Theory of operation.
 - Decision per request (balance/cookie.py): a valid persistence cookie naming a node that honours
   persistence, then the source-IP table, then the scheduler; a node that fails to connect is excluded and
   the decision taken again. When nothing is left: the fallback server, or 503 with the maintenance page.
-- Node connections are pooled per node (LIFO, at most ``http.pool_size`` idle ones, each closed after
-  ``http.timeouts.pool_idle``). A connection goes back to the pool only when its response was read to the
-  end, the node allows keep-alive and it sent nothing extra. A request without a body that fails on a
-  reused connection before any response byte (the node closed it while idle) is retried once on a fresh
-  connection.
+- Node connections are pooled per node (LIFO; each closed after ``http.timeouts.pool_idle``; a sweep a
+  few times per ``pool_idle`` closes those beyond ``http.pool_size`` that went unused since the last
+  sweep, so the connections of one burst serve the next instead of being closed and opened again). A
+  connection goes back to the pool only when its response was read to the end, the node allows keep-alive
+  and it sent nothing extra. A request without a body that fails on a reused connection before any
+  response byte (the node closed it while idle) is retried once on a fresh connection.
 - ``Upgrade`` (WebSocket): the request goes to the node with its Upgrade fields; on 101 the two
   connections leave HTTP and are handed to the relay (plain) or pumped between the transports (TLS).
 - ``Expect: 100-continue`` is answered by the balancer once the node's connection is ready, and the
@@ -332,7 +333,7 @@ class _NodeConn(_Side):
     def __init__(self, loop: asyncio.AbstractEventLoop, server: ServerState) -> None:
         super().__init__(loop, None)
         self.server = server
-        self.pool: list[_NodeConn] | None = None  # the pool it rests in, while idle
+        self.pool: _Pool | None = None  # the pool it rests in, while idle
         self.idle_since = 0.0  # when it went into the pool
         self.responses: ResponseReader | None = None  # its reader, kept for the next request while pooled
         self.uses = 0
@@ -352,10 +353,23 @@ class _NodeConn(_Side):
         super().connection_lost(exc)
 
     def leave_pool(self) -> None:
-        if self.pool is not None:
+        pool = self.pool
+        if pool is not None:
             with contextlib.suppress(ValueError):
-                self.pool.remove(self)
+                pool.remove(self)
+            pool.low = min(pool.low, len(pool))
             self.pool = None
+
+
+class _Pool(list[_NodeConn]):
+    """The idle connections to one node, least recently used first (a request takes the last one)."""
+
+    __slots__ = ("low",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The fewest connections it held since the last sweep: so many at its start went unused all along.
+        self.low = 0
 
 
 class _Pump(asyncio.Protocol):
@@ -504,7 +518,7 @@ class HttpService(TcpService):
     ) -> None:
         super().__init__(name, spec, servers, table)
         self.settings = _Settings(name, spec)
-        self.pools: dict[ServerState, list[_NodeConn]] = {}
+        self.pools: dict[ServerState, _Pool] = {}
         self.redirect: Listener | None = None
         self.stopping = False
         self.idle: set[_Side] = set()  # client sides waiting between requests (closed at once on stop)
@@ -648,8 +662,10 @@ class HttpService(TcpService):
                         if reader.in_message:
                             raise _Abort(408, "client_timeout", "request head not received in time", _error(408))
                         return  # idle keep-alive connection: close quietly
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         await client.wait(remaining)
+                    except TimeoutError:
+                        pass  # the loop decides what the time that passed means
             except HttpProtocolError as exc:
                 record.status = exc.status
                 record.end = "bad_request"
@@ -805,6 +821,8 @@ class HttpService(TcpService):
         while pool:
             conn = pool.pop()
             conn.pool = None
+            if len(pool) < pool.low:
+                pool.low = len(pool)
             if (
                 conn.idle_since > fresh_since
                 and not conn.eof
@@ -834,11 +852,9 @@ class HttpService(TcpService):
         if not reusable or self.stopping or conn.eof or conn.lost or pool_size == 0 or server not in self.servers:
             conn.close()
             return
-        pool = self.pools.setdefault(server, [])
-        if len(pool) >= pool_size:
-            oldest = pool.pop(0)  # the least recently used goes: it is the likeliest to be closed by the node
-            oldest.pool = None
-            oldest.close()
+        pool = self.pools.get(server)
+        if pool is None:
+            pool = self.pools[server] = _Pool()
         conn.resume()
         conn.pool = pool
         conn.idle_since = self._loop.time()
@@ -847,21 +863,30 @@ class HttpService(TcpService):
             self.sweeper = self._loop.call_later(self.settings.http.timeouts.pool_idle / POOL_SWEEPS, self._sweep)
 
     def _sweep(self) -> None:
-        """Close the pooled connections idle for ``pool_idle`` or longer; again later while any is left.
+        """Close the pooled connections idle for ``pool_idle`` or longer, and those beyond ``pool_size`` that
+        no request needed since the last sweep; again later while any is left.
 
         One timer for every pool, not one per connection (that would be a timer made and cancelled per
         request). A connection is closed within ``(1 + 1/POOL_SWEEPS) * pool_idle``; :meth:`_pooled` never
-        uses one older than ``pool_idle``.
+        uses one older than ``pool_idle``. Connections beyond ``pool_size`` are closed here rather than as
+        they come back, and only those a whole sweep period did not use (as HAProxy's idle connection
+        purge): a busy node's connections come back in bursts (every response of one loop iteration at
+        once), and closing the surplus of each burst made the next one open as many anew, at a cost far
+        above that of a request.
         """
         self.sweeper = None
-        pool_idle = self.settings.http.timeouts.pool_idle
+        http = self.settings.http
+        pool_idle = http.timeouts.pool_idle
         fresh_since = self._loop.time() - pool_idle
         left = False
         for pool in self.pools.values():
-            while pool and pool[0].idle_since <= fresh_since:
-                oldest = pool.pop(0)
+            unused = min(len(pool) - http.pool_size, pool.low)  # beyond pool_size, and idle all period
+            while pool and (unused > 0 or pool[0].idle_since <= fresh_since):
+                oldest = pool.pop(0)  # the least recently used: the likeliest to be closed by the node
                 oldest.pool = None
                 oldest.close()
+                unused -= 1
+            pool.low = len(pool)
             left = left or bool(pool)
         if left and not self.stopping:
             self.sweeper = self._loop.call_later(pool_idle / POOL_SWEEPS, self._sweep)
@@ -883,7 +908,8 @@ class HttpService(TcpService):
         limits = settings.http.limits
         loop = self._loop
         record.conn = conn
-        request = proxy_request_head(head, peer[0], settings.rewrite, server.address.encode())
+        default_host = server.address.encode() if head.version == "1.0" else b""
+        request = proxy_request_head(head, peer[0], settings.rewrite, default_host)
         attempts = 0
         while True:
             attempts += 1
@@ -902,7 +928,15 @@ class HttpService(TcpService):
             conn.uses += 1
             if head.expect_continue and attempts == 1 and head.version == "1.1":
                 client.write(CONTINUE)
-            body_done = await self._send_body(client, conn, head, record, request)
+            if head.framing is Framing.NONE:
+                conn.write(request)
+                # Its end is queued right behind the head (an Upgrade request's Upgrade event after that);
+                # a retry has taken it already.
+                if attempts == 1 and not isinstance(client.take(), EndOfMessage):
+                    raise _Abort(400, "bad_request", "request without its end", _error(400))
+                body_done = True
+            else:
+                body_done = await self._send_body(client, conn, head, record, request)
             try:
                 response = await self._response_head(client, conn, head)
                 break
@@ -937,8 +971,22 @@ class HttpService(TcpService):
             added.append(cookie)
         connection = b"close" if not keep else None if client_11 else b"keep-alive"
         data = proxy_response_head(response, added, cookie is not None and settings.http.cookie.nocache, connection)
-        # The head goes out with the body that is already there: one write, not two.
-        complete = await self._send_response_body(client, conn, rechunk, record, data)
+        # The head goes out with the body that is already there: one write, not two. Most responses are
+        # here whole by now (a small body comes with its head): they need no streaming.
+        rest = reader.take_rest() if reader.body_bytes <= GATHER_BYTES else None
+        if rest is not None:
+            parts = [data]
+            for event in rest:
+                if type(event) is bytes:
+                    parts.append(chunk(event) if rechunk else event)
+                elif rechunk and isinstance(event, EndOfMessage):
+                    parts.append(last_chunk(event.trailers))
+            data = b"".join(parts)
+            record.bytes_down += len(data)
+            client.write(data)
+            complete = True
+        else:
+            complete = await self._send_response_body(client, conn, rechunk, record, data)
         reusable = complete and response.keep_alive and not reader.extra and body_done
         record.conn = None
         self._release(conn, reusable)
@@ -952,7 +1000,10 @@ class HttpService(TcpService):
         settings = self.settings
         if settings.cookie_name is None or rule == "fallback":
             return None
-        value, field = settings.cookies[server.name]
+        cookie = settings.cookies.get(server.name)
+        if cookie is None:  # a reload took the node out of the service during this exchange
+            return None
+        value, field = cookie
         if settings.http.cookie.indirect and value in offered:
             return None
         return field
@@ -973,16 +1024,6 @@ class HttpService(TcpService):
         node went away before it was all sent (its response, if any, is still forwarded; the client
         connection then closes)."""
         timeouts = self.settings.http.timeouts
-        if head.framing is Framing.NONE:
-            conn.write(request)
-            # Its end is queued right behind the head (an Upgrade request's Upgrade event after that).
-            try:
-                event = await client.next_event(timeouts.client)
-            except (TimeoutError, HttpProtocolError):
-                event = None
-            if not isinstance(event, EndOfMessage):
-                raise _Abort(400, "bad_request", "request without its end", _error(400))
-            return True
         chunked = head.framing is Framing.CHUNKED
         parts: list[bytes] = [request]  # the head goes with the body bytes already there
         size = 0
@@ -1039,16 +1080,19 @@ class HttpService(TcpService):
         reader = conn.reader
         assert isinstance(reader, ResponseReader)
         while True:
-            try:
-                event = await conn.next_event(timeout)
-            except TimeoutError:
-                raise _Abort(504, "server_timeout", f"no response within {timeout:g}s", _error(504)) from None
-            except HttpProtocolError as exc:
-                raise _Abort(502, "bad_response", str(exc), _error(502)) from None
+            event = conn.take()
             if event is None:
-                if reader.head is None and not reader.in_message:
-                    raise _Retry
-                raise _Abort(502, "server_closed", "node closed before its response head", _error(502))
+                if conn.error is not None:
+                    raise _Abort(502, "bad_response", str(conn.error), _error(502))
+                if conn.eof:
+                    if reader.head is None and not reader.in_message:
+                        raise _Retry
+                    raise _Abort(502, "server_closed", "node closed before its response head", _error(502))
+                try:
+                    await conn.wait(timeout)
+                except TimeoutError:
+                    raise _Abort(504, "server_timeout", f"no response within {timeout:g}s", _error(504)) from None
+                continue
             if isinstance(event, ResponseHead):
                 if event.informational:
                     if head.version == "1.1" and event.status != 100:  # our own 100 was already sent

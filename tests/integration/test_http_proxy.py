@@ -87,6 +87,70 @@ def test_keep_alive_forwarding_fields_and_the_access_log(pacslb: PacslbFactory, 
         assert lines[0].get(key), key
 
 
+def node_connections(port: int) -> int:
+    """Established TCP connections to 127.0.0.1:``port`` on this machine (from /proc/net/tcp)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state = fields[2], fields[3]
+        if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
+            count += 1
+    return count
+
+
+def stalled_downloads(port: int, path: str, count: int) -> list[socket.socket]:
+    """``count`` connections that each asked for ``path`` and read nothing yet: a body larger than every
+    buffer on the way keeps each exchange, and its node connection, busy until it is read."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % path.encode())
+        socks.append(sock)
+    return socks
+
+
+def read_response(sock: socket.socket) -> int:
+    """Read one response with a Content-Length body; returns its body's length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    received = len(body)
+    while received < length:
+        piece = sock.recv(1 << 20)
+        assert piece, "the connection closed before the body's end"
+        received += len(piece)
+    return received
+
+
+def test_the_connections_of_a_burst_serve_the_next_one(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+    """Idle pooled connections beyond pool_size are closed by the pool's sweep once a sweep period did not
+    need them, not as each comes back: a burst of parallel requests finds the connections the previous
+    burst opened."""
+    node = web[0]
+    with (node.www / "big.bin").open("wb") as f:
+        f.truncate(48 << 20)  # more than the socket buffers and pacslb's own hold between node and client
+    # pool_idle 20s: a sweep every 5 s, and none closes anything before a whole period went unused.
+    lb, url = start(
+        pacslb, [node], persistence={"type": "none"}, http={"pool_size": 1, "timeouts": {"pool_idle": "20s"}}
+    )
+    port = port_of(url)
+    for burst in (1, 2):
+        socks = stalled_downloads(port, "/big.bin", 4)
+        peers.wait_for(lambda: node_connections(node.port) >= 4, 10.0, "four node connections in use")
+        try:
+            assert [read_response(s) for s in socks] == [48 << 20] * 4
+        finally:
+            for sock in socks:
+                sock.close()
+        lines = lb.wait_events("request", 4 * burst, timeout=10.0)
+        reused = [e.get("reused") for e in lines[4 * (burst - 1) :]]
+        assert reused == (["0"] * 4 if burst == 1 else ["1"] * 4), reused
+    # Then, a sweep period without requests later, the sweep closes what is idle beyond pool_size (1).
+    peers.wait_for(lambda: node_connections(node.port) == 1, 40.0, "the pool trimmed to pool_size")
+
+
 def test_forwarded_header_when_enabled(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
     _, url = start(pacslb, web, http={"forward": {"forwarded": True, "x_forwarded_host": False}})
     text = httpx.get(f"{url}/whoami").text
@@ -191,6 +255,58 @@ class _BadNode:
         self.sock.close()
         for conn in self.conns:
             conn.close()
+
+
+class _OneRequestNode:
+    """A node that answers one request per connection and closes the connection when the next request
+    arrives, without answering it: what a node does that closes an idle keep-alive connection just as a
+    request is on its way."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.accepted += 1
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            conn.recv(65536)  # the next request: closed unanswered
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_reused_connection_closed_under_a_request_is_retried_on_a_new_one(pacslb: PacslbFactory) -> None:
+    node = _OneRequestNode()
+    try:
+        port = peers.free_port()
+        spec = peers.service(port, {"one": node.address}, mode="http", check={"type": "none"})
+        lb = pacslb(peers.http_config({"web": spec}))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            assert [client.get(f"/{n}").text for n in range(3)] == ["ok"] * 3
+        lines = lb.wait_events("request", 3, timeout=5)
+        assert [(e.get("status"), e.get("end"), e.get("reused")) for e in lines] == [("200", "ok", "0")] * 3
+        assert node.accepted == 3  # each later request found its pooled connection closed, and retried
+    finally:
+        node.close()
 
 
 def test_node_errors_become_502_and_504(pacslb: PacslbFactory) -> None:

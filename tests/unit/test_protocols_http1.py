@@ -157,6 +157,18 @@ def test_an_incomplete_head_is_bounded_while_it_arrives() -> None:
     assert caught.value.status == 431
 
 
+def test_the_head_limit_is_per_head_not_per_read() -> None:
+    """A read larger than the limit that carries many small pipelined heads (or a small head and its
+    body) is fine: only a head's own size counts."""
+    reader = RequestReader(max_head_size=4096)
+    pipelined = b"GET /x HTTP/1.1\r\nHost: h\r\nX-Pad: %s\r\n\r\n" % (b"p" * 100) * 100
+    evs = events(reader, pipelined + b"PUT /u HTTP/1.1\r\nHost: h\r\nContent-Length: 9000\r\n\r\n" + b"b" * 9000)
+    assert len([e for e in evs if isinstance(e, RequestHead)]) == 101 and len(pipelined) > 4096
+    with pytest.raises(HttpProtocolError, match="larger than") as caught:
+        events(RequestReader(max_head_size=4096), b"GET / HTTP/1.1\r\nHost: h\r\n", *[b"X: %s\r\n" % (b"a" * 90)] * 50)
+    assert caught.value.status == 431
+
+
 def test_client_closing_mid_request_is_an_error_between_requests_it_is_not() -> None:
     reader = RequestReader()
     events(reader, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -402,6 +414,16 @@ def test_reader_reused_for_the_next_response_on_a_connection() -> None:
         final = [e for e in evs if isinstance(e, ResponseHead)][-1]
         assert final.status in (200, 204) and [e for e in evs if type(e) is bytes] == body
         assert evs[-1] is END and reader.finished and not reader.extra and reader.body_bytes == 0
+
+
+def test_the_rest_of_a_complete_response_in_one_take() -> None:
+    reader = ResponseReader(b"GET")
+    reader.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    assert isinstance(reader.take(), ResponseHead)
+    assert reader.take_rest() is None  # still arriving: nothing taken
+    reader.feed(b"2\r\nde\r\n0\r\nX-Sum: 5\r\n\r\n")
+    assert reader.take_rest() == [b"abc", b"de", EndOfMessage([(b"X-Sum", b"5")])]
+    assert reader.body_bytes == 0 and reader.take() is None
 
 
 # -- the cookie's value, the decision, the clock -----------------------------------------------------------
