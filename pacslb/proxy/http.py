@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -130,6 +131,7 @@ class _Side(asyncio.Protocol):
         "eof",
         "error",
         "held",
+        "hook",
         "loop",
         "lost",
         "paused",
@@ -152,6 +154,9 @@ class _Side(asyncio.Protocol):
         self.paused = False
         self.write_paused = False
         self.held: bytearray | None = None  # leaving HTTP for a tunnel: what arrives is kept for the tunnel
+        # The fast path (see HttpService._fast_request): told of what happens on this side before the task
+        # is; when it returns True it dealt with it and the task is not woken.
+        self.hook: Callable[[_Side], bool] | None = None
         # The timeout of the current wait (see wait()): one timer per side, re-armed only when it fires
         # early or a wait needs it sooner, instead of a timer made and cancelled for every wait.
         self.deadline = 0.0
@@ -180,6 +185,8 @@ class _Side(asyncio.Protocol):
         else:
             if reader.body_bytes > HIGH_WATER or len(reader.events) > MAX_QUEUED_EVENTS:
                 self.pause()
+        if self.hook is not None and self.hook(self):
+            return
         self.wake()
 
     def unexpected(self, data: bytes) -> None:
@@ -188,16 +195,18 @@ class _Side(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        self.wake()
+        if self.hook is None or not self.hook(self):
+            self.wake()
         return True  # keep the transport: the other direction may still be needed (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.eof = True
-        self.wake()
         if self.timer is not None:  # a task still waiting wakes up, sees ``lost`` and leaves
             self.timer.cancel()
             self.timer = None
+        if self.hook is None or not self.hook(self):
+            self.wake()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -325,10 +334,26 @@ class _Side(asyncio.Protocol):
             self.transport.abort()
 
 
+class _Client(_Side):
+    """A client connection: a :class:`_Side` with what its requests share."""
+
+    __slots__ = ("flight", "idle_from", "key", "key_spec", "peer", "served", "text")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader: RequestReader, peer: tuple[str, int]) -> None:
+        super().__init__(loop, reader)
+        self.peer = peer
+        self.text = addr_text(peer)
+        self.key: str | None = None  # its source-IP persistence key...
+        self.key_spec: ServiceSpec | None = None  # ... as worked out for this spec (a reload may change it)
+        self.flight: _Flight | None = None  # the exchange the fast path is running for it
+        self.idle_from = loop.time()  # when it last had nothing to do (its keep-alive timeout counts from here)
+        self.served = 0  # requests taken from it
+
+
 class _NodeConn(_Side):
     """A keep-alive connection to a node: a :class:`_Side` that can rest in the service's pool."""
 
-    __slots__ = ("idle_since", "pool", "responses", "server", "uses")
+    __slots__ = ("flight", "idle_since", "pool", "responses", "server", "uses")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, server: ServerState) -> None:
         super().__init__(loop, None)
@@ -337,6 +362,19 @@ class _NodeConn(_Side):
         self.idle_since = 0.0  # when it went into the pool
         self.responses: ResponseReader | None = None  # its reader, kept for the next request while pooled
         self.uses = 0
+        self.flight: _Flight | None = None  # the fast path's exchange waiting for this connection's response
+
+    def _tick(self) -> None:
+        if self.flight is None:
+            super()._tick()
+            return
+        # The fast path waits for a response with no task: its hook is told when the deadline comes.
+        self.timer = None
+        if self.deadline - self.loop.time() <= TIMER_SLACK:
+            assert self.hook is not None
+            self.hook(self)
+        else:
+            self._arm(self.deadline)
 
     def unexpected(self, data: bytes) -> None:
         self.leave_pool()
@@ -408,6 +446,23 @@ class _Pump(asyncio.Protocol):
         self.other.transport.close()
         if not self.done.done():
             self.done.set_result(None)
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """An exchange the fast path started: the request went to a pooled node connection, with no task."""
+
+    client: _Client
+    conn: _NodeConn
+    server: ServerState
+    head: RequestHead
+    record: _Record
+    rule: str
+    offered: list[bytes]
+    key: str | None
+    table: PersistenceTable | None
+    deadline: float  # for the response (``http.timeouts.server``)
+    handed: bool = False  # given to the client's task to finish (see HttpService._fast_handover)
 
 
 @dataclass(slots=True)
@@ -588,7 +643,8 @@ class HttpService(TcpService):
         settings = self.settings
         try:
             _tune(client_sock)
-            client = _Side(loop, RequestReader(settings.http.limits.max_head_size, settings.http.limits.max_headers))
+            limits = settings.http.limits
+            client = _Client(loop, RequestReader(limits.max_head_size, limits.max_headers), peer)
             try:
                 await loop.connect_accepted_socket(
                     lambda: client,
@@ -615,31 +671,40 @@ class HttpService(TcpService):
             log.exception("http connection failed on service %s", self.name)
             client.abort()
         finally:
+            client.hook = None
+            if client.flight is not None:
+                self._fast_abandon(client.flight)
             self.idle.discard(client)
             if not client.lost:
                 client.close()
 
-    async def _serve(self, client: _Side, peer: tuple[str, int]) -> None:
-        """Exchanges on one client connection until it closes, errs, idles out or the service stops."""
+    async def _serve(self, client: _Client, peer: tuple[str, int]) -> None:
+        """Exchanges on one client connection until it closes, errs, idles out or the service stops.
+
+        While the task waits for a request head, the fast path (:meth:`_fast_request`) may serve requests
+        in its place; the task then waits until that exchange is over, or finishes it when handed it."""
         loop = self._loop
-        first = True
         reader = client.reader
         assert isinstance(reader, RequestReader)
-        client_text = addr_text(peer)
-        key_spec: ServiceSpec | None = None  # the spec ``key`` was worked out for (a reload may change it)
-        key: str | None = None
         while True:
             timeouts = self.settings.http.timeouts
-            waited_from = loop.time()
-            head_deadline = waited_from + timeouts.request_head
-            idle_deadline = waited_from + (timeouts.request_head if first else timeouts.keep_alive)
-            first = False
-            record = _Record(client_text)
+            client.idle_from = loop.time()
+            head_started: float | None = None  # when the first byte of a head was seen
+            record = _Record(client.text)
             # Wait for a request head: the keep-alive timeout until its first byte, then the head timeout.
             head: RequestHead | None = None
+            flight: _Flight | None = None
             self.idle.add(client)
+            client.hook = self._fast_request
             try:
                 while head is None:
+                    flight = client.flight
+                    if flight is not None:
+                        if flight.handed:
+                            break
+                        with contextlib.suppress(TimeoutError):  # it ends by its own deadline and wakes us
+                            await client.wait(timeouts.server + timeouts.keep_alive)
+                        continue
                     event = client.take()
                     if event is not None:
                         if not isinstance(event, RequestHead):  # cannot happen: heads start messages
@@ -653,11 +718,15 @@ class HttpService(TcpService):
                         return
                     if self.stopping and not reader.in_message:
                         return
+                    now = loop.time()
                     if reader.in_message:
-                        head_deadline = min(head_deadline, loop.time() + timeouts.request_head)
-                        remaining = head_deadline - loop.time()
+                        if head_started is None:
+                            head_started = now
+                        remaining = head_started + timeouts.request_head - now
                     else:
-                        remaining = idle_deadline - loop.time()
+                        head_started = None
+                        remaining = client.idle_from - now
+                        remaining += timeouts.request_head if client.served == 0 else timeouts.keep_alive
                     if remaining <= 0:
                         if reader.in_message:
                             raise _Abort(408, "client_timeout", "request head not received in time", _error(408))
@@ -680,16 +749,24 @@ class HttpService(TcpService):
                 self._log_request(record)
                 return
             finally:
+                client.hook = None
                 self.idle.discard(client)
-            record.started = loop.time()
-            record.method = head.method.decode("latin-1")
-            record.path = head.path
-            if key_spec is not self.spec and self.settings.use_table:
-                key_spec = self.spec
-                persistence = key_spec.persistence
-                key = source_ip_key(peer[0], persistence.netmask, persistence.netmask6)
+            if flight is not None:  # the fast path's exchange, to finish here
+                client.flight = None
+                record = flight.record
+                exchange = self._exchange_tail(
+                    client, flight.conn, flight.server, flight.head, flight.key, flight.table, record, flight.rule,
+                    flight.offered, flight.deadline,
+                )  # fmt: skip
+            else:
+                assert head is not None
+                client.served += 1
+                record.started = loop.time()
+                record.method = head.method.decode("latin-1")
+                record.path = head.path
+                exchange = self._exchange(client, head, self._client_key(client), record)
             try:
-                keep = await self._exchange(client, head, peer, key, record)
+                keep = await exchange
             except _Abort as exc:
                 record.status = record.status or exc.status
                 record.end, record.detail = exc.end, exc.detail
@@ -702,6 +779,18 @@ class HttpService(TcpService):
             self._log_request(record)
             if not keep or self.stopping:
                 return
+
+    def _client_key(self, client: _Client) -> str | None:
+        """The client's source-IP persistence key (None when the service keeps no table)."""
+        spec = self.spec
+        if client.key_spec is not spec:
+            client.key_spec = spec
+            if self.settings.use_table:
+                persistence = spec.persistence
+                client.key = source_ip_key(client.peer[0], persistence.netmask, persistence.netmask6)
+            else:
+                client.key = None
+        return client.key
 
     async def _refuse(self, client: _Side, response: bytes, record: _Record | None = None) -> None:
         """Send the balancer's own final answer, then close without resetting what the client may still be
@@ -723,9 +812,7 @@ class HttpService(TcpService):
 
     # -- one exchange ----------------------------------------------------------------------------------------
 
-    async def _exchange(
-        self, client: _Side, head: RequestHead, peer: tuple[str, int], key: str | None, record: _Record
-    ) -> bool:
+    async def _exchange(self, client: _Client, head: RequestHead, key: str | None, record: _Record) -> bool:
         """Serve one request (``key``: the client's source-IP persistence key). Returns whether the client
         connection stays open for the next one.
 
@@ -741,13 +828,7 @@ class HttpService(TcpService):
             raise _Abort(400, "bad_request", "Upgrade with a request body", _error(400))
         loop = self._loop
         spec = self.spec
-        if not settings.use_table:
-            key = None
-        offered = (
-            cookie_values(head.headers, settings.cookie_bytes)
-            if settings.cookie_name is not None and b"cookie" in head.names
-            else []
-        )
+        offered = self._offered(head)
         table = self.table if settings.use_table else None
         tried: list[ServerState] = []
         conn: _NodeConn | None = None
@@ -776,7 +857,7 @@ class HttpService(TcpService):
                 tried.append(server)
                 record.retries = len(tried)
                 if server is not settings.fallback:
-                    self.connect_failed(peer, server, exc.reason, len(tried))
+                    self.connect_failed(client.peer, server, exc.reason, len(tried))
         assert server is not None
         server.total += 1
         record.connected = now = loop.time()
@@ -784,8 +865,26 @@ class HttpService(TcpService):
             table = None  # the fallback server is no persistence target
         if key is not None and table is not None:
             table.acquire(key, server.name, now)
+        return await self._exchange_tail(client, conn, server, head, key, table, record, rule, offered, None)
+
+    async def _exchange_tail(
+        self,
+        client: _Client,
+        conn: _NodeConn,
+        server: ServerState,
+        head: RequestHead,
+        key: str | None,
+        table: PersistenceTable | None,
+        record: _Record,
+        rule: str,
+        offered: list[bytes],
+        sent_until: float | None,
+    ) -> bool:
+        """The exchange once its node connection is there (``server.active`` counts it, the persistence
+        entry is held): proxy it, then give both back. ``sent_until``: the request was sent already (by the
+        fast path), and its response is due by then."""
         try:
-            return await self._proxy(client, conn, server, head, peer, record, rule, offered)
+            return await self._proxy(client, conn, server, head, record, rule, offered, sent_until)
         except BaseException:
             if record.conn is not None:
                 record.conn.abort()  # whatever state it is in, it cannot serve another request
@@ -793,7 +892,141 @@ class HttpService(TcpService):
         finally:
             server.active -= 1
             if key is not None and table is not None:
-                table.release(key, server.name, loop.time())
+                table.release(key, server.name, self._loop.time())
+
+    def _offered(self, head: RequestHead) -> list[bytes]:
+        """The values of the persistence cookie the request carries."""
+        settings = self.settings
+        if settings.cookie_name is None or b"cookie" not in head.names:
+            return []
+        return cookie_values(head.headers, settings.cookie_bytes)
+
+    # -- the fast path ---------------------------------------------------------------------------------------
+
+    def _fast_request(self, side: _Side) -> bool:
+        """The client side's hook while its task waits for a request head. The common exchange (a request
+        without a body, a node connection in the pool, a whole response of modest size) is served right
+        here, from the protocol callbacks, without waking the task: the request goes out now, and
+        :meth:`_fast_response` answers when the response is in. Anything else wakes the task, which serves
+        it as always. Returns True when the task need not wake."""
+        client = cast(_Client, side)
+        if client.flight is not None:
+            return True  # later requests wait in the reader until this exchange is over
+        reader = client.reader
+        if self.stopping or client.error is not None or client.eof or reader is None:
+            return False
+        events = reader.events
+        if len(events) < 2:
+            return False
+        head = events[0]
+        if (
+            type(head) is not RequestHead
+            or head.framing is not Framing.NONE
+            or head.upgrade
+            or head.expect_continue
+            or head.method == b"CONNECT"
+            or type(events[1]) is not EndOfMessage
+        ):
+            return False
+        settings = self.settings
+        loop = self._loop
+        key = self._client_key(client)
+        offered = self._offered(head)
+        table = self.table if settings.use_table else None
+        now = loop.time()
+        picked = choose_with_cookie(self.servers, self.scheduler, table, key, offered, settings.codec, now, [])
+        if picked is None:
+            return False
+        server, rule = picked
+        conn = self._pooled(server)
+        if conn is None:
+            return False
+        client.take()
+        client.take()
+        client.served += 1
+        record = _Record(client.text, server=server.name, rule=rule, reused=True, started=now, connected=now)
+        record.method = head.method.decode("latin-1")
+        record.path = head.path
+        record.conn = conn
+        server.active += 1
+        server.total += 1
+        if key is not None and table is not None:
+            table.acquire(key, server.name, now)
+        self._expect_response(conn, head)
+        default_host = server.address.encode() if head.version == "1.0" else b""
+        conn.write(proxy_request_head(head, client.peer[0], settings.rewrite, default_host))
+        deadline = now + settings.http.timeouts.server
+        flight = _Flight(client, conn, server, head, record, rule, offered, key, table, deadline)
+        client.flight = conn.flight = flight
+        conn.hook = self._fast_response
+        conn.deadline = deadline
+        if conn.timer is None or conn.timer_at > deadline:
+            conn._arm(deadline)
+        return True
+
+    def _fast_response(self, side: _Side) -> bool:
+        """The node side's hook during a fast exchange: answer the client once the response is whole;
+        anything unusual (an interim or 101 response, a large or slow body, an error, a close, the
+        deadline) goes to the client's task to finish as it would its own."""
+        conn = cast(_NodeConn, side)
+        flight = conn.flight
+        reader = conn.reader
+        assert flight is not None and isinstance(reader, ResponseReader)
+        if conn.error is None and reader.body_bytes <= GATHER_BYTES:
+            if reader.finished and not reader.upgraded:
+                response = reader.events[0]
+                if type(response) is ResponseHead and not response.informational and response.status != 101:
+                    self._fast_finish(flight)
+                    return True
+            elif not conn.eof and self._loop.time() < flight.deadline:
+                return True  # more of it is on its way
+        self._fast_handover(flight)
+        return True
+
+    def _fast_finish(self, flight: _Flight) -> None:
+        conn, client, server, record = flight.conn, flight.client, flight.server, flight.record
+        conn.hook = None
+        conn.flight = client.flight = None
+        reader = conn.reader
+        assert isinstance(reader, ResponseReader)
+        response = reader.take()
+        assert isinstance(response, ResponseHead)
+        try:
+            keep = self._respond_whole(client, conn, server, flight.head, response, record, flight.rule, flight.offered)
+        finally:
+            server.active -= 1
+            if flight.key is not None and flight.table is not None:
+                flight.table.release(flight.key, server.name, self._loop.time())
+        self._log_request(record)
+        if not keep or self.stopping:
+            client.close()  # its task wakes when the connection is lost, and ends
+            return
+        client.idle_from = self._loop.time()
+        if client.reader is not None and client.reader.events and self._fast_request(client):
+            return  # the next pipelined request is on its way
+        if client.eof or client.error is not None or (client.reader is not None and client.reader.events):
+            client.wake()
+
+    def _fast_handover(self, flight: _Flight) -> None:
+        """Let the client's task finish a fast exchange: it waits for the response (what is left of its
+        deadline), retries on a fresh connection, streams, or answers 502/504, as :meth:`_proxy` does."""
+        flight.conn.hook = None
+        flight.conn.flight = None
+        flight.handed = True
+        flight.client.wake()
+
+    def _fast_abandon(self, flight: _Flight) -> None:
+        """The client's task ended (the service stopped) during a fast exchange: drop it."""
+        conn, server, record = flight.conn, flight.server, flight.record
+        conn.hook = None
+        conn.flight = None
+        flight.client.flight = None
+        conn.abort()
+        server.active -= 1
+        if flight.key is not None and flight.table is not None:
+            flight.table.release(flight.key, server.name, self._loop.time())
+        record.end, record.detail = "shutdown", "the service stopped during the exchange"
+        self._log_request(record)
 
     def _unavailable(self, head: RequestHead) -> bytes:
         """The 503 when no node can serve. The request body (if any) is not read: the connection closes."""
@@ -893,52 +1126,43 @@ class HttpService(TcpService):
 
     async def _proxy(
         self,
-        client: _Side,
+        client: _Client,
         conn: _NodeConn,
         server: ServerState,
         head: RequestHead,
-        peer: tuple[str, int],
         record: _Record,
         rule: str,
         offered: list[bytes],
+        sent_until: float | None = None,
     ) -> bool:
         """Send the request to the node and its response to the client. Returns whether the client
-        connection stays open."""
+        connection stays open. ``sent_until``: see :meth:`_exchange_tail`."""
         settings = self.settings
-        limits = settings.http.limits
         loop = self._loop
         record.conn = conn
         default_host = server.address.encode() if head.version == "1.0" else b""
-        request = proxy_request_head(head, peer[0], settings.rewrite, default_host)
+        request = proxy_request_head(head, client.peer[0], settings.rewrite, default_host)
         attempts = 0
+        body_done = True
         while True:
             attempts += 1
-            reader = conn.responses
-            if (
-                reader is None
-                or reader.max_head_size != limits.max_head_size
-                or reader.max_headers != limits.max_headers
-            ):
-                reader = conn.responses = ResponseReader(
-                    head.method, head.upgrade, limits.max_head_size, limits.max_headers
-                )
+            deadline: float | None = None
+            if sent_until is not None and attempts == 1:
+                deadline = sent_until
             else:
-                reader.next_response(head.method, head.upgrade)
-            conn.reader = reader
-            conn.uses += 1
-            if head.expect_continue and attempts == 1 and head.version == "1.1":
-                client.write(CONTINUE)
-            if head.framing is Framing.NONE:
-                conn.write(request)
-                # Its end is queued right behind the head (an Upgrade request's Upgrade event after that);
-                # a retry has taken it already.
-                if attempts == 1 and not isinstance(client.take(), EndOfMessage):
-                    raise _Abort(400, "bad_request", "request without its end", _error(400))
-                body_done = True
-            else:
-                body_done = await self._send_body(client, conn, head, record, request)
+                self._expect_response(conn, head)
+                if head.expect_continue and attempts == 1 and head.version == "1.1":
+                    client.write(CONTINUE)
+                if head.framing is Framing.NONE:
+                    conn.write(request)
+                    # Its end is queued right behind the head (an Upgrade request's Upgrade event after
+                    # that); a retry has taken it already.
+                    if attempts == 1 and not isinstance(client.take(), EndOfMessage):
+                        raise _Abort(400, "bad_request", "request without its end", _error(400))
+                else:
+                    body_done = await self._send_body(client, conn, head, record, request)
             try:
-                response = await self._response_head(client, conn, head)
+                response = await self._response_head(client, conn, head, deadline)
                 break
             except _Retry:
                 # A reused connection the node had closed while idle: once more on a fresh connection.
@@ -950,12 +1174,53 @@ class HttpService(TcpService):
                 except ConnectFailed as exc:
                     raise _Abort(502, "server_closed", exc.reason, _error(502)) from None
                 record.reused = False
-        record.responded = loop.time()
-        record.status = response.status
+        reader = conn.reader
+        assert isinstance(reader, ResponseReader)
         if response.status == 101:
+            record.responded = loop.time()
+            record.status = response.status
             await self._tunnel(client, conn, response, record, self._with_cookie([], server, rule, offered))
             return False
-        # Which framing the client gets, and whether its connection can stay open after.
+        if reader.body_bytes <= GATHER_BYTES and reader.finished and not reader.upgraded:
+            # Most responses are here whole by now (a small body comes with its head): no streaming.
+            return self._respond_whole(client, conn, server, head, response, record, rule, offered, body_done)
+        data, keep, rechunk = self._response_start(server, head, response, record, rule, offered, body_done)
+        complete = await self._send_response_body(client, conn, rechunk, record, data)
+        reusable = complete and response.keep_alive and not reader.extra and body_done
+        record.conn = None
+        self._release(conn, reusable)
+        if not complete:
+            raise _Abort(response.status, record.end, record.detail)
+        return keep
+
+    def _expect_response(self, conn: _NodeConn, head: RequestHead) -> ResponseReader:
+        """Get ``conn`` ready to read the response to ``head``."""
+        limits = self.settings.http.limits
+        reader = conn.responses
+        if reader is None or reader.max_head_size != limits.max_head_size or reader.max_headers != limits.max_headers:
+            reader = conn.responses = ResponseReader(
+                head.method, head.upgrade, limits.max_head_size, limits.max_headers
+            )
+        else:
+            reader.next_response(head.method, head.upgrade)
+        conn.reader = reader
+        conn.uses += 1
+        return reader
+
+    def _response_start(
+        self,
+        server: ServerState,
+        head: RequestHead,
+        response: ResponseHead,
+        record: _Record,
+        rule: str,
+        offered: list[bytes],
+        body_done: bool,
+    ) -> tuple[bytes, bool, bool]:
+        """The response head the client gets; whether its connection stays open after; whether the body is
+        chunked here (a chunked or close-delimited body to an HTTP/1.1 client)."""
+        record.responded = self._loop.time()
+        record.status = response.status
         client_11 = head.version == "1.1"
         keep = head.keep_alive and body_done and not self.stopping
         added: Headers = []
@@ -970,28 +1235,39 @@ class HttpService(TcpService):
         if cookie is not None:
             added.append(cookie)
         connection = b"close" if not keep else None if client_11 else b"keep-alive"
-        data = proxy_response_head(response, added, cookie is not None and settings.http.cookie.nocache, connection)
-        # The head goes out with the body that is already there: one write, not two. Most responses are
-        # here whole by now (a small body comes with its head): they need no streaming.
-        rest = reader.take_rest() if reader.body_bytes <= GATHER_BYTES else None
-        if rest is not None:
-            parts = [data]
-            for event in rest:
-                if type(event) is bytes:
-                    parts.append(chunk(event) if rechunk else event)
-                elif rechunk and isinstance(event, EndOfMessage):
-                    parts.append(last_chunk(event.trailers))
-            data = b"".join(parts)
-            record.bytes_down += len(data)
-            client.write(data)
-            complete = True
-        else:
-            complete = await self._send_response_body(client, conn, rechunk, record, data)
-        reusable = complete and response.keep_alive and not reader.extra and body_done
+        nocache = cookie is not None and self.settings.http.cookie.nocache
+        return proxy_response_head(response, added, nocache, connection), keep, rechunk
+
+    def _respond_whole(
+        self,
+        client: _Side,
+        conn: _NodeConn,
+        server: ServerState,
+        head: RequestHead,
+        response: ResponseHead,
+        record: _Record,
+        rule: str,
+        offered: list[bytes],
+        body_done: bool = True,
+    ) -> bool:
+        """Answer with a response that is all there (head and body in one write) and give the node
+        connection back. Returns whether the client connection stays open."""
+        data, keep, rechunk = self._response_start(server, head, response, record, rule, offered, body_done)
+        reader = conn.reader
+        assert isinstance(reader, ResponseReader)
+        rest = reader.take_rest()
+        assert rest is not None
+        parts = [data]
+        for event in rest:
+            if type(event) is bytes:
+                parts.append(chunk(event) if rechunk else event)
+            elif rechunk and isinstance(event, EndOfMessage):
+                parts.append(last_chunk(event.trailers))
+        data = b"".join(parts)
+        record.bytes_down += len(data)
+        client.write(data)
         record.conn = None
-        self._release(conn, reusable)
-        if not complete:
-            raise _Abort(response.status, record.end, record.detail)
+        self._release(conn, response.keep_alive and not reader.extra and body_done)
         return keep
 
     def _cookie_field(self, server: ServerState, rule: str, offered: list[bytes]) -> tuple[bytes, bytes] | None:
@@ -1069,14 +1345,19 @@ class HttpService(TcpService):
                 return not conn.lost
             raise HttpProtocolError("unexpected event in a request body")  # pragma: no cover
 
-    async def _response_head(self, client: _Side, conn: _NodeConn, head: RequestHead) -> ResponseHead:
-        """The node's final response head; interim 1xx responses go to the client as they come.
+    async def _response_head(
+        self, client: _Side, conn: _NodeConn, head: RequestHead, deadline: float | None = None
+    ) -> ResponseHead:
+        """The node's final response head; interim 1xx responses go to the client as they come. The first
+        wait ends by ``deadline`` when given (the fast path waited already), each one after
+        ``http.timeouts.server`` from when it starts.
 
         Raises:
             _Retry: a reused connection closed before any response byte.
             _Abort: 502 (bad or no response) or 504 (no response in time).
         """
         timeout = self.settings.http.timeouts.server
+        first_wait = timeout if deadline is None else max(0.0, deadline - self._loop.time())
         reader = conn.reader
         assert isinstance(reader, ResponseReader)
         while True:
@@ -1089,9 +1370,10 @@ class HttpService(TcpService):
                         raise _Retry
                     raise _Abort(502, "server_closed", "node closed before its response head", _error(502))
                 try:
-                    await conn.wait(timeout)
+                    await conn.wait(first_wait)
                 except TimeoutError:
                     raise _Abort(504, "server_timeout", f"no response within {timeout:g}s", _error(504)) from None
+                first_wait = timeout
                 continue
             if isinstance(event, ResponseHead):
                 if event.informational:
