@@ -408,3 +408,137 @@ def test_clock_skew_of_a_node_is_reported(pacslb: PacslbFactory) -> None:
         assert not lb.events("health")
     finally:
         listener.close()
+
+
+class _ScriptedNode:
+    """A keep-alive node whose answer depends on the path: ``/small``, ``/big`` (2 MiB), ``/slow`` (after
+    0.3 s), ``/hints`` (103 Early Hints, then 200), ``/bad`` (not HTTP) and ``/never`` (no answer)."""
+
+    BIG = 2 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        data = b""
+        with contextlib.suppress(OSError):
+            while True:
+                while b"\r\n\r\n" not in data:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    data += more
+                head, _, data = data.partition(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1]
+                if path == b"/never":
+                    continue  # holds the connection, answers nothing
+                if path == b"/bad":
+                    conn.sendall(b"this is not HTTP\r\n\r\n")
+                    return
+                if path == b"/slow":
+                    time.sleep(0.3)
+                if path == b"/hints":
+                    conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+                body = b"b" * self.BIG if path == b"/big" else b"ok " + path
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def test_unusual_responses_on_pooled_connections(pacslb: PacslbFactory) -> None:
+    """Requests that find a pooled connection are served without waking the client's task, until their
+    response is unusual (large, slow, interim, malformed, missing): each must still be answered as usual."""
+    node = _ScriptedNode()
+    try:
+        port = peers.free_port()
+        spec = peers.service(
+            port, {"n": node.address}, mode="http", check={"type": "none"}, http={"timeouts": {"server": "1s"}}
+        )
+        lb = pacslb(peers.http_config({"web": spec}))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            assert client.get("/small").text == "ok /small"
+            assert client.get("/small").text == "ok /small"
+            big = client.get("/big")
+            assert big.status_code == 200 and big.content == b"b" * node.BIG
+            assert client.get("/slow").text == "ok /slow"
+            hints = client.get("/hints")
+            assert (hints.status_code, hints.text) == (200, "ok /hints")
+            assert client.get("/small").text == "ok /small"
+            assert client.get("/bad").status_code == 502
+            assert client.get("/small").text == "ok /small"
+            assert client.get("/small").text == "ok /small"
+            assert client.get("/never").status_code == 504
+            assert client.get("/small").text == "ok /small"
+        lines = lb.wait_events("request", 11, timeout=5)
+        # (an answer of the balancer's own is logged after its linger, so the lines are not in request order)
+        got = sorted((e.get("path"), e.get("status"), e.get("end"), e.get("reused")) for e in lines)
+        assert got == sorted(
+            [
+                ("/small", "200", "ok", "0"),
+                ("/small", "200", "ok", "1"),
+                ("/big", "200", "ok", "1"),
+                ("/slow", "200", "ok", "1"),
+                ("/hints", "200", "ok", "1"),
+                ("/small", "200", "ok", "1"),
+                ("/bad", "502", "bad_response", "1"),  # its node connection is closed: a new one after
+                ("/small", "200", "ok", "0"),
+                ("/small", "200", "ok", "1"),
+                ("/never", "504", "server_timeout", "1"),
+                ("/small", "200", "ok", "0"),
+            ]
+        )
+    finally:
+        node.close()
+
+
+def test_keep_alive_and_head_timeouts_after_requests(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+    """The keep-alive timeout counts from the end of the last exchange (however it was served), and a head
+    that starts on an old keep-alive connection gets the head timeout from its first byte."""
+    _, url = start(pacslb, web, http={"timeouts": {"keep_alive": "600ms", "request_head": "600ms"}})
+    request = b"GET /whoami HTTP/1.1\r\nHost: a\r\n\r\n"
+
+    def exchange(sock: socket.socket) -> bytes:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            more = sock.recv(65536)
+            assert more, answer
+            answer += more
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            more = sock.recv(65536)
+            assert more, answer
+            body += more
+        return head
+
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=5) as sock:
+        for _ in range(3):
+            assert exchange(sock).startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.4)  # under the keep-alive timeout each time, though longer than it in all
+        assert sock.recv(4096) == b""  # then closed quietly once idle for the timeout
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=5) as sock:
+        assert exchange(sock).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.4)
+        sock.sendall(b"GET /whoami HTTP/1.1\r\n")  # a head begins, and never ends
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408 ")
