@@ -8,6 +8,11 @@ Owns three client behaviours and nothing else:
   A-ASSOCIATE-AC, a C-ECHO-RSP with status 0000, an A-RELEASE-RP), close.
 - ``idle``: open N connections, print how many are open, then hold them without a byte until standard
   input closes (or a bounded time passes), and close them.
+- ``paced``: latency at a given load. ``--concurrency`` keep-alive connections send HTTP/1.1 GETs at a
+  fixed total ``--rate`` (open loop: request i is due at start + i / rate, whatever the answers before it
+  did), each answer checked as in ``http10``. A request's latency counts from when it was sent, or from
+  when it was due if it went late because the previous answer on its connection came late (a server that
+  falls behind is charged for the wait). Prints p50, p99 and p99.9 in milliseconds.
 
 ``http10`` and ``echo`` run ``--concurrency`` loops for ``--duration`` seconds and print one JSON line:
 completed operations, errors by kind, elapsed time and rate. Clients spread over ``--sources`` loopback
@@ -178,6 +183,89 @@ async def run_loops(
     return {"ok": ok, "errors": dict(errors), "elapsed": elapsed, "rate": ok / elapsed if elapsed else 0.0}
 
 
+async def read_response(loop: asyncio.AbstractEventLoop, sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length body from a keep-alive connection: (response, what
+    followed it)."""
+    while b"\r\n\r\n" not in buf:
+        data = await loop.sock_recv(sock, READ_SIZE)
+        if not data:
+            raise OpError("closed_early")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        data = await loop.sock_recv(sock, READ_SIZE)
+        if not data:
+            raise OpError("closed_early")
+        rest += data
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+async def paced(
+    dests: list[tuple[str, int]], rate: float, concurrency: int, duration: float, sources: list[str], host: str
+) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    latencies: list[float] = []
+    errors: collections.Counter[str] = collections.Counter()
+    total = int(rate * duration)
+    start = time.monotonic() + 0.5  # every connection is open by then
+
+    async def conn_loop(index: int) -> None:
+        sock = new_socket(sources[index % len(sources)])
+        try:
+            await loop.sock_connect(sock, dests[index % len(dests)])
+            buf = b""
+            ready = 0.0  # when the previous answer was in
+            for i in range(index, total, concurrency):
+                due = start + i / rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                # Late because the previous answer was: the server's wait, counted from when this one was
+                # due; late because our own timer woke us late (it has millisecond resolution): ours, not
+                # counted.
+                sent = time.monotonic() if ready <= due else due
+                await loop.sock_sendall(sock, request)
+                answer, buf = await read_response(loop, sock, buf)
+                ready = time.monotonic()
+                if not answer.startswith(b"HTTP/1.1 200"):
+                    errors["bad_status"] += 1
+                    continue
+                latencies.append(ready - sent)
+        except OpError as exc:
+            errors[str(exc)] += 1
+        except OSError as exc:
+            errors[type(exc).__name__] += 1
+        finally:
+            sock.close()
+
+    tasks = [asyncio.ensure_future(conn_loop(i)) for i in range(concurrency)]
+    _, pending = await asyncio.wait(tasks, timeout=duration + 0.5 + GRACE)
+    for task in pending:
+        task.cancel()
+        errors["timeout"] += 1
+    if pending:
+        await asyncio.wait(pending, timeout=GRACE)
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0
+
+    return {
+        "ok": len(latencies),
+        "errors": dict(errors),
+        "rate": rate,
+        "p50": pct(0.50),
+        "p99": pct(0.99),
+        "p999": pct(0.999),
+    }
+
+
 async def hold_idle(dests: list[tuple[str, int]], count: int, sources: list[str], hold: float) -> None:
     loop = asyncio.get_running_loop()
     socks: list[socket.socket] = []
@@ -216,7 +304,7 @@ async def hold_idle(dests: list[tuple[str, int]], count: int, sources: list[str]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["http10", "echo", "idle"])
+    parser.add_argument("mode", choices=["http10", "echo", "idle", "paced"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, action="append", required=True, help="repeat to spread over several")
     parser.add_argument("--concurrency", type=int, default=64)
@@ -229,6 +317,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--called-ae", default="ANY-SCP")
     parser.add_argument("--count", type=int, default=10_000, help="(idle) connections to hold")
     parser.add_argument("--hold", type=float, default=120.0, help="(idle) longest time to hold them")
+    parser.add_argument("--rate", type=float, default=1000.0, help="(paced) requests per second in all")
     return parser.parse_args(argv)
 
 
@@ -238,6 +327,10 @@ async def amain(args: argparse.Namespace) -> None:
     sources = source_addresses(args.sources)
     if args.mode == "idle":
         await hold_idle(dests, args.count, sources, args.hold)
+        return
+    if args.mode == "paced":
+        stats = await paced(dests, args.rate, args.concurrency, args.duration, sources, args.host)
+        print(json.dumps(stats), flush=True)
         return
     op: Op
     if args.mode == "http10":

@@ -176,8 +176,11 @@ def measure_all(
     *,
     describe: Callable[[dict[str, float]], str] = lambda values: str(values),
     cpu: bool = True,
+    then: Callable[[Subject], dict[str, float]] | None = None,
 ) -> None:
     """``ctx.repeat`` rounds; in each, every subject once, in an order rotated by one per round.
+    ``then``: a second measurement right after ``measure`` (its values join the round's; the CPU figures
+    are those of ``measure`` alone).
 
     With ``cpu``, the CPU time the balancer (all its processes) used during each measurement is added to
     its values: ``cpu_pct`` (user + system, percent of one core over the measurement's wall time; above
@@ -215,6 +218,8 @@ def measure_all(
                     wall = time.monotonic() - wall
                     values["cpu_pct"] = 100 * (user - before[0] + system - before[1]) / wall
                     values["user_pct"] = 100 * (user - before[0]) / wall
+                if then is not None:
+                    values |= then(subject)
             except (BenchError, OSError, ValueError) as exc:
                 first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 case.notes.append(f"{subject.label}, round {rep + 1}: failed: {first_line}")
