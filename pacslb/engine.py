@@ -41,8 +41,6 @@ from pacslb.config import Config, ServiceSpec, load_config
 from pacslb.config.values import HostPort
 from pacslb.errors import ConfigError, PacslbError
 from pacslb.logs import log_event, setup_logging
-from pacslb.proxy.dicom import DicomService
-from pacslb.proxy.http import HttpService
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.relay import DEFAULT_METHOD
 from pacslb.proxy.tcp import TcpService
@@ -55,9 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pacslb.engine")
 
-#: The service class of each mode.
-SERVICE_KINDS: dict[str, type[TcpService]] = {"tcp": TcpService, "dicom": DicomService, "http": HttpService}
-
 #: After the shutdown grace, how long cancelled connections get to close before pacslb exits regardless.
 CANCEL_WAIT = 5.0
 
@@ -65,6 +60,23 @@ CANCEL_WAIT = 5.0
 SWEEP_INTERVAL = 30.0
 #: On stop, how long background work (an old admin listener closing, alerts flushing) may still take.
 BACKGROUND_STOP_TIMEOUT = 5.0
+
+
+def service_class(mode: str) -> type[TcpService]:
+    """The service class of a config ``mode``. The dicom and http modules are imported when a service of
+    their mode is first made: the HTTP proxy and its parser cost megabytes that a balancer of plain TCP
+    services would carry for nothing."""
+    if mode == "tcp":
+        return TcpService
+    if mode == "dicom":
+        from pacslb.proxy.dicom import DicomService
+
+        return DicomService
+    if mode == "http":
+        from pacslb.proxy.http import HttpService
+
+        return HttpService
+    raise ValueError(f"no service of mode {mode!r}")
 
 
 def _server_condition(server: ServerState) -> str:
@@ -218,7 +230,7 @@ class Engine:
                 previous.apply(spec, servers, table)
                 service = previous
             else:
-                service = SERVICE_KINDS[spec.mode](name, spec, servers, table)
+                service = service_class(spec.mode)(name, spec, servers, table)
                 service.on_connect_failed = self._connect_failed
                 if self.pool is not None:
                     service.relayer = self.pool.relay

@@ -13,6 +13,9 @@ hour (a failed attempt counts too, so a broken mail server is not hammered); pas
 go out together in the next message allowed, so a flapping node cannot flood a mailbox and no event is
 silently lost. At most :data:`MAX_PENDING` events wait; beyond that the oldest are dropped and the next
 message says how many.
+
+smtplib and email are imported by the first mail, httpx when a webhook is configured: most balancers
+configure no alerts, or one channel, and httpx alone costs megabytes.
 """
 
 from __future__ import annotations
@@ -20,21 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import smtplib
 import socket
 import ssl
 import time
 from collections import deque
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from pacslb import __version__
 from pacslb.admin.events import Event, EventLog
 from pacslb.config.model import AlertsSpec, EmailSpec, WebhookSpec
 from pacslb.logs import log_event
+
+if TYPE_CHECKING:
+    from email.message import EmailMessage
 
 log = logging.getLogger("pacslb.alerts")
 
@@ -158,6 +159,8 @@ class _Email(_Channel):
 
 def _send_mail(spec: EmailSpec, password: str | None, message: EmailMessage) -> None:
     """Deliver one message (blocking: runs in a worker thread). Raises on any failure."""
+    import smtplib
+
     host, port = spec.server
     with smtplib.SMTP(host, port, timeout=spec.timeout) as smtp:
         smtp.ehlo()
@@ -173,6 +176,8 @@ class _Webhook(_Channel):
     name = "webhook"
 
     async def send(self, events: list[Event], dropped: int) -> None:
+        import httpx
+
         spec: WebhookSpec | None = self.alerter.spec.webhook
         assert spec is not None
         payload = self.alerter.payload(events, dropped)
@@ -199,6 +204,10 @@ class Alerter:
         """Take a new ``alerts:`` section (on reload); what is waiting stays queued."""
         self.spec = spec
         self._kinds = frozenset().union(*(EVENT_KINDS[e] for e in spec.events))
+        if spec.webhook is not None:
+            # Imported here, at start or reload, not by the first alert: it takes tens of milliseconds of
+            # blocking work, which the event loop should not do while something is going wrong.
+            import httpx  # noqa: F401
 
     def on_event(self, event: Event) -> None:
         if event.kind not in self._kinds:
@@ -229,6 +238,9 @@ class Alerter:
         return f"{prefix} {len(events)} events: {events[-1].message}"
 
     def compose(self, events: list[Event], dropped: int) -> EmailMessage:
+        from email.message import EmailMessage
+        from email.utils import formatdate, make_msgid
+
         spec = self.spec.email
         assert spec is not None
         message = EmailMessage()

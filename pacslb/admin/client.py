@@ -5,6 +5,9 @@ What this module owns: talking to a running pacslb's admin API (``--admin URL``,
 printing what it answers for a person (tables) or a script (``--json``). It holds no state and decides
 nothing: the API does. Exit codes: 0 done, 1 the API refused or could not be reached (its message is
 printed), 2 wrong usage (argparse).
+
+httpx is imported by the first request: the CLI builds its parser, and so imports this module, for every
+command, ``pacslb run`` included, which would otherwise keep httpx's megabytes for its whole life.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import os
 import sys
 import time
 from typing import Any
-
-import httpx
 
 #: Where the API is when neither --admin nor $PACSLB_ADMIN says (the config's default admin.listen).
 DEFAULT_ADMIN = "http://127.0.0.1:9900"
@@ -44,6 +45,8 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     Raises:
         ApiError: not reachable, or an answer other than 2xx (with the API's own message).
     """
+    import httpx
+
     url = args.admin.rstrip("/") + path
     headers = {"Accept": "application/json"}
     token = _token(args)

@@ -5,7 +5,11 @@ listener is stuck cannot pass on an old connection.
 Clock check: every answer's Date header is compared with pacslb's clock. A node further off than
 ``max_clock_skew`` is reported with a ``clock_skew`` warning (again at most every
 :data:`SKEW_REPEAT` while it stays off) and a ``clock_ok`` line when it is back; the skew never changes the
-node's health (a PACS with a wrong clock still serves, but misorders studies: someone must fix its NTP)."""
+node's health (a PACS with a wrong clock still serves, but misorders studies: someone must fix its NTP).
+
+httpx is imported when the first http check is set up (:func:`prepare`), not with this module: the engine
+imports this module to close its clients, and httpx (with the optional CLI its package pulls in) costs
+megabytes that a balancer without http checks would carry for nothing."""
 
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ import email.utils
 import logging
 import ssl
 import time
-
-import httpx
+from typing import TYPE_CHECKING
 
 from pacslb.checks.base import CheckResult, describe_os_error
 from pacslb.config.model import CheckSpec
 from pacslb.logs import log_event
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("pacslb.health")
 
@@ -43,8 +49,11 @@ _tls: ssl.SSLContext | None = None
 
 def prepare() -> None:
     """Build what every http check shares, outside any timed check: loading the CA store takes tens of
-    milliseconds of blocking work. Called when the first monitor of this kind is made."""
+    milliseconds of blocking work, and so does importing httpx. Called when the first monitor of this kind is
+    made."""
     global _tls
+    import httpx  # noqa: F401
+
     if _tls is None:
         _tls = ssl.create_default_context()
 
@@ -52,6 +61,8 @@ def prepare() -> None:
 def _client() -> httpx.AsyncClient:
     """One client per event loop, shared by every http check: making one costs tens of milliseconds of
     blocking work (it builds a TLS context), which must not happen on every check."""
+    import httpx
+
     loop_id = id(asyncio.get_running_loop())
     client = _clients.get(loop_id)
     if client is None:
@@ -74,6 +85,8 @@ async def close_clients() -> None:
 
 
 async def check_http(spec: CheckSpec, host: str, port: int) -> CheckResult:
+    import httpx
+
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     headers = {
         "Host": spec.host or netloc,
