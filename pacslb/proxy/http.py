@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -465,9 +466,9 @@ class _Flight:
     handed: bool = False  # given to the client's task to finish (see HttpService._fast_handover)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Record:
-    """What the ``request`` log line of one exchange will say."""
+    """What the ``request`` log line of one exchange will say (and how to cut the exchange short)."""
 
     client: str
     method: str = "-"
@@ -485,6 +486,16 @@ class _Record:
     end: str = "ok"
     detail: str = ""
     conn: _NodeConn | None = None  # the node connection in use, closed if the exchange fails
+    cut: Callable[[], None] | None = None  # ends a tunnel (else cutting aborts ``conn``)
+    halted: bool = False  # cut by a halt of its node (logged as end=halted)
+
+    def cut_short(self) -> None:
+        """A halt's grace is over: end the exchange now."""
+        self.halted = True
+        if self.cut is not None:
+            self.cut()
+        elif self.conn is not None:
+            self.conn.abort()
 
 
 class _Settings:
@@ -577,6 +588,7 @@ class HttpService(TcpService):
         self.redirect: Listener | None = None
         self.stopping = False
         self.idle: set[_Side] = set()  # client sides waiting between requests (closed at once on stop)
+        self.exchanges: dict[ServerState, set[_Record]] = {}  # in progress, by node (a halt cuts them)
         self.sweeper: asyncio.TimerHandle | None = None  # closes idle pooled connections (see _sweep)
 
     # -- configuration -----------------------------------------------------------------------------------
@@ -780,6 +792,35 @@ class HttpService(TcpService):
             if not keep or self.stopping:
                 return
 
+    def close_server_connections(self, server: ServerState) -> int:
+        """A halt's grace is over: cut the exchanges still in progress with ``server`` (a request waiting
+        for its response gets 502, a response or tunnel in progress is cut off) and close its pooled
+        connections. Returns how many exchanges were cut."""
+        records = self.exchanges.pop(server, set())
+        for record in records:
+            record.cut_short()
+        pool = self.pools.pop(server, None)
+        for conn in list(pool or ()):
+            conn.leave_pool()
+            conn.close()
+        return len(records)
+
+    def _begin(self, server: ServerState, record: _Record) -> None:
+        records = self.exchanges.get(server)
+        if records is None:
+            records = self.exchanges[server] = set()
+        records.add(record)
+
+    def _end(self, server: ServerState, record: _Record) -> None:
+        """An exchange is over: no longer cut by a halt; its bytes count for the node."""
+        records = self.exchanges.get(server)
+        if records is not None:
+            records.discard(record)
+            if not records:
+                del self.exchanges[server]
+        server.bytes_up += record.bytes_up
+        server.bytes_down += record.bytes_down
+
     def _client_key(self, client: _Client) -> str | None:
         """The client's source-IP persistence key (None when the service keeps no table)."""
         spec = self.spec
@@ -883,6 +924,7 @@ class HttpService(TcpService):
         """The exchange once its node connection is there (``server.active`` counts it, the persistence
         entry is held): proxy it, then give both back. ``sent_until``: the request was sent already (by the
         fast path), and its response is due by then."""
+        self._begin(server, record)
         try:
             return await self._proxy(client, conn, server, head, record, rule, offered, sent_until)
         except BaseException:
@@ -891,6 +933,7 @@ class HttpService(TcpService):
             raise
         finally:
             server.active -= 1
+            self._end(server, record)
             if key is not None and table is not None:
                 table.release(key, server.name, self._loop.time())
 
@@ -950,6 +993,7 @@ class HttpService(TcpService):
         record.conn = conn
         server.active += 1
         server.total += 1
+        self._begin(server, record)
         if key is not None and table is not None:
             table.acquire(key, server.name, now)
         self._expect_response(conn, head)
@@ -995,6 +1039,7 @@ class HttpService(TcpService):
             keep = self._respond_whole(client, conn, server, flight.head, response, record, flight.rule, flight.offered)
         finally:
             server.active -= 1
+            self._end(server, record)
             if flight.key is not None and flight.table is not None:
                 flight.table.release(flight.key, server.name, self._loop.time())
         self._log_request(record)
@@ -1023,6 +1068,7 @@ class HttpService(TcpService):
         flight.client.flight = None
         conn.abort()
         server.active -= 1
+        self._end(server, record)
         if flight.key is not None and flight.table is not None:
             flight.table.release(flight.key, server.name, self._loop.time())
         record.end, record.detail = "shutdown", "the service stopped during the exchange"
@@ -1167,6 +1213,8 @@ class HttpService(TcpService):
             except _Retry:
                 # A reused connection the node had closed while idle: once more on a fresh connection.
                 conn.close()
+                if record.halted:
+                    raise _Abort(502, "halted", "node halted", _error(502)) from None
                 if not record.reused or head.framing is not Framing.NONE or attempts > 1:
                     raise _Abort(502, "server_closed", "node closed the connection", _error(502)) from None
                 try:
@@ -1508,7 +1556,17 @@ class HttpService(TcpService):
                 node_sock.close()
                 record.end = "client_closed"
                 return
-            result = await self.relayer(client_sock, node_sock, idle_timeout=idle, timeout_end=End.CLIENT_TIMEOUT)
+            task = asyncio.current_task()
+            if task is not None:
+                record.cut = functools.partial(_cancel, task)
+            try:
+                result = await self.relayer(client_sock, node_sock, idle_timeout=idle, timeout_end=End.CLIENT_TIMEOUT)
+            except asyncio.CancelledError:
+                if not record.halted or task is None:
+                    raise
+                task.uncancel()  # cut by a halt (the relay closed both sockets): this exchange ends here
+                record.end = "halted"
+                return
             record.bytes_up += result.bytes_up
             record.bytes_down += result.bytes_down
             record.end = result.end.value
@@ -1520,6 +1578,7 @@ class HttpService(TcpService):
         up.other, down.other = down, up
         client_transport.set_protocol(up)
         node_transport.set_protocol(down)
+        record.cut = node_transport.abort
         if to_node:
             node_transport.write(to_node)
         if to_client:
@@ -1601,10 +1660,12 @@ class HttpService(TcpService):
     # -- logging ---------------------------------------------------------------------------------------------
 
     def _log_request(self, record: _Record) -> None:
-        # A tunnel (101) ends when either side closes it: that is its normal end, not trouble.
+        # A tunnel (101) ends when either side closes it: that is its normal end, not trouble (unless a halt cut it).
         status = record.status
-        end = record.end
-        trouble = end in _TROUBLE and status != 101
+        end = "halted" if record.halted else record.end
+        if end == "no_server":
+            self.rejections[end] += 1
+        trouble = end in _TROUBLE and (status != 101 or end == "halted")
         level = logging.WARNING if not status or status >= 500 or trouble else logging.INFO
         if not log.isEnabledFor(level):
             return
@@ -1633,11 +1694,15 @@ class HttpService(TcpService):
 
 
 #: How an exchange can end that is the node's fault (logged as a warning).
-_TROUBLE = frozenset({"server_closed", "server_timeout", "bad_response", "no_server"})
+_TROUBLE = frozenset({"server_closed", "server_timeout", "bad_response", "no_server", "halted"})
 
 
 class _Retry(Exception):
     """A reused node connection closed before answering (see _forward)."""
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
 
 
 def _take_socket(transport: asyncio.Transport) -> socket.socket:

@@ -412,7 +412,8 @@ def test_clock_skew_of_a_node_is_reported(pacslb: PacslbFactory) -> None:
 
 class _ScriptedNode:
     """A keep-alive node whose answer depends on the path: ``/small``, ``/big`` (2 MiB), ``/slow`` (after
-    0.3 s), ``/hints`` (103 Early Hints, then 200), ``/bad`` (not HTTP) and ``/never`` (no answer)."""
+    0.3 s), ``/hold`` (after 5 s), ``/hints`` (103 Early Hints, then 200), ``/bad`` (not HTTP) and ``/never``
+    (no answer)."""
 
     BIG = 2 * 1024 * 1024
 
@@ -453,6 +454,8 @@ class _ScriptedNode:
                     return
                 if path == b"/slow":
                     time.sleep(0.3)
+                if path == b"/hold":
+                    time.sleep(5)
                 if path == b"/hints":
                     conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
                 body = b"b" * self.BIG if path == b"/big" else b"ok " + path
@@ -542,3 +545,42 @@ def test_keep_alive_and_head_timeouts_after_requests(pacslb: PacslbFactory, web:
         time.sleep(0.4)
         sock.sendall(b"GET /whoami HTTP/1.1\r\n")  # a head begins, and never ends
         assert sock.recv(4096).startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_halt_cuts_requests_in_progress_after_its_grace_and_counters_follow(
+    pacslb: PacslbFactory, tmp_path: Path
+) -> None:
+    node = _ScriptedNode()
+    token_file = tmp_path / "token"
+    token_file.write_text("http-halt-token-0123456789abcdef\n")
+    try:
+        port, admin = peers.free_port(), peers.free_port()
+        spec = peers.service(
+            port, {"n": node.address}, mode="http", check={"type": "none"}, http={"timeouts": {"server": "10s"}}
+        )
+        lb = pacslb(peers.http_config({"web": spec}, admin=peers.admin_section(admin, token_file), halt_grace="500ms"))
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=5) as client:
+            assert [client.get("/small").text for _ in range(2)] == ["ok /small"] * 2
+        held: list[int] = []
+        waiting = threading.Thread(target=lambda: held.append(httpx.get(f"{url}/hold", timeout=10).status_code))
+        waiting.start()
+        time.sleep(0.3)  # the request is with the node
+        halted = peers.admin_api(
+            admin, "POST", "/api/v1/services/web/servers/n/halt", token="http-halt-token-0123456789abcdef"
+        )
+        assert halted.status_code == 200, halted.text
+        waiting.join(10)
+        assert held == [502]  # cut after the grace, long before the node would have answered
+        assert httpx.get(f"{url}/small", timeout=5).status_code == 503  # nothing left to serve
+        cut = lb.wait_event("request", timeout=5, path="/hold")
+        assert (cut.get("status"), cut.get("end"), cut.level) == ("502", "halted", "warning")
+        assert lb.wait_event("halt_closed", timeout=5).get("connections") == "1"
+        status = peers.admin_api(admin, "GET", "/api/v1/status").json()
+        service = next(s for s in status["services"] if s["name"] == "web")
+        assert service["rejections"] == {"no_server": 1}
+        server = service["servers"][0]
+        assert server["bytes_down"] >= 2 * len(b"ok /small") and server["bytes_up"] == 0
+        assert server["active"] == 0
+    finally:
+        node.close()

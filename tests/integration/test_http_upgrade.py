@@ -7,11 +7,13 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import peers
 import pytest
 from peers import PacslbProcess
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.peers
@@ -82,3 +84,29 @@ def test_websocket_upgrade_passes_through(pacslb: PacslbFactory, echo_server: Ec
     assert (line.get("status"), line.get("path"), line.get("server")) == ("101", "/socket", "ws1")
     assert line.level == "info"
     assert int(line.get("bytes_up")) > len(big) and int(line.get("bytes_down")) > len(big)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_halt_closes_a_websocket_after_its_grace(
+    pacslb: PacslbFactory, echo_server: EchoServer, workers: int, tmp_path: Path
+) -> None:
+    token = "ws-halt-token-0123456789abcdef"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    port, admin = peers.free_port(), peers.free_port()
+    spec = peers.service(port, {"ws1": f"127.0.0.1:{echo_server.port}"}, mode="http", check={"type": "none"})
+    lb = pacslb(
+        peers.http_config(
+            {"web": spec}, workers=workers, admin=peers.admin_section(admin, token_file), halt_grace="300ms"
+        )
+    )
+    with connect(f"ws://127.0.0.1:{port}/socket", open_timeout=5) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "ws1:before"
+        halted = peers.admin_api(admin, "POST", "/api/v1/services/web/servers/ws1/halt", token=token)
+        assert halted.status_code == 200, halted.text
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)  # the tunnel is closed once the grace is over
+    line = lb.wait_event("request", timeout=5)
+    assert (line.get("status"), line.get("end"), line.level) == ("101", "halted", "warning")
+    assert lb.wait_event("halt_closed", timeout=5).get("connections") == "1"
