@@ -234,6 +234,7 @@ class Engine:
                 service.on_connect_failed = self._connect_failed
                 if self.pool is not None:
                     service.relayer = self.pool.relay
+                    service.starter = self.pool.start_relay
             new_services[name] = service
             if name in bound:
                 service.attach(Listener(name, bound[name], service.accept))
@@ -538,11 +539,9 @@ class Engine:
 
     # -- stop ----------------------------------------------------------------------------------------
 
-    def connection_tasks(self) -> set[asyncio.Task[None]]:
-        tasks: set[asyncio.Task[None]] = set()
-        for service in [*self.services.values(), *self.retired]:
-            tasks |= service.tasks
-        return tasks
+    def connection_count(self) -> int:
+        """Connections open now, in every service (retired ones included)."""
+        return sum(service.connections for service in [*self.services.values(), *self.retired])
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting and checking, wait up to ``grace`` for connections to end, close the rest."""
@@ -557,17 +556,21 @@ class Engine:
             self._sweeper.cancel()
         await asyncio.gather(*(m.stop() for m in self.monitors.values()), return_exceptions=True)
         self.monitors.clear()
-        tasks = self.connection_tasks()
-        log_event(log, "stopping", active=len(tasks), grace=grace)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                # Cancelled connections close at once; a bound keeps a bug in one from hanging the stop.
-                _, stuck = await asyncio.wait(pending, timeout=CANCEL_WAIT)
-                if stuck:
-                    log_event(log, "stop_stuck", logging.ERROR, connections=len(stuck))
+        services = [*self.services.values(), *self.retired]
+        log_event(log, "stopping", active=self.connection_count(), grace=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        for service in services:
+            await service.wait_drained(max(0.0, deadline - loop.time()))
+        if self.connection_count():
+            for service in services:
+                service.abort_all()
+            # Closed connections end at once; a bound keeps a bug in one from hanging the stop.
+            deadline = loop.time() + CANCEL_WAIT
+            for service in services:
+                await service.wait_drained(max(0.0, deadline - loop.time()))
+            if stuck := self.connection_count():
+                log_event(log, "stop_stuck", logging.ERROR, connections=stuck)
         if self.pool is not None:
             await self.pool.stop()
         if self.admin_server is not None:
@@ -590,7 +593,7 @@ class Engine:
             for service in self.services.values():
                 if service.table is not None:
                     service.table.expire(loop.time())
-            self.retired = [s for s in self.retired if s.tasks]
+            self.retired = [s for s in self.retired if s.connections]
 
 
 async def serve(config: Config, config_path: str | None = None, *, on_ready: Callable[[], None] | None = None) -> None:

@@ -132,6 +132,9 @@ class DicomService(TcpService):
         stats.last_seen = time.time()
         return stats
 
+    def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self._spawn(sock, peer)  # a task per connection: it reads from the client before choosing a node
+
     async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
         loop = self._loop
         started = loop.time()

@@ -650,6 +650,9 @@ class HttpService(TcpService):
 
     # -- client connections --------------------------------------------------------------------------------
 
+    def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        self._spawn(sock, peer)  # a task per connection: it reads from the client before choosing a node
+
     async def _handle(self, client_sock: socket.socket, peer: tuple[str, int]) -> None:
         loop = self._loop
         settings = self.settings
@@ -1622,7 +1625,7 @@ class HttpService(TcpService):
     def _accept_redirect(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         task = self._loop.create_task(self._redirect_one(sock, peer))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._side_task_done)
 
     async def _redirect_one(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Answer one plain-HTTP request with 308 to the same URL on this service's https address."""

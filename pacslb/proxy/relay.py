@@ -25,6 +25,7 @@ import asyncio
 import fcntl
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -124,9 +125,7 @@ class _Half(asyncio.Protocol):
 
 
 class _Engine(Protocol):
-    """What relay() needs of either way of moving bytes."""
-
-    done: asyncio.Future[None]
+    """What a relay needs of either way of moving bytes."""
 
     def activity(self) -> tuple[int, ...]: ...
     def abort(self) -> None: ...
@@ -335,11 +334,11 @@ class _Pump:
 class _SpliceRelay:
     """The zero-copy relay: two pumps over the same pair of sockets."""
 
-    __slots__ = ("client", "closed", "done", "down", "first", "loop", "server", "up")
+    __slots__ = ("client", "closed", "down", "first", "loop", "on_close", "server", "up")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket, server: socket.socket) -> None:
         self.loop = loop
-        self.done: asyncio.Future[None] = loop.create_future()
+        self.on_close: Callable[[], None] | None = None  # told once, when both sockets are closed
         self.client = client
         self.server = server
         self.up = _Pump(self, client, server)
@@ -378,8 +377,9 @@ class _SpliceRelay:
         self.down.stop()
         self.client.close()
         self.server.close()
-        if not self.done.done():
-            self.done.set_result(None)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
 
     def abort(self) -> None:
         self._close()
@@ -447,6 +447,105 @@ async def _buffered(client: socket.socket, server: socket.socket) -> _Relay:
     return state
 
 
+class RelayHandle:
+    """A running relay: :meth:`abort` closes both sides at once; ``on_done`` is told the result once."""
+
+    __slots__ = ("loop", "on_done", "state", "task", "timeout_end", "watch")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout_end: End, on_done: Callable[[RelayResult], None]
+    ) -> None:
+        self.loop = loop
+        self.timeout_end = timeout_end
+        self.on_done: Callable[[RelayResult], None] | None = on_done
+        self.state: _Engine | None = None
+        self.watch: _IdleWatch | None = None
+        self.task: asyncio.Task[None] | None = None  # the buffered relay's setup, while it runs
+
+    def running(self, state: _Engine, idle_timeout: float) -> None:
+        self.state = state
+        self.watch = _IdleWatch(self.loop, state, idle_timeout)
+
+    def finished(self) -> None:
+        """Both sides are closed: report how it went."""
+        state, watch = self.state, self.watch
+        assert state is not None and watch is not None
+        watch.cancel()
+        up, down = state.counts()
+        if watch.timed_out:
+            end = self.timeout_end
+        elif state.server_first():
+            end = End.SERVER_CLOSED
+        else:
+            end = End.CLIENT_CLOSED
+        self.report(RelayResult(up, down, end))
+
+    def report(self, result: RelayResult) -> None:
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(result)
+
+    def abort(self) -> None:
+        """Close both sides now (the result is reported as the relay stands)."""
+        if self.state is not None:
+            self.state.abort()
+        elif self.task is not None:
+            self.task.cancel()
+
+
+def start_relay(
+    client: socket.socket,
+    server: socket.socket,
+    *,
+    idle_timeout: float,
+    timeout_end: End,
+    on_done: Callable[[RelayResult], None],
+    method: str | None = None,
+) -> RelayHandle:
+    """Relay between two connected, non-blocking sockets until both directions are done, then call
+    ``on_done`` with the result (once; never from within this call). No task and no coroutine is held per
+    connection with splice: only the relay's own objects and one timer.
+
+    The relay owns both sockets from the call on and closes them before reporting.
+
+    Args:
+        client: the accepted client socket.
+        server: the connected server socket.
+        idle_timeout: seconds without any byte moving, after which both sides are closed.
+        timeout_end: how to report an idle timeout (which side's limit it was).
+        on_done: told the result.
+        method: "splice" or "buffered"; default: :data:`DEFAULT_METHOD`.
+    """
+    loop = asyncio.get_running_loop()
+    handle = RelayHandle(loop, timeout_end, on_done)
+    if (method or DEFAULT_METHOD) == "splice":
+        state = _SpliceRelay(loop, client, server)
+        state.on_close = handle.finished
+        handle.running(state, idle_timeout)
+        state.start()
+    else:
+        handle.task = loop.create_task(_run_buffered(handle, client, server, idle_timeout))
+    return handle
+
+
+async def _run_buffered(handle: RelayHandle, client: socket.socket, server: socket.socket, idle: float) -> None:
+    try:
+        state = await _buffered(client, server)
+    except asyncio.CancelledError:
+        handle.report(RelayResult(0, 0, End.SHUTDOWN))
+        return
+    except OSError:
+        handle.report(RelayResult(0, 0, End.ERROR))
+        return
+    handle.task = None
+    handle.running(state, idle)
+    try:
+        await state.done
+    except asyncio.CancelledError:
+        state.abort()
+    handle.finished()
+
+
 async def relay(
     client: socket.socket,
     server: socket.socket,
@@ -455,40 +554,20 @@ async def relay(
     timeout_end: End = End.CLIENT_TIMEOUT,
     method: str | None = None,
 ) -> RelayResult:
-    """Relay between two connected, non-blocking sockets until both directions are done.
-
-    The relay owns both sockets from the call on and closes them before returning (also when
-    cancelled, in which case it aborts both and re-raises).
-
-    Args:
-        client: the accepted client socket.
-        server: the connected server socket.
-        idle_timeout: seconds without any byte moving, after which both sides are closed.
-        timeout_end: how to report an idle timeout (which side's limit it was).
-        method: "splice" or "buffered"; default: :data:`DEFAULT_METHOD`.
-    """
+    """:func:`start_relay` as a coroutine: the result once both directions are done. When cancelled, it
+    aborts both sides and re-raises."""
     loop = asyncio.get_running_loop()
-    state: _Engine
-    if (method or DEFAULT_METHOD) == "splice":
-        splice_state = _SpliceRelay(loop, client, server)
-        splice_state.start()
-        state = splice_state
-    else:
-        state = await _buffered(client, server)
+    done: asyncio.Future[RelayResult] = loop.create_future()
 
-    watch = _IdleWatch(loop, state, idle_timeout)
+    def finished(result: RelayResult) -> None:
+        if not done.done():
+            done.set_result(result)
+
+    handle = start_relay(
+        client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=finished, method=method
+    )
     try:
-        await state.done
+        return await done
     except asyncio.CancelledError:
-        state.abort()
+        handle.abort()
         raise
-    finally:
-        watch.cancel()
-    up, down = state.counts()
-    if watch.timed_out:
-        end = timeout_end
-    elif state.server_first():
-        end = End.SERVER_CLOSED
-    else:
-        end = End.CLIENT_CLOSED
-    return RelayResult(up, down, end)

@@ -6,6 +6,11 @@ again excluding the servers already tried, at most ``retries`` more times, so a 
 ago (before its health check noticed) costs the client nothing. Once connected, the two sockets go to the
 relay, and the service only waits for its result to write the connection log line.
 
+A tcp-mode connection is driven by callbacks (:class:`_TcpConn`): the event loop tells it when its
+connect completes or times out, and the relay tells it how the connection ended. It holds no task and no
+coroutine, which matters at thousands of new connections a second and at tens of thousands of idle ones.
+The modes that read the client first (dicom, http) run a task per connection instead (``_handle``).
+
 A service object lives across reloads: ``apply()`` swaps its spec, servers and scheduler in place, and
 connections already relaying keep the server objects they were given.
 """
@@ -14,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from pacslb.balance.decision import Decision, choose
+from pacslb.balance.decision import choose
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
 from pacslb.balance.scheduler import Scheduler, make_scheduler
 from pacslb.balance.server import ServerState
@@ -28,7 +34,7 @@ from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
 from pacslb.proxy.listener import Listener
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import RelayResult, relay
+from pacslb.proxy.relay import RelayResult, relay, start_relay
 
 log = logging.getLogger("pacslb.conn")
 
@@ -39,6 +45,24 @@ class Relayer(Protocol):
     def __call__(
         self, client: socket.socket, server: socket.socket, *, idle_timeout: float, timeout_end: End
     ) -> Awaitable[RelayResult]: ...
+
+
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+class RelayStarter(Protocol):
+    """start_relay() itself, or a relay pool's: the same as a :class:`Relayer`, told by a callback."""
+
+    def __call__(
+        self,
+        client: socket.socket,
+        server: socket.socket,
+        *,
+        idle_timeout: float,
+        timeout_end: End,
+        on_done: Callable[[RelayResult], None],
+    ) -> Abortable: ...
 
 
 def _tune(sock: socket.socket) -> None:
@@ -92,16 +116,20 @@ class TcpService:
         self.listener: Listener | None = None
         self.active = 0
         self.total = 0
-        self.tasks: set[asyncio.Task[None]] = set()
-        # Connections relaying to each server (their handler tasks), so that a halt can close them.
-        self.by_server: dict[ServerState, set[asyncio.Task[None]]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()  # connections with a task of their own (dicom, http)
+        self.conns: set[_TcpConn] = set()  # tcp-mode connections (callbacks, no task)
+        # Connections relaying to each server (their handler tasks, or tcp-mode connections), so that a
+        # halt can close them.
+        self.by_server: dict[ServerState, set[asyncio.Task[None] | _TcpConn]] = {}
         self.halting: set[asyncio.Task[None]] = set()  # tasks being closed by a halt (logged end=halted)
+        self._drained: asyncio.Future[None] | None = None  # see wait_drained()
         # Connections refused by the balancer itself, by the reason the log gives (metrics read it).
         self.rejections: Counter[str] = Counter()
         # Set by the engine: told when connecting to a server failed, to check it at once.
         self.on_connect_failed: Callable[[str, ServerState], None] | None = None
         # Set by the engine: what moves the bytes (here, or in a relay worker process).
         self.relayer: Relayer = relay
+        self.starter: RelayStarter = start_relay
         self._loop = asyncio.get_running_loop()
 
     # -- configuration -------------------------------------------------------------------------------
@@ -147,60 +175,73 @@ class TcpService:
         self.total += 1
         if self.active >= self.accept_limit and self.listener is not None:
             self.listener.pause()
+        self._start(sock, peer)
+
+    def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        conn = _TcpConn(self, sock, peer)
+        self.conns.add(conn)
+        try:
+            conn.start()
+        except Exception:  # a bug: this client is lost, the service goes on
+            log.exception("connection failed on service %s", self.name)
+            conn.cancel(End.ERROR)
+
+    def _spawn(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """A task of its own for the connection (the modes that read from the client before connecting)."""
         task = self._loop.create_task(self._handle(sock, peer))
         self.tasks.add(task)
         task.add_done_callback(self._finished)
 
+    async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
+        raise NotImplementedError  # the modes that use _spawn
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self._left()
+
+    def _conn_finished(self, conn: _TcpConn) -> None:
+        if conn in self.conns:  # once per connection, whatever ended it
+            self.conns.remove(conn)
+            self._left()
+
+    def _left(self) -> None:
         self.active -= 1
         if self.listener is not None and self.active < self.accept_limit:
             self.listener.resume()
+        self._check_drained()
 
-    async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
-        loop = self._loop
-        started = loop.time()
-        spec = self.spec
-        table = self.table
-        key = source_ip_key(peer[0], spec.persistence.netmask, spec.persistence.netmask6) if table is not None else None
-        tried: list[ServerState] = []
-        server_sock: socket.socket | None = None
-        decision: Decision | None = None
+    def _side_task_done(self, task: asyncio.Task[None]) -> None:
+        """A task that is no connection of its own (an http redirect answer) ended."""
+        self.tasks.discard(task)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self.tasks and not self.conns and not self._drained.done():
+            self._drained.set_result(None)
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (tasks and tcp-mode connections)."""
+        return len(self.tasks) + len(self.conns)
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Wait until no connection is left, at most ``timeout`` seconds; whether none is left."""
+        if not self.tasks and not self.conns:
+            return True
+        if self._drained is None or self._drained.done():
+            self._drained = self._loop.create_future()
         try:
-            _tune(client)
-            while server_sock is None:
-                decision = choose(self.servers, self.scheduler, table, key, loop.time(), tried)
-                if decision is None:
-                    client.close()
-                    end = End.REFUSED if tried else End.NO_SERVER
-                    self._log(peer, None, None, started, 0, 0, end, len(tried))
-                    return
-                server = decision.server
-                server.active += 1
-                try:
-                    server_sock = await connect_to(server, spec.timeouts.connect)
-                except ConnectFailed as exc:
-                    server.active -= 1
-                    tried.append(server)
-                    self.connect_failed(peer, server, exc.reason, len(tried))
-                    if len(tried) > spec.retries:
-                        client.close()
-                        self._log(peer, None, None, started, 0, 0, End.REFUSED, len(tried))
-                        return
-        except BaseException:
-            client.close()
-            raise
-        assert decision is not None
-        server = decision.server
-        up = down = 0
-        end = End.ERROR
-        try:
-            up, down, end = await self.relay(client, server_sock, server, key)
-        except asyncio.CancelledError:
-            end = self.cancelled_end()
-            raise
-        finally:
-            self._log(peer, server, decision.rule, started, up, down, end, len(tried))
+            await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def abort_all(self) -> None:
+        """The shutdown grace is over: close every connection still open."""
+        for task in list(self.tasks):
+            task.cancel()
+        for conn in list(self.conns):
+            conn.cancel(End.SHUTDOWN)
 
     def cancelled_end(self) -> End:
         """How a connection whose task was cancelled ended: by a halt of its node, or by the shutdown."""
@@ -209,12 +250,15 @@ class TcpService:
 
     def close_server_connections(self, server: ServerState) -> int:
         """Close every connection relaying to ``server`` (a halt's grace is over); returns how many."""
-        tasks = self.by_server.get(server, set())
-        for task in tasks:
-            self.halting.add(task)
-            task.add_done_callback(self.halting.discard)
-            task.cancel()
-        return len(tasks)
+        relaying = list(self.by_server.get(server, ()))
+        for item in relaying:
+            if isinstance(item, _TcpConn):
+                item.cancel(End.HALTED)
+            else:
+                self.halting.add(item)
+                item.add_done_callback(self.halting.discard)
+                item.cancel()
+        return len(relaying)
 
     def connect_failed(self, peer: tuple[str, int], server: ServerState, reason: str, attempt: int) -> None:
         """Log a failed attempt and have the server checked at once."""
@@ -285,6 +329,197 @@ class TcpService:
             rule=rule or "-", duration=self._loop.time() - started,
             bytes_up=up, bytes_down=down, end=end.value, retries=retries,
         )  # fmt: skip
+
+
+class _TcpConn:
+    """One tcp-mode connection: choose, connect (retrying on other servers), relay, account, log. Each
+    step is a callback from the event loop or the relay."""
+
+    __slots__ = (
+        "client",
+        "ending",
+        "handle",
+        "key",
+        "peer",
+        "rule",
+        "server",
+        "service",
+        "sock",
+        "started",
+        "timer",
+        "tried",
+    )
+
+    def __init__(self, service: TcpService, client: socket.socket, peer: tuple[str, int]) -> None:
+        self.service = service
+        self.client = client
+        self.peer = peer
+        self.started = service._loop.time()
+        self.key: str | None = None
+        self.tried: list[ServerState] = []
+        self.server: ServerState | None = None  # the server being connected to, then relayed to
+        self.rule = "-"
+        self.sock: socket.socket | None = None  # the server socket while connecting
+        self.timer: asyncio.TimerHandle | None = None  # the connect timeout
+        self.handle: Abortable | None = None  # the relay, once connected
+        self.ending: End | None = None  # how it is being closed (a halt, the shutdown), if it is
+
+    def start(self) -> None:
+        service = self.service
+        spec = service.spec
+        if service.table is not None:
+            persistence = spec.persistence
+            self.key = source_ip_key(self.peer[0], persistence.netmask, persistence.netmask6)
+        try:
+            _tune(self.client)
+        except OSError:
+            pass  # the client is already gone: the relay will find out
+        self._next()
+
+    def _next(self) -> None:
+        """Choose a server (not one tried already) and connect to it."""
+        service = self.service
+        loop = service._loop
+        decision = choose(service.servers, service.scheduler, service.table, self.key, loop.time(), self.tried)
+        if decision is None:
+            self._refuse(End.REFUSED if self.tried else End.NO_SERVER)
+            return
+        server = self.server = decision.server
+        self.rule = decision.rule
+        server.active += 1
+        family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # out of descriptors
+            self._failed(exc.strerror or str(exc))
+            return
+        sock.setblocking(False)
+        self.sock = sock
+        try:
+            sock.connect((server.host, server.port))
+        except (BlockingIOError, InterruptedError):
+            loop.add_writer(sock.fileno(), self._connected)
+            self.timer = loop.call_later(service.spec.timeouts.connect, self._timed_out)
+            return
+        except OSError as exc:
+            self._failed(exc.strerror or str(exc))
+            return
+        self._established()
+
+    def _connected(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        self._stop_connecting()
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            err = exc.errno or 1
+        if err:
+            self._failed(os.strerror(err))
+        else:
+            self._established()
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._stop_connecting()
+        self._failed(f"no answer within {self.service.spec.timeouts.connect:g}s")
+
+    def _stop_connecting(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.sock is not None:
+            self.service._loop.remove_writer(self.sock.fileno())
+
+    def _failed(self, reason: str) -> None:
+        service = self.service
+        server = self.server
+        assert server is not None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        server.active -= 1
+        self.server = None
+        self.tried.append(server)
+        service.connect_failed(self.peer, server, reason, len(self.tried))
+        if len(self.tried) > service.spec.retries:
+            self._refuse(End.REFUSED)
+        else:
+            self._next()
+
+    def _refuse(self, end: End) -> None:
+        self.client.close()
+        self.service._log(self.peer, None, None, self.started, 0, 0, end, len(self.tried))
+        self.service._conn_finished(self)
+
+    def _established(self) -> None:
+        service = self.service
+        server, sock = self.server, self.sock
+        assert server is not None and sock is not None
+        self.sock = None
+        try:
+            _tune(sock)
+        except OSError:
+            pass  # the server is already gone: the relay will find out
+        server.total += 1
+        if service.table is not None and self.key is not None:
+            service.table.acquire(self.key, server.name, service._loop.time())
+        relaying = service.by_server.get(server)
+        if relaying is None:
+            relaying = service.by_server[server] = set()
+        relaying.add(self)
+        timeouts = service.spec.timeouts
+        idle = min(timeouts.client_idle, timeouts.server_idle)
+        timeout_end = End.CLIENT_TIMEOUT if timeouts.client_idle <= timeouts.server_idle else End.SERVER_TIMEOUT
+        try:
+            self.handle = service.starter(
+                self.client, sock, idle_timeout=idle, timeout_end=timeout_end, on_done=self._relayed
+            )
+        except Exception:
+            log.exception("relay failed on service %s", service.name)
+            self.client.close()
+            sock.close()
+            self._relayed(RelayResult(0, 0, End.ERROR))
+
+    def _relayed(self, result: RelayResult) -> None:
+        service = self.service
+        server = self.server
+        assert server is not None
+        self.handle = None
+        server.active -= 1
+        server.bytes_up += result.bytes_up
+        server.bytes_down += result.bytes_down
+        relaying = service.by_server.get(server)
+        if relaying is not None:
+            relaying.discard(self)
+            if not relaying:
+                del service.by_server[server]
+        if service.table is not None and self.key is not None:
+            service.table.release(self.key, server.name, service._loop.time())
+        end = self.ending or result.end
+        service._log(
+            self.peer, server, self.rule, self.started, result.bytes_up, result.bytes_down, end, len(self.tried)
+        )
+        service._conn_finished(self)
+
+    def cancel(self, end: End) -> None:
+        """Close the connection now (a halt of its server, or the end of the shutdown grace)."""
+        if self.ending is not None or self not in self.service.conns:
+            return
+        self.ending = end
+        if self.handle is not None:
+            self.handle.abort()  # the relay reports how it ended (perhaps from within this call)
+            return
+        if self.sock is not None:  # still connecting
+            self._stop_connecting()
+            self.sock.close()
+            self.sock = None
+            assert self.server is not None
+            self.server.active -= 1
+            self.server = None
+        self.client.close()
+        self.service._log(self.peer, None, None, self.started, 0, 0, end, len(self.tried))
+        self.service._conn_finished(self)
 
 
 def addr_text(peer: tuple[str, int]) -> str:

@@ -20,6 +20,8 @@ SIGTERM: the main process decides when connections end, within its shutdown grac
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import signal
@@ -28,9 +30,10 @@ import struct
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import RelayResult, relay
+from pacslb.proxy.relay import RelayHandle, RelayResult, start_relay
 
 log = logging.getLogger("pacslb.workers")
 
@@ -55,9 +58,25 @@ class _Worker:
         self.index = index
         self.proc = proc
         self.control = control
-        self.pending: dict[int, asyncio.Future[RelayResult]] = {}
+        self.pending: dict[int, Callable[[RelayResult], None]] = {}  # told how each connection ended
         self.outbox: deque[tuple[bytes, list[int]]] = deque()
         self.writing = False
+
+
+class _Remote:
+    """A connection relayed by a worker, as its owner sees it: it can be aborted."""
+
+    __slots__ = ("conn_id", "pool", "worker")
+
+    def __init__(self, pool: RelayPool, worker: _Worker, conn_id: int) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.conn_id = conn_id
+
+    def abort(self) -> None:
+        """Ask the worker to close it (its report follows, as for any end)."""
+        if self.conn_id in self.worker.pending:
+            self.pool._send(self.worker, _ABORT.pack(b"A", self.conn_id), [])
 
 
 class RelayPool:
@@ -88,10 +107,17 @@ class RelayPool:
             self.workers.append(worker)
             self._loop.add_reader(ours.fileno(), self._on_message, worker)
 
-    async def relay(
-        self, client: socket.socket, server: socket.socket, *, idle_timeout: float, timeout_end: End
-    ) -> RelayResult:
-        """Relay one connection in the least busy process. Owns both sockets from the call on."""
+    def start_relay(
+        self,
+        client: socket.socket,
+        server: socket.socket,
+        *,
+        idle_timeout: float,
+        timeout_end: End,
+        on_done: Callable[[RelayResult], None],
+    ) -> RelayHandle | _Remote:
+        """Relay one connection in the least busy process; ``on_done`` is told the result (once, never
+        from within this call). Owns both sockets from the call on."""
         worker = min(self.workers, key=lambda w: len(w.pending), default=None)
         if (
             worker is None
@@ -99,30 +125,43 @@ class RelayPool:
             or worker.proc.poll() is not None
         ):
             self.local_active += 1
-            try:
-                return await relay(client, server, idle_timeout=idle_timeout, timeout_end=timeout_end)
-            finally:
+
+            def done_here(result: RelayResult) -> None:
                 self.local_active -= 1
-        assert self._loop is not None
+                on_done(result)
+
+            return start_relay(client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=done_here)
         self._next_id += 1
         conn_id = self._next_id
-        future: asyncio.Future[RelayResult] = self._loop.create_future()
-        worker.pending[conn_id] = future
+        worker.pending[conn_id] = on_done
         message = _RELAY.pack(b"R", conn_id, idle_timeout, _END_CODE[timeout_end])
         try:
             self._send(worker, message, [client.fileno(), server.fileno()])
         finally:
             client.close()  # the worker has its own copies now (or the send failed: nothing to relay)
             server.close()
+        return _Remote(self, worker, conn_id)
+
+    async def relay(
+        self, client: socket.socket, server: socket.socket, *, idle_timeout: float, timeout_end: End
+    ) -> RelayResult:
+        """:meth:`start_relay` as a coroutine. When cancelled, the relay is aborted (and its end awaited for a
+        moment) before the cancellation goes on."""
+        assert self._loop is not None
+        done: asyncio.Future[RelayResult] = self._loop.create_future()
+
+        def finished(result: RelayResult) -> None:
+            if not done.done():
+                done.set_result(result)
+
+        handle = self.start_relay(client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=finished)
         try:
-            return await asyncio.shield(future)
+            return await asyncio.shield(done)
         except asyncio.CancelledError:
-            if not future.done():
-                self._send(worker, _ABORT.pack(b"A", conn_id), [])
-                try:
-                    await asyncio.wait_for(asyncio.shield(future), 1.0)
-                except (TimeoutError, asyncio.CancelledError):
-                    pass
+            if not done.done():
+                handle.abort()
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(done), 1.0)
             raise
 
     def _send(self, worker: _Worker, message: bytes, fds: list[int]) -> None:
@@ -167,9 +206,9 @@ class RelayPool:
                 self._worker_lost(worker)
                 return
             _, conn_id, up, down, end = _DONE.unpack(data)
-            future = worker.pending.pop(conn_id, None)
-            if future is not None and not future.done():
-                future.set_result(RelayResult(up, down, _ENDS[end]))
+            on_done = worker.pending.pop(conn_id, None)
+            if on_done is not None:
+                on_done(RelayResult(up, down, _ENDS[end]))
 
     def _worker_lost(self, worker: _Worker, expected: bool = False) -> None:
         assert self._loop is not None
@@ -179,10 +218,10 @@ class RelayPool:
         self._loop.remove_reader(worker.control.fileno())
         if worker.writing:
             self._loop.remove_writer(worker.control.fileno())
-        for future in worker.pending.values():
-            if not future.done():
-                future.set_result(RelayResult(0, 0, End.ERROR))
+        lost = list(worker.pending.values())
         worker.pending.clear()
+        for on_done in lost:
+            on_done(RelayResult(0, 0, End.ERROR))
         for _, fds in worker.outbox:
             for fd in fds:
                 os.close(fd)
@@ -215,24 +254,18 @@ class RelayPool:
 
 async def _serve(control: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    tasks: dict[int, asyncio.Task[None]] = {}
+    handles: dict[int, RelayHandle] = {}
     closed = loop.create_future()
+    all_done = loop.create_future()
 
-    async def run(conn_id: int, client: socket.socket, server: socket.socket, idle: float, end_code: int) -> None:
+    def report(conn_id: int, result: RelayResult) -> None:
+        handles.pop(conn_id, None)
         try:
-            result = await relay(client, server, idle_timeout=idle, timeout_end=_ENDS[end_code])
-            up, down, end = result.bytes_up, result.bytes_down, result.end
-        except asyncio.CancelledError:
-            up, down, end = 0, 0, End.SHUTDOWN
-        except Exception:
-            log.exception("relay failed in a worker")
-            up, down, end = 0, 0, End.ERROR
-        finally:
-            tasks.pop(conn_id, None)
-        try:
-            control.send(_DONE.pack(b"D", conn_id, up, down, _END_CODE[end]))
+            control.send(_DONE.pack(b"D", conn_id, result.bytes_up, result.bytes_down, _END_CODE[result.end]))
         except OSError:
             pass
+        if closed.done() and not handles and not all_done.done():
+            all_done.set_result(None)
 
     def on_message() -> None:
         while True:
@@ -252,12 +285,24 @@ async def _serve(control: socket.socket) -> None:
                 server = socket.socket(fileno=fds[1])
                 client.setblocking(False)
                 server.setblocking(False)
-                tasks[conn_id] = loop.create_task(run(conn_id, client, server, idle, end_code))
+                try:
+                    handles[conn_id] = start_relay(
+                        client,
+                        server,
+                        idle_timeout=idle,
+                        timeout_end=_ENDS[end_code],
+                        on_done=functools.partial(report, conn_id),
+                    )
+                except Exception:
+                    log.exception("relay failed in a worker")
+                    client.close()
+                    server.close()
+                    report(conn_id, RelayResult(0, 0, End.ERROR))
             elif data[:1] == b"A":
                 _, conn_id = _ABORT.unpack(data)
-                task = tasks.get(conn_id)
-                if task is not None:
-                    task.cancel()
+                handle = handles.get(conn_id)
+                if handle is not None:
+                    handle.abort()
             else:
                 for fd in fds:
                     os.close(fd)
@@ -265,9 +310,12 @@ async def _serve(control: socket.socket) -> None:
     control.setblocking(False)
     loop.add_reader(control.fileno(), on_message)
     await closed
-    for task in list(tasks.values()):
-        task.cancel()
-    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    loop.remove_reader(control.fileno())
+    for handle in list(handles.values()):
+        handle.abort()
+    if handles:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_done, WORKER_STOP_TIMEOUT)
 
 
 def worker_main(fd: int) -> None:

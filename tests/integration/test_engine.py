@@ -7,6 +7,8 @@ node it reached. These tests run on uvloop, as production does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from pathlib import Path
 
 from inproc import echo_server, free_port, run
@@ -231,3 +233,72 @@ def test_source_ip_persistence_with_netmask() -> None:
     seen, used = run(scenario)
     assert all(len(nodes) == 1 for nodes in seen.values()), seen  # one /24, one node
     assert len(used) == 3  # three /24 networks spread over three nodes by round robin
+
+
+def stuffed_listener() -> tuple[socket.socket, list[socket.socket], int]:
+    """A port whose accept queue is full and never served: a connect to it gets no answer (the kernel drops
+    the SYN), as to a node that hangs. Returns the listener, the connections filling it, and the port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers: list[socket.socket] = []
+    for _ in range(2):  # a backlog of 0 still queues one; the second fills it for good
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    return listener, fillers, port
+
+
+def test_a_node_that_does_not_answer_the_connect_is_passed_over_after_the_timeout() -> None:
+    async def scenario() -> tuple[str, list[str], int]:
+        srv, bport = await backend("b")
+        listener, fillers, hung = stuffed_listener()
+        port = free_port()
+        extra = "    balance: roundrobin\n    timeouts: {connect: 300ms}\n"
+        engine = Engine(load_config_text(config_text(port, {"a": hung, "b": bport}, extra)))
+        await engine.start()
+        nodes = []
+        for _ in range(2):  # round robin: one of the two goes to "a" first
+            client = await Client.open(port, timeout=5)
+            nodes.append(client.node)
+            assert await client.echo() == b"ping"
+            client.close()
+        service = engine.services["svc"]
+        tasks = len(service.tasks)
+        await engine.shutdown(grace=1)
+        srv.close()
+        listener.close()
+        for filler in fillers:
+            filler.close()
+        return nodes[0], nodes, tasks
+
+    _, nodes, tasks = run(scenario)
+    assert nodes == ["b", "b"]  # "a" never answered; its client went on to "b"
+    assert tasks == 0  # tcp mode holds no task per connection
+
+
+def test_shutdown_during_a_connect_closes_the_client() -> None:
+    async def scenario() -> tuple[bytes, int, int]:
+        listener, fillers, hung = stuffed_listener()
+        port = free_port()
+        engine = Engine(load_config_text(config_text(port, {"a": hung}, "    timeouts: {connect: 30s}\n")))
+        await engine.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.2)
+        service = engine.services["svc"]
+        connecting = service.connections
+        await engine.shutdown(grace=0.2)  # the connect is still pending: closed at the end of the grace
+        rest = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        listener.close()
+        for filler in fillers:
+            filler.close()
+        return rest, connecting, service.servers[0].active
+
+    rest, connecting, active = run(scenario)
+    assert connecting == 1
+    assert rest == b""
+    assert active == 0
