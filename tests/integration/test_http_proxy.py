@@ -225,47 +225,14 @@ def test_malformed_oversized_and_slow_requests(pacslb: PacslbFactory, web: list[
         assert idle.recv(4096) == b""
 
 
-class _BadNode:
-    """A node that accepts and then misbehaves: ``silent`` never answers, otherwise it closes at once."""
-
-    def __init__(self, silent: bool) -> None:
-        self.silent = silent
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.sock.accept()
-                if self.silent:
-                    self.conns.append(conn)
-                else:
-                    conn.recv(65536)
-                    conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            conn.close()
-
-
-class _OneRequestNode:
-    """A node that answers one request per connection and closes the connection when the next request
-    arrives, without answering it: what a node does that closes an idle keep-alive connection just as a
-    request is on its way."""
+class _ThreadedNode:
+    """A node on a loopback port, in threads: what it does with each connection is up to a subclass."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
+        self.conns: list[socket.socket] = []  # closed with the node
         self.accepted = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -279,7 +246,40 @@ class _OneRequestNode:
             while True:
                 conn, _ = self.sock.accept()
                 self.accepted += 1
-                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+                self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class _BadNode(_ThreadedNode):
+    """A node that accepts and then misbehaves: ``silent`` never answers, otherwise it closes at once."""
+
+    def __init__(self, silent: bool) -> None:
+        self.silent = silent
+        super().__init__()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        if self.silent:
+            self.conns.append(conn)
+        else:
+            conn.recv(65536)
+            conn.close()
+
+
+class _OneRequestNode(_ThreadedNode):
+    """A node that answers one request per connection and closes the connection when the next request
+    arrives, without answering it: what a node does that closes an idle keep-alive connection just as a
+    request is on its way."""
+
+    def _accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     @staticmethod
     def _serve(conn: socket.socket) -> None:
@@ -289,9 +289,6 @@ class _OneRequestNode:
                 data += conn.recv(65536)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             conn.recv(65536)  # the next request: closed unanswered
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_a_reused_connection_closed_under_a_request_is_retried_on_a_new_one(pacslb: PacslbFactory) -> None:
@@ -410,31 +407,16 @@ def test_clock_skew_of_a_node_is_reported(pacslb: PacslbFactory) -> None:
         listener.close()
 
 
-class _ScriptedNode:
+class _ScriptedNode(_ThreadedNode):
     """A keep-alive node whose answer depends on the path: ``/small``, ``/big`` (2 MiB), ``/slow`` (after
     0.3 s), ``/hold`` (after 5 s), ``/hints`` (103 Early Hints, then 200), ``/bad`` (not HTTP) and ``/never``
     (no answer)."""
 
     BIG = 2 * 1024 * 1024
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.sock.accept()
-                self.conns.append(conn)
-                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def _accepted(self, conn: socket.socket) -> None:
+        self.conns.append(conn)
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         data = b""
@@ -460,12 +442,6 @@ class _ScriptedNode:
                     conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
                 body = b"b" * self.BIG if path == b"/big" else b"ok " + path
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.close()
 
 
 def test_unusual_responses_on_pooled_connections(pacslb: PacslbFactory) -> None:
