@@ -9,6 +9,9 @@ hits every subject alike). It must not know what a case measures.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -231,3 +234,34 @@ def measure_all(
                 text += f"; balancer CPU {values['cpu_pct']:.0f}% ({values['user_pct']:.0f}% user)"
             ctx.say(f"[{case.key}] round {rep + 1}/{ctx.repeat} {subject.label}: {text}")
     case.seconds += time.monotonic() - started
+
+
+#: Beyond a run's own duration, how long the load generator may take to start, finish and report.
+LOADGEN_SLACK = 30.0
+
+
+def run_loadgen(mode: str, ports: list[int], seconds: float, extra: list[str]) -> dict[str, Any]:
+    """One run of the bench's load generator (``python -m bench.loadgen``): its JSON report.
+
+    Raises:
+        BenchError: it failed, or did not finish in time.
+    """
+    argv = [peers.python(), "-m", "bench.loadgen", mode, "--duration", f"{seconds:g}", *extra]
+    for port in ports:
+        argv += ["--port", str(port)]
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=seconds + LOADGEN_SLACK,
+            cwd=peers.ROOT,
+            env=os.environ | peers.helper_env(),
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"the load generator did not finish within {seconds + LOADGEN_SLACK:.0f}s") from exc
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise BenchError(f"the load generator failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    report: dict[str, Any] = json.loads(lines[-1])
+    return report

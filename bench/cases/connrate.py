@@ -14,43 +14,20 @@ ceiling of its own: the direct row (the same client straight to the nodes, sprea
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 
 from bench import peers
 from bench.cases import http
-from bench.cases.common import Context, Lineup, Subject, measure_all
+from bench.cases.common import Context, Lineup, Subject, measure_all, run_loadgen
 from bench.peers import Node
-from bench.procs import BenchError
 from bench.report import CaseResult, Comparison, Metric, Target
 
 CONCURRENCY = 64
 SOURCES = 16
-#: Beyond the run's own duration, how long the load generator may take to start, finish and report.
-LOADGEN_SLACK = 30.0
 
 
 def loadgen(mode: str, ports: list[int], seconds: float, extra: list[str]) -> dict[str, float]:
-    argv = [peers.python(), "-m", "bench.loadgen", mode, "--duration", f"{seconds:g}"]
-    argv += ["--concurrency", str(CONCURRENCY), "--sources", str(SOURCES), *extra]
-    for port in ports:
-        argv += ["--port", str(port)]
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=seconds + LOADGEN_SLACK,
-            cwd=peers.ROOT,
-            env=os.environ | peers.helper_env(),
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"the load generator did not finish within {seconds + LOADGEN_SLACK:.0f}s") from exc
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise BenchError(f"the load generator failed ({done.returncode}): {done.stderr.strip()[-300:]}")
-    result = json.loads(lines[-1])
+    result = run_loadgen(mode, ports, seconds, ["--concurrency", str(CONCURRENCY), "--sources", str(SOURCES), *extra])
     errors = sum(result["errors"].values())
     values = {"rate": float(result["rate"]), "errors": float(errors)}
     if errors:

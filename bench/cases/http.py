@@ -11,15 +11,13 @@ each subject is checked (status 200, a node's body, and the persistence cookie w
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 
 import httpx
 
 from bench import peers
-from bench.cases.common import Context, Lineup, Subject, measure_all
+from bench.cases.common import Context, Lineup, Subject, measure_all, run_loadgen
 from bench.peers import Node
 from bench.procs import BenchError
 from bench.report import CaseResult, Comparison, Metric, Target
@@ -73,23 +71,8 @@ def wrk(
 
 def paced(port: int, seconds: float) -> dict[str, float]:
     """p50 and p99 (ms) at :data:`PACED_RATE` requests/s, from the bench's load generator."""
-    argv = [peers.python(), "-m", "bench.loadgen", "paced", "--port", str(port), "--duration", f"{seconds:g}"]
-    argv += ["--rate", str(PACED_RATE), "--concurrency", str(PACED_CONNECTIONS), "--sources", "1"]
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=seconds + WRK_SLACK,
-            cwd=peers.ROOT,
-            env=os.environ | peers.helper_env(),
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"the paced load did not finish within {seconds + WRK_SLACK:.0f}s") from exc
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise BenchError(f"the paced load failed ({done.returncode}): {done.stderr.strip()[-300:]}")
-    result = json.loads(lines[-1])
+    extra = ["--rate", str(PACED_RATE), "--concurrency", str(PACED_CONNECTIONS), "--sources", "1"]
+    result = run_loadgen("paced", [port], seconds, extra)
     errors = float(sum(result["errors"].values()))
     return {"p50m": float(result["p50"]), "p99m": float(result["p99"]), "paced_errors": errors}
 
