@@ -338,7 +338,7 @@ class _Side(asyncio.Protocol):
 class _Client(_Side):
     """A client connection: a :class:`_Side` with what its requests share."""
 
-    __slots__ = ("flight", "idle_from", "key", "key_spec", "peer", "served", "text")
+    __slots__ = ("decided", "flight", "idle_from", "key", "key_spec", "peer", "served", "text")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, reader: RequestReader, peer: tuple[str, int]) -> None:
         super().__init__(loop, reader)
@@ -347,6 +347,9 @@ class _Client(_Side):
         self.key: str | None = None  # its source-IP persistence key...
         self.key_spec: ServiceSpec | None = None  # ... as worked out for this spec (a reload may change it)
         self.flight: _Flight | None = None  # the exchange the fast path is running for it
+        # The node the fast path chose for the request it left to the task (no pooled connection to it):
+        # the task uses that choice rather than asking the scheduler again, which would skip a node.
+        self.decided: tuple[ServerState, str] | None = None
         self.idle_from = loop.time()  # when it last had nothing to do (its keep-alive timeout counts from here)
         self.served = 0  # requests taken from it
 
@@ -878,10 +881,15 @@ class HttpService(TcpService):
         conn: _NodeConn | None = None
         server: ServerState | None = None
         rule = "-"
+        decided, client.decided = client.decided, None
+        picked: tuple[ServerState, str] | None
         while conn is None:
-            picked = choose_with_cookie(
-                self.servers, self.scheduler, table, key, offered, settings.codec, loop.time(), tried
-            )
+            if decided is not None:
+                picked, decided = decided, None
+            else:
+                picked = choose_with_cookie(
+                    self.servers, self.scheduler, table, key, offered, settings.codec, loop.time(), tried
+                )
             if picked is None or len(tried) > spec.retries:
                 server = settings.fallback
                 if server is None or server in tried:
@@ -959,7 +967,7 @@ class HttpService(TcpService):
         if client.flight is not None:
             return True  # later requests wait in the reader until this exchange is over
         reader = client.reader
-        if self.stopping or client.error is not None or client.eof or reader is None:
+        if self.stopping or client.error is not None or client.eof or reader is None or client.decided is not None:
             return False
         events = reader.events
         if len(events) < 2:
@@ -986,6 +994,7 @@ class HttpService(TcpService):
         server, rule = picked
         conn = self._pooled(server)
         if conn is None:
+            client.decided = picked
             return False
         client.take()
         client.take()

@@ -560,3 +560,13 @@ def test_a_halt_cuts_requests_in_progress_after_its_grace_and_counters_follow(
         assert server["active"] == 0
     finally:
         node.close()
+
+
+def test_round_robin_spreads_requests_without_persistence(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+    """Requests on one keep-alive connection, without persistence, go to every node in turn (whether or not
+    a pooled connection to the node is there yet)."""
+    _, url = start(pacslb, web, balance="roundrobin", persistence={"type": "none"})
+    with httpx.Client(base_url=url, timeout=5) as client:
+        nodes = [echo(client.get("/whoami").text)["node"] for _ in range(8)]
+    assert sorted(set(nodes)) == sorted(n.name for n in web)
+    assert all(a != b for a, b in zip(nodes, nodes[1:], strict=False)), nodes  # strictly alternating
