@@ -5,6 +5,7 @@ against real nginx nodes (peers.NginxNode)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import subprocess
 import threading
@@ -569,4 +570,4 @@ def test_round_robin_spreads_requests_without_persistence(pacslb: PacslbFactory,
     with httpx.Client(base_url=url, timeout=5) as client:
         nodes = [echo(client.get("/whoami").text)["node"] for _ in range(8)]
     assert sorted(set(nodes)) == sorted(n.name for n in web)
-    assert all(a != b for a, b in zip(nodes, nodes[1:], strict=False)), nodes  # strictly alternating
+    assert all(a != b for a, b in itertools.pairwise(nodes)), nodes  # strictly alternating
