@@ -17,7 +17,7 @@ from inproc import echo_server, free_port, run, tcp_pair
 from pacslb.config import load_config_text
 from pacslb.engine import Engine
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import close_idle_pipes
+from pacslb.proxy.relay import IDLE_PIPES, close_idle_pipes
 from pacslb.proxy.workers import RelayPool
 
 
@@ -127,3 +127,46 @@ def test_a_dead_worker_loses_only_its_connections() -> None:
     end, got = run(scenario)
     assert end == End.ERROR
     assert got == b"still relaying"
+
+
+def test_ten_thousand_connections_leak_no_descriptor_in_any_process() -> None:
+    """10,000 short connections through the engine (tcp mode, relayed by the main process and a worker):
+    every echo intact, and afterwards no more descriptors open in either process than before (beyond the
+    worker's bounded cache of empty pipes)."""
+    connections, concurrency = 10_000, 50
+
+    async def one(port: int, n: int) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = b"%d" % n
+        writer.write(payload)
+        writer.write_eof()
+        data = await reader.read()
+        writer.close()
+        return data == payload
+
+    async def scenario() -> tuple[int, int, int, int, list[bool]]:
+        backend, bport = await echo_server()
+        port = free_port()
+        engine = Engine(load_config_text(config(port, bport, workers=2)))
+        await engine.start()
+        assert engine.pool is not None
+        worker = engine.pool.workers[0].proc.pid
+        await asyncio.gather(*(one(port, n) for n in range(200)))  # warm up both processes
+        await asyncio.sleep(0.2)
+        before, worker_before = fds(), len(os.listdir(f"/proc/{worker}/fd"))
+        results: list[bool] = []
+        for first in range(0, connections, concurrency):
+            results += await asyncio.gather(*(one(port, n) for n in range(first, first + concurrency)))
+        await asyncio.sleep(0.2)
+        after, worker_after = fds(), len(os.listdir(f"/proc/{worker}/fd"))
+        used = engine.services["svc"].total
+        await engine.shutdown(grace=1)
+        backend.close()
+        await backend.wait_closed()
+        assert used == connections + 200
+        return before, after, worker_before, worker_after, results
+
+    before, after, worker_before, worker_after, results = run(scenario)
+    assert len(results) == connections and all(results)
+    assert after <= before
+    assert worker_after <= worker_before + 2 * IDLE_PIPES
