@@ -42,9 +42,9 @@ from pacslb.config.values import HostPort
 from pacslb.errors import ConfigError, PacslbError
 from pacslb.logs import log_event, setup_logging
 from pacslb.proxy.listener import Listener, bind_listener
+from pacslb.proxy.pool import RelayPool
 from pacslb.proxy.relay import DEFAULT_METHOD
 from pacslb.proxy.tcp import TcpService
-from pacslb.proxy.workers import RelayPool
 from pacslb.state.memory import MemoryStore
 from pacslb.state.store import StateStore
 

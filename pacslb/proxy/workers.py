@@ -7,7 +7,9 @@ socket (SCM_RIGHTS), and wait for the worker to report how the connection ended.
 counters and limits stay exact (one table, one process), while the work that grows with traffic, moving
 bytes, is spread over the cores. ``workers: N`` means N processes in all: the main process relays too,
 and each connection goes to whichever process relays the fewest connections, the main process's own
-counting :data:`MAIN_RELAY_WEIGHT` times (it does all the accepting and deciding besides).
+counting :data:`pacslb.proxy.pool.MAIN_RELAY_WEIGHT` times (it does all the accepting and deciding
+besides). The main process's side is pacslb/proxy/pool.py; this module is the workers' side, and is
+what a worker process imports.
 
 Messages on each worker's control socket (SOCK_SEQPACKET, so each is one packet):
     main -> worker  b"R" + id, idle timeout, timeout end  (+ the client and server sockets)   relay
@@ -19,21 +21,27 @@ SIGTERM: the main process decides when connections end, within its shutdown grac
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import logging
 import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
-from collections import deque
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import RelayHandle, RelayResult, start_relay
+from pacslb.proxy.pumps import DEFAULT_METHOD, RelayResult
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+
+    class Abortable(Protocol):
+        def abort(self) -> None: ...
+
+    OnDone = Callable[[RelayResult], None]
+    StartRelay = Callable[[socket.socket, socket.socket, float, End, OnDone], Abortable]
 
 log = logging.getLogger("pacslb.workers")
 
@@ -42,242 +50,46 @@ _ABORT = struct.Struct(">cQ")
 _DONE = struct.Struct(">cQQQB")
 _ENDS = list(End)
 _END_CODE = {end: i for i, end in enumerate(_ENDS)}
-#: The main process accepts, decides and connects for every connection: each connection it also relays
-#: counts this many times when choosing where a connection is relayed, so it keeps cycles for that work
-#: and the workers do most of the relaying. (1 balanced the counts; measured with short connections on 2
-#: cores: 2,500 connections/s at 1, 2,700 at 3, 2,530 with every connection handed to the worker.)
-MAIN_RELAY_WEIGHT = 3
 #: How long a stopping worker may take to exit before it is killed.
 WORKER_STOP_TIMEOUT = 5.0
 
 
-class _Worker:
-    """The main process's handle on one relay worker."""
-
-    def __init__(self, index: int, proc: subprocess.Popen[bytes], control: socket.socket) -> None:
-        self.index = index
-        self.proc = proc
-        self.control = control
-        self.pending: dict[int, Callable[[RelayResult], None]] = {}  # told how each connection ended
-        self.outbox: deque[tuple[bytes, list[int]]] = deque()
-        self.writing = False
-
-
-class _Remote:
-    """A connection relayed by a worker, as its owner sees it: it can be aborted."""
-
-    __slots__ = ("conn_id", "pool", "worker")
-
-    def __init__(self, pool: RelayPool, worker: _Worker, conn_id: int) -> None:
-        self.pool = pool
-        self.worker = worker
-        self.conn_id = conn_id
-
-    def abort(self) -> None:
-        """Ask the worker to close it (its report follows, as for any end)."""
-        if self.conn_id in self.worker.pending:
-            self.pool._send(self.worker, _ABORT.pack(b"A", self.conn_id), [])
-
-
-class RelayPool:
-    """Hands established connections to relay workers (or relays them here), balancing by load."""
-
-    def __init__(self, processes: int) -> None:
-        self.processes = processes
-        self.workers: list[_Worker] = []
-        self.local_active = 0
-        self._next_id = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> None:
-        """Start ``processes - 1`` workers (the main process is the first relay)."""
-        self._loop = asyncio.get_running_loop()
-        for index in range(1, self.processes):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pacslb.proxy.workers", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-            theirs.close()
-            self._procs.append(proc)
-            ours.setblocking(False)
-            worker = _Worker(index, proc, ours)
-            self.workers.append(worker)
-            self._loop.add_reader(ours.fileno(), self._on_message, worker)
-
-    def start_relay(
-        self,
-        client: socket.socket,
-        server: socket.socket,
-        *,
-        idle_timeout: float,
-        timeout_end: End,
-        on_done: Callable[[RelayResult], None],
-    ) -> RelayHandle | _Remote:
-        """Relay one connection in the least busy process; ``on_done`` is told the result (once, never
-        from within this call). Owns both sockets from the call on."""
-        worker = min(self.workers, key=lambda w: len(w.pending), default=None)
-        if (
-            worker is None
-            or len(worker.pending) >= MAIN_RELAY_WEIGHT * self.local_active
-            or worker.proc.poll() is not None
-        ):
-            self.local_active += 1
-
-            def done_here(result: RelayResult) -> None:
-                self.local_active -= 1
-                on_done(result)
-
-            return start_relay(client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=done_here)
-        self._next_id += 1
-        conn_id = self._next_id
-        worker.pending[conn_id] = on_done
-        message = _RELAY.pack(b"R", conn_id, idle_timeout, _END_CODE[timeout_end])
-        try:
-            self._send(worker, message, [client.fileno(), server.fileno()])
-        finally:
-            client.close()  # the worker has its own copies now (or the send failed: nothing to relay)
-            server.close()
-        return _Remote(self, worker, conn_id)
-
-    async def relay(
-        self, client: socket.socket, server: socket.socket, *, idle_timeout: float, timeout_end: End
-    ) -> RelayResult:
-        """:meth:`start_relay` as a coroutine. When cancelled, the relay is aborted (and its end awaited for a
-        moment) before the cancellation goes on."""
-        assert self._loop is not None
-        done: asyncio.Future[RelayResult] = self._loop.create_future()
-
-        def finished(result: RelayResult) -> None:
-            if not done.done():
-                done.set_result(result)
-
-        handle = self.start_relay(client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=finished)
-        try:
-            return await asyncio.shield(done)
-        except asyncio.CancelledError:
-            if not done.done():
-                handle.abort()
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(done), 1.0)
-            raise
-
-    def _send(self, worker: _Worker, message: bytes, fds: list[int]) -> None:
-        if worker.outbox or not self._try_send(worker, message, fds):
-            # Copies of the descriptors wait with the message; the caller closes its own.
-            worker.outbox.append((message, [os.dup(fd) for fd in fds]))
-            if not worker.writing:
-                assert self._loop is not None
-                self._loop.add_writer(worker.control.fileno(), self._flush, worker)
-                worker.writing = True
-
-    def _try_send(self, worker: _Worker, message: bytes, fds: list[int]) -> bool:
-        try:
-            socket.send_fds(worker.control, [message], fds) if fds else worker.control.send(message)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self._worker_lost(worker)
-        return True
-
-    def _flush(self, worker: _Worker) -> None:
-        while worker.outbox:
-            message, fds = worker.outbox[0]
-            if not self._try_send(worker, message, fds):
-                return
-            worker.outbox.popleft()
-            for fd in fds:
-                os.close(fd)
-        assert self._loop is not None
-        self._loop.remove_writer(worker.control.fileno())
-        worker.writing = False
-
-    def _on_message(self, worker: _Worker) -> None:
-        while True:
-            try:
-                data = worker.control.recv(64)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._worker_lost(worker)
-                return
-            _, conn_id, up, down, end = _DONE.unpack(data)
-            on_done = worker.pending.pop(conn_id, None)
-            if on_done is not None:
-                on_done(RelayResult(up, down, _ENDS[end]))
-
-    def _worker_lost(self, worker: _Worker, expected: bool = False) -> None:
-        assert self._loop is not None
-        if worker not in self.workers:
-            return
-        self.workers.remove(worker)
-        self._loop.remove_reader(worker.control.fileno())
-        if worker.writing:
-            self._loop.remove_writer(worker.control.fileno())
-        lost = list(worker.pending.values())
-        worker.pending.clear()
-        for on_done in lost:
-            on_done(RelayResult(0, 0, End.ERROR))
-        for _, fds in worker.outbox:
-            for fd in fds:
-                os.close(fd)
-        worker.outbox.clear()
-        worker.control.close()
-        if expected:
-            return
-        if worker.proc.poll() is None:
-            log.error("relay worker %d stopped answering; its connections are lost", worker.index)
-        else:
-            log.error("relay worker %d exited (%s); its connections are lost", worker.index, worker.proc.returncode)
-
-    async def stop(self) -> None:
-        """Close the control sockets (each worker then aborts what it still relays and exits) and reap."""
-        for worker in list(self.workers):
-            self._worker_lost(worker, expected=True)
-        await asyncio.get_running_loop().run_in_executor(None, self._reap)
-
-    def _reap(self) -> None:
-        for proc in self._procs:
-            try:
-                proc.wait(WORKER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 # -- the worker process -------------------------------------------------------------------------------------
+#
+# A worker imports as little as it can: with the splice relay it runs on its own small epoll loop
+# (pacslb/proxy/eventloop.py) and never imports asyncio; only the buffered relay (where splice is not
+# available, or PACSLB_RELAY=buffered) needs asyncio's transports.
 
 
-async def _serve(control: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    handles: dict[int, RelayHandle] = {}
-    closed = loop.create_future()
-    all_done = loop.create_future()
+class _Serving:
+    """A worker's connections and its control socket, on any loop that :mod:`pacslb.proxy.pumps` accepts."""
 
-    def report(conn_id: int, result: RelayResult) -> None:
-        handles.pop(conn_id, None)
+    def __init__(self, control: socket.socket, start: StartRelay, on_idle: Callable[[], None]) -> None:
+        self.control = control
+        self.start = start
+        self.on_idle = on_idle  # called once the control socket closed and every connection ended
+        self.handles: dict[int, Abortable] = {}
+        self.closed = False
+
+    def report(self, conn_id: int, result: RelayResult) -> None:
+        self.handles.pop(conn_id, None)
         try:
-            control.send(_DONE.pack(b"D", conn_id, result.bytes_up, result.bytes_down, _END_CODE[result.end]))
+            self.control.send(_DONE.pack(b"D", conn_id, result.bytes_up, result.bytes_down, _END_CODE[result.end]))
         except OSError:
             pass
-        if closed.done() and not handles and not all_done.done():
-            all_done.set_result(None)
+        if self.closed and not self.handles:
+            self.on_idle()
 
-    def on_message() -> None:
+    def on_message(self) -> None:
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(control, 64, 2)
+                data, fds, _flags, _addr = socket.recv_fds(self.control, 64, 2)
             except BlockingIOError:
                 return
             except OSError:
                 data, fds = b"", []
             if not data:
-                if not closed.done():
-                    closed.set_result(None)
+                self._control_closed()
                 return
             if data[:1] == b"R" and len(fds) == 2:
                 _, conn_id, idle, end_code = _RELAY.unpack(data)
@@ -286,36 +98,80 @@ async def _serve(control: socket.socket) -> None:
                 client.setblocking(False)
                 server.setblocking(False)
                 try:
-                    handles[conn_id] = start_relay(
-                        client,
-                        server,
-                        idle_timeout=idle,
-                        timeout_end=_ENDS[end_code],
-                        on_done=functools.partial(report, conn_id),
+                    self.handles[conn_id] = self.start(
+                        client, server, idle, _ENDS[end_code], functools.partial(self.report, conn_id)
                     )
                 except Exception:
                     log.exception("relay failed in a worker")
                     client.close()
                     server.close()
-                    report(conn_id, RelayResult(0, 0, End.ERROR))
+                    self.report(conn_id, RelayResult(0, 0, End.ERROR))
             elif data[:1] == b"A":
                 _, conn_id = _ABORT.unpack(data)
-                handle = handles.get(conn_id)
+                handle = self.handles.get(conn_id)
                 if handle is not None:
                     handle.abort()
             else:
                 for fd in fds:
                     os.close(fd)
 
+    def _control_closed(self) -> None:
+        """The main process stopped (or died): close every connection, then leave."""
+        if self.closed:
+            return
+        self.closed = True
+        for handle in list(self.handles.values()):
+            handle.abort()
+        if not self.handles:
+            self.on_idle()
+
+
+def _serve_splice(control: socket.socket) -> None:
+    from pacslb.proxy.eventloop import EpollLoop
+    from pacslb.proxy.pumps import start_splice
+
+    loop = EpollLoop()
+
+    def start(client: socket.socket, server: socket.socket, idle: float, end: End, on_done: OnDone) -> Abortable:
+        return start_splice(loop, client, server, idle_timeout=idle, timeout_end=end, on_done=on_done)
+
+    serving = _Serving(control, start, loop.stop)
     control.setblocking(False)
-    loop.add_reader(control.fileno(), on_message)
-    await closed
-    loop.remove_reader(control.fileno())
-    for handle in list(handles.values()):
-        handle.abort()
-    if handles:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_done, WORKER_STOP_TIMEOUT)
+    loop.add_reader(control.fileno(), serving.on_message)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+
+
+def _serve_buffered(control: socket.socket) -> None:
+    import asyncio
+
+    from pacslb.proxy.relay import start_relay
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def start(client: socket.socket, server: socket.socket, idle: float, end: End, on_done: OnDone) -> Abortable:
+            return start_relay(client, server, idle_timeout=idle, timeout_end=end, on_done=on_done)
+
+        def idle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        serving = _Serving(control, start, idle)
+        control.setblocking(False)
+        loop.add_reader(control.fileno(), serving.on_message)
+        await done
+        loop.remove_reader(control.fileno())
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - uvloop is a dependency where pacslb runs
+        asyncio.run(main())
 
 
 def worker_main(fd: int) -> None:
@@ -323,13 +179,10 @@ def worker_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     control = socket.socket(fileno=fd)
-    try:
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(control))
-    except ImportError:  # pragma: no cover - uvloop is a dependency where pacslb runs
-        asyncio.run(_serve(control))
+    if DEFAULT_METHOD == "splice":
+        _serve_splice(control)
+    else:
+        _serve_buffered(control)
 
 
 if __name__ == "__main__":
