@@ -29,20 +29,25 @@ _OUT = select.EPOLLOUT
 _ANY = select.EPOLLERR | select.EPOLLHUP
 #: Most events taken from the kernel per wait.
 MAX_EVENTS = 1024
+#: Cancelled timers are purged from the heap once they are more than half of it and more than this many.
+MIN_PURGE = 256
 
 
 class Timer:
     """A call scheduled by :meth:`EpollLoop.call_later`."""
 
-    __slots__ = ("callback", "cancelled", "when")
+    __slots__ = ("callback", "cancelled", "loop", "when")
 
-    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+    def __init__(self, loop: EpollLoop, when: float, callback: Callable[[], object]) -> None:
+        self.loop = loop
         self.when = when
         self.callback = callback
         self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.loop._timer_cancelled()
 
 
 class EpollLoop:
@@ -55,6 +60,7 @@ class EpollLoop:
         self._registered: dict[int, int] = {}  # fd -> the events epoll has for it
         self._timers: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()  # ties between timers go in the order they were made
+        self._cancelled = 0  # cancelled timers still in the heap
         self._running = False
 
     # -- what the pumps use ------------------------------------------------------------------------------
@@ -83,7 +89,7 @@ class EpollLoop:
         return True
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> Timer:
-        timer = Timer(time.monotonic() + delay, callback)
+        timer = Timer(self, time.monotonic() + delay, callback)
         heapq.heappush(self._timers, (timer.when, next(self._order), timer))
         return timer
 
@@ -117,13 +123,26 @@ class EpollLoop:
             timers = self._timers
             while timers and timers[0][0] <= now:
                 timer = heapq.heappop(timers)[2]
-                if not timer.cancelled:
+                if timer.cancelled:
+                    self._cancelled -= 1
+                else:
+                    timer.cancelled = True  # it ran: a cancel() from now on changes nothing
                     self._call(timer.callback)
 
     def close(self) -> None:
         self._epoll.close()
 
     # -- inside ------------------------------------------------------------------------------------------
+
+    def _timer_cancelled(self) -> None:
+        """A connection's timer is cancelled when it closes, long before the timer is due (an idle timeout
+        ticks every few hours): once they are most of the heap, they go, so the heap stays the size of the
+        live timers however many connections come and go."""
+        self._cancelled += 1
+        if self._cancelled > MIN_PURGE and self._cancelled * 2 > len(self._timers):
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
 
     def _update(self, fd: int) -> None:
         """Tell epoll what ``fd``'s reader and writer want now."""

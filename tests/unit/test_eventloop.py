@@ -128,3 +128,17 @@ def test_a_splice_relay_runs_on_it() -> None:
     close_idle_pipes()
     for s in (client_out, server_out):
         s.close()
+
+
+def test_cancelled_timers_do_not_pile_up() -> None:
+    """Each connection cancels its idle timer when it closes, hours before it is due: with connections
+    coming and going, the heap must stay the size of the live timers."""
+    loop = EpollLoop()
+    live = [loop.call_later(3600, lambda: None) for _ in range(10)]
+    for _ in range(100_000):
+        loop.call_later(3600, lambda: None).cancel()
+    assert len(loop._timers) < 1_000
+    assert all(not t.cancelled for t in live)
+    loop.call_later(0, loop.stop)
+    bounded(loop)
+    loop.close()
