@@ -17,6 +17,11 @@ Half-close: an EOF from one side is passed on as a write shutdown to the other (
 read), and the connection stays open in the other direction until that side is done too. An error on
 either side (reset) closes both. Idle timeout: a timer ticks a few times per timeout period and closes
 the connection if no byte moved in either direction for the whole period.
+
+The splice relay itself lives in pacslb/proxy/pumps.py, which runs on any loop with readers, writers and
+timers (a relay worker runs it without asyncio); this module adds the buffered relay and the asyncio
+entry points: :func:`start_relay` (told the result by a callback, no task held) and :func:`relay` (a
+coroutine).
 """
 
 from __future__ import annotations
