@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayHandle, RelayResult, start_relay
-from pacslb.proxy.workers import _ABORT, _DONE, _END_CODE, _ENDS, _RELAY, WORKER_STOP_TIMEOUT
+from pacslb.proxy.workers import ABORT_MSG, DONE_MSG, END_CODE, ENDS, RELAY_MSG, WORKER_STOP_TIMEOUT
 
 log = logging.getLogger("pacslb.workers")
 
@@ -51,7 +51,7 @@ class _Remote:
     def abort(self) -> None:
         """Ask the worker to close it (its report follows, as for any end)."""
         if self.conn_id in self.worker.pending:
-            self.pool._send(self.worker, _ABORT.pack(b"A", self.conn_id), [])
+            self.pool._send(self.worker, ABORT_MSG.pack(b"A", self.conn_id), [])
 
 
 class RelayPool:
@@ -109,7 +109,7 @@ class RelayPool:
         self._next_id += 1
         conn_id = self._next_id
         worker.pending[conn_id] = on_done
-        message = _RELAY.pack(b"R", conn_id, idle_timeout, _END_CODE[timeout_end])
+        message = RELAY_MSG.pack(b"R", conn_id, idle_timeout, END_CODE[timeout_end])
         try:
             self._send(worker, message, [client.fileno(), server.fileno()])
         finally:
@@ -180,10 +180,10 @@ class RelayPool:
             if not data:
                 self._worker_lost(worker)
                 return
-            _, conn_id, up, down, end = _DONE.unpack(data)
+            _, conn_id, up, down, end = DONE_MSG.unpack(data)
             on_done = worker.pending.pop(conn_id, None)
             if on_done is not None:
-                on_done(RelayResult(up, down, _ENDS[end]))
+                on_done(RelayResult(up, down, ENDS[end]))
 
     def _worker_lost(self, worker: _Worker, expected: bool = False) -> None:
         assert self._loop is not None

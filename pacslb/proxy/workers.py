@@ -45,11 +45,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pacslb.workers")
 
-_RELAY = struct.Struct(">cQdB")
-_ABORT = struct.Struct(">cQ")
-_DONE = struct.Struct(">cQQQB")
-_ENDS = list(End)
-_END_CODE = {end: i for i, end in enumerate(_ENDS)}
+#: The messages on a control socket (see above), shared with the main process's side (pool.py).
+RELAY_MSG = struct.Struct(">cQdB")
+ABORT_MSG = struct.Struct(">cQ")
+DONE_MSG = struct.Struct(">cQQQB")
+#: How an end travels: its index in this list.
+ENDS = list(End)
+END_CODE = {end: i for i, end in enumerate(ENDS)}
 #: How long a stopping worker may take to exit before it is killed.
 WORKER_STOP_TIMEOUT = 5.0
 
@@ -74,7 +76,7 @@ class _Serving:
     def report(self, conn_id: int, result: RelayResult) -> None:
         self.handles.pop(conn_id, None)
         try:
-            self.control.send(_DONE.pack(b"D", conn_id, result.bytes_up, result.bytes_down, _END_CODE[result.end]))
+            self.control.send(DONE_MSG.pack(b"D", conn_id, result.bytes_up, result.bytes_down, END_CODE[result.end]))
         except OSError:
             pass
         if self.closed and not self.handles:
@@ -92,14 +94,14 @@ class _Serving:
                 self._control_closed()
                 return
             if data[:1] == b"R" and len(fds) == 2:
-                _, conn_id, idle, end_code = _RELAY.unpack(data)
+                _, conn_id, idle, end_code = RELAY_MSG.unpack(data)
                 client = socket.socket(fileno=fds[0])
                 server = socket.socket(fileno=fds[1])
                 client.setblocking(False)
                 server.setblocking(False)
                 try:
                     self.handles[conn_id] = self.start(
-                        client, server, idle, _ENDS[end_code], functools.partial(self.report, conn_id)
+                        client, server, idle, ENDS[end_code], functools.partial(self.report, conn_id)
                     )
                 except Exception:
                     log.exception("relay failed in a worker")
@@ -107,7 +109,7 @@ class _Serving:
                     server.close()
                     self.report(conn_id, RelayResult(0, 0, End.ERROR))
             elif data[:1] == b"A":
-                _, conn_id = _ABORT.unpack(data)
+                _, conn_id = ABORT_MSG.unpack(data)
                 handle = self.handles.get(conn_id)
                 if handle is not None:
                     handle.abort()
