@@ -133,7 +133,7 @@ class DicomService(TcpService):
         return stats
 
     def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        self._spawn(sock, peer)  # a task per connection: it reads from the client before choosing a node
+        self._spawn(self._handle(sock, peer))  # a task per connection: it reads from the client first
 
     async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
         loop = self._loop

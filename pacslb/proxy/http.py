@@ -654,7 +654,7 @@ class HttpService(TcpService):
     # -- client connections --------------------------------------------------------------------------------
 
     def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        self._spawn(sock, peer)  # a task per connection: it reads from the client before choosing a node
+        self._spawn(self._handle(sock, peer))  # a task per connection: it reads from the client first
 
     async def _handle(self, client_sock: socket.socket, peer: tuple[str, int]) -> None:
         loop = self._loop

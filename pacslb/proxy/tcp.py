@@ -22,8 +22,8 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 from pacslb.balance.decision import choose
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
@@ -186,14 +186,12 @@ class TcpService:
             log.exception("connection failed on service %s", self.name)
             conn.cancel(End.ERROR)
 
-    def _spawn(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        """A task of its own for the connection (the modes that read from the client before connecting)."""
-        task = self._loop.create_task(self._handle(sock, peer))
+    def _spawn(self, handler: Coroutine[Any, Any, None]) -> None:
+        """A task of its own for a connection's ``handler`` (the modes that read from the client before
+        connecting)."""
+        task = self._loop.create_task(handler)
         self.tasks.add(task)
         task.add_done_callback(self._finished)
-
-    async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
-        raise NotImplementedError  # the modes that use _spawn
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
