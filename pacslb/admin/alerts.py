@@ -223,7 +223,8 @@ class Alerter:
             self.events.subscribers.remove(self.on_event)
         for channel in (self.email, self.webhook):
             try:
-                await asyncio.wait_for(channel.flush(), FLUSH_TIMEOUT)
+                async with asyncio.timeout(FLUSH_TIMEOUT):
+                    await channel.flush()
             except TimeoutError:
                 log_event(log, "alert_failed", logging.ERROR, channel=channel.name, events=len(channel.pending),
                           reason=f"not sent within {FLUSH_TIMEOUT:g}s of stopping")  # fmt: skip

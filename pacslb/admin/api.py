@@ -306,7 +306,8 @@ class AdminServer:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), ADMIN_STOP_TIMEOUT + 1.0)
+                async with asyncio.timeout(ADMIN_STOP_TIMEOUT + 1.0):
+                    await asyncio.shield(self._task)
             except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
             except Exception:

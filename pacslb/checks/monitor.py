@@ -76,8 +76,11 @@ class Monitor:
         port = spec.port or self.server.port
         while True:
             started = loop.time()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives as
+            # the awaited check completes, and the monitor would then outlive its stop().
             try:
-                result = await asyncio.wait_for(self._check(spec, self.server.host, port), spec.timeout)
+                async with asyncio.timeout(spec.timeout):
+                    result = await self._check(spec, self.server.host, port)
             except TimeoutError:
                 result = CheckResult(False, f"no answer within {spec.timeout:g}s")
             except Exception as exc:  # a bug in a check kind must not stop checking
@@ -89,7 +92,8 @@ class Monitor:
             await asyncio.sleep(max(0.0, started + min(MIN_CHECK_GAP, spec.interval) - loop.time()))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, started + spec.interval - loop.time()))
+                async with asyncio.timeout_at(started + spec.interval):
+                    await self._wake.wait()
 
     def apply(self, result: CheckResult) -> None:
         """Count one check result and change the server's health when rise or fall is reached."""

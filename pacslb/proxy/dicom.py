@@ -86,7 +86,8 @@ async def _read_pdu(sock: socket.socket, buffer: bytearray, deadline: float, lim
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise TimeoutError
-        data = await asyncio.wait_for(loop.sock_recv(sock, READ_SIZE), remaining)
+        async with asyncio.timeout(remaining):
+            data = await loop.sock_recv(sock, READ_SIZE)
         if not data:
             raise _Closed
         buffer += data
@@ -96,12 +97,12 @@ async def _send_and_close(sock: socket.socket, pdu: bytes) -> None:
     """Send a final PDU, then close the way PS3.8 9.1.6 expects: let the peer close first (bounded)."""
     loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(loop.sock_sendall(sock, pdu), ARTIM)
+        async with asyncio.timeout(ARTIM):
+            await loop.sock_sendall(sock, pdu)
         sock.shutdown(socket.SHUT_WR)
-        deadline = loop.time() + ARTIM
-        while (remaining := deadline - loop.time()) > 0:
-            if not await asyncio.wait_for(loop.sock_recv(sock, READ_SIZE), remaining):
-                break
+        async with asyncio.timeout(ARTIM):
+            while await loop.sock_recv(sock, READ_SIZE):
+                pass
     except (OSError, TimeoutError):
         pass
     finally:
@@ -150,7 +151,8 @@ class DicomService(TcpService):
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         raise TimeoutError
-                    data = await asyncio.wait_for(loop.sock_recv(client, READ_SIZE), remaining)
+                    async with asyncio.timeout(remaining):
+                        data = await loop.sock_recv(client, READ_SIZE)
                     if not data:
                         raise _Closed
                     buffer += data
@@ -292,7 +294,8 @@ class DicomService(TcpService):
         loop = self._loop
         timeout = self.spec.timeouts.negotiation
         try:
-            await asyncio.wait_for(loop.sock_sendall(sock, rq.raw), timeout)
+            async with asyncio.timeout(timeout):
+                await loop.sock_sendall(sock, rq.raw)
             pdu, rest = await _read_pdu(sock, bytearray(), loop.time() + timeout, MAX_ASSOCIATE_AC_LENGTH)
         except TimeoutError:
             return f"no answer within {timeout:g}s", b""

@@ -1562,7 +1562,8 @@ class HttpService(TcpService):
             try:
                 for sock, data in ((node_sock, to_node), (client_sock, to_client)):
                     if data:
-                        await asyncio.wait_for(self._loop.sock_sendall(sock, data), self.settings.http.timeouts.client)
+                        async with asyncio.timeout(self.settings.http.timeouts.client):
+                            await self._loop.sock_sendall(sock, data)
             except (OSError, TimeoutError):
                 client_sock.close()
                 node_sock.close()
@@ -1601,7 +1602,8 @@ class HttpService(TcpService):
         try:
             while not done.done():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(done), idle)
+                    async with asyncio.timeout(idle):
+                        await asyncio.shield(done)
                 if (up.moved, down.moved) == last and not done.done():
                     record.end = End.CLIENT_TIMEOUT.value
                     break

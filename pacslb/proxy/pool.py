@@ -136,7 +136,8 @@ class RelayPool:
             if not done.done():
                 handle.abort()
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(done), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await asyncio.shield(done)
             raise
 
     def _send(self, worker: _Worker, message: bytes, fds: list[int]) -> None:

@@ -229,7 +229,8 @@ class TcpService:
         if self._drained is None or self._drained.done():
             self._drained = self._loop.create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._drained)
         except TimeoutError:
             return False
         return True

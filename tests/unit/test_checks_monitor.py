@@ -106,3 +106,47 @@ def test_a_hanging_check_counts_as_failed_after_its_timeout() -> None:
     health, reason = asyncio.run(scenario())
     assert health == "down"
     assert reason == "no answer within 0.05s"
+
+
+@pytest.mark.parametrize("waiting_in", ["check", "wake"])
+def test_stop_ends_the_monitor_even_when_its_wait_completes_in_the_same_instant(waiting_in: str) -> None:
+    """A stop that lands in the very loop iteration where the awaited check (or wake) completes must still
+    end the monitor: a swallowed cancellation would leave it checking forever and hang the shutdown."""
+
+    async def scenario() -> bool:
+        loop = asyncio.get_running_loop()
+        server = ServerState("pacs1", "127.0.0.1", 104)
+        spec = CheckSpec(type="tcp", interval="10s", timeout="10s", rise=1, fall=1)
+        monitor = Monitor("dicom", spec, server)
+        answer: asyncio.Future[CheckResult] = loop.create_future()
+        runs = 0
+
+        async def waits_for_answer(spec: CheckSpec, host: str, port: int) -> CheckResult:
+            nonlocal runs
+            runs += 1
+            return OK if runs > 1 else await answer
+
+        monitor._check = waits_for_answer
+        monitor.start()
+        await asyncio.sleep(0.01)  # the first check is waiting for its answer
+        if waiting_in == "wake":
+            answer.set_result(OK)
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if monitor.last is not None:
+                    break
+            await asyncio.sleep(0.2)  # past MIN_CHECK_GAP: waiting for a wake or the interval
+            monitor.wake()
+        else:
+            answer.set_result(OK)
+        task = monitor._task
+        assert task is not None
+        task.cancel()  # what stop() does first, here in the same instant as the completion
+        await asyncio.wait([task], timeout=2)
+        ended = task.done()
+        monitor._task = None
+        if not ended:
+            task.cancel()  # clean up after the failed assertion
+        return ended
+
+    assert asyncio.run(scenario()) is True
