@@ -7,6 +7,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import peers
 import uvloop
 
 T = TypeVar("T")
@@ -26,9 +27,8 @@ def run(coro_fn: Callable[[], Awaitable[T]], timeout: float = SCENARIO_TIMEOUT) 
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port for a test to listen on (see :func:`peers.free_port`)."""
+    return peers.free_port()
 
 
 async def echo_server(greeting: bytes = b"") -> tuple[asyncio.Server, int]:

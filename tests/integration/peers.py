@@ -87,19 +87,40 @@ def require_peers() -> None:
         pytest.fail(f"real peers missing ({', '.join(missing)}): {INSTALL_HINT}", pytrace=False)
 
 
+def _port_range() -> range:
+    """Where test ports come from: just below the kernel's ephemeral range, so that no outgoing connection
+    (a browser's, a check's, a relay's) can be given a test port as its local port between the moment a
+    test picks it and the moment something listens on it; a port from the ephemeral range would be."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+_ports = _port_range()
+_next_port = [os.getpid() % len(_ports)]  # where this session starts looking
+
+
 def free_port() -> int:
-    """A TCP port that is free on every local address (Orthanc binds all addresses).
+    """A TCP port that is free on every local address (Orthanc binds all addresses), from below the
+    ephemeral range (see :func:`_port_range`).
 
     The port is closed again before use, so another process could take it in between; handing each port
     out at most once per session keeps the tests from racing each other.
     """
-    for _ in range(100):
+    for _ in range(len(_ports)):
+        port = _ports[_next_port[0] % len(_ports)]
+        _next_port[0] += 1
+        if port in _handed_ports:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("0.0.0.0", 0))
-            port: int = s.getsockname()[1]
-        if port not in _handed_ports:
-            _handed_ports.add(port)
-            return port
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_ports.add(port)
+        return port
     raise RuntimeError("no free TCP port found")
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import peers
 import uvloop
 
 from pacslb.config import load_config
@@ -37,9 +37,7 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return peers.free_port()
 
 
 async def backend(name: str) -> asyncio.Server:
