@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import cast
 
 import httptools
 
@@ -112,9 +113,8 @@ class RequestHead:
 
     @property
     def path(self) -> str:
-        """The target without its query (the query of a viewer URL can carry patient identifiers, so the
-        access log leaves it out)."""
-        return self.target.partition(b"?")[0].decode("latin-1")
+        """The target without its query (see :func:`target_path`)."""
+        return target_path(self.target)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a field (``name`` in lower case), or None."""
@@ -157,6 +157,12 @@ class Upgrade:
 
 Event = RequestHead | ResponseHead | bytes | EndOfMessage | Upgrade
 END = EndOfMessage()  # shared: the usual end, without trailers (never mutated)
+
+
+def target_path(target: bytes) -> str:
+    """A request target without its query (the query of a viewer URL can carry patient identifiers, so the
+    access log leaves it out)."""
+    return target.partition(b"?")[0].decode("latin-1")
 
 
 def header_value(headers: Headers, name: bytes) -> bytes | None:
@@ -264,14 +270,13 @@ class _Reader:
     # -- httptools callbacks ---------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.in_message = True
-        self.in_head = True
+        self.in_message = self.in_head = True
+        self._trailer_mode = False
         self.head_size = 0
         self.headers = []
-        self.trailers = []
-        self._url = b""
-        self.status = b""
-        self._trailer_mode = False
+        if self.trailers:
+            self.trailers = []
+        self._url = self.status = b""
 
     # These run for every piece of every message: they only collect. The size of a head is checked once it
     # is complete (on_headers_complete) and, while it is incomplete, by feed(): whatever arrives while a head
@@ -301,7 +306,7 @@ class _Reader:
             # It may be too large (it is no larger than what arrived while it did): count it exactly, as
             # sent ("name: value" and CRLF per field).
             self._grow(sum(len(n) + len(v) + 4 for n, v in headers) + len(self._url) + len(self.status))
-        self._emit_head(_lowered(headers))
+        self._emit_head([name.lower() for name, _ in headers])  # lowered once per head (see RequestHead)
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
@@ -371,34 +376,36 @@ class RequestReader(_Reader):
         self.parser = httptools.HttpRequestParser(self)
 
     def _emit_head(self, names: list[bytes]) -> None:
-        parser = self.parser
-        assert isinstance(parser, httptools.HttpRequestParser)
+        parser = cast(httptools.HttpRequestParser, self.parser)
         headers = self.headers
         version = parser.get_http_version()
-        if version not in ("1.0", "1.1"):
+        if version != "1.1" and version != "1.0":
             raise HttpProtocolError(f"HTTP/{version} is not supported", 505 if version >= "2" else 400)
-        if version == "1.1" and b"host" not in names:
+        if b"host" not in names and version == "1.1":
             raise HttpProtocolError("HTTP/1.1 request without Host (RFC 9112 3.2)")
         length = _content_length(_first(names, headers, b"content-length"))
-        if _codings(names, headers):
+        if b"transfer-encoding" in names and _codings(names, headers):
             framing = Framing.CHUNKED  # llhttp refuses any other final coding in a request
         elif length:
             framing = Framing.LENGTH
         else:
             framing = Framing.NONE
-        expect = _first(names, headers, b"expect")
+        if b"expect" in names:
+            expect_continue = headers[names.index(b"expect")][1].strip().lower() == b"100-continue"
+        else:
+            expect_continue = False
         self.events.append(
             RequestHead(
-                method=parser.get_method(),
-                target=self._url,
-                version=version,
-                headers=headers,
-                keep_alive=parser.should_keep_alive(),
-                upgrade=parser.should_upgrade(),
-                framing=framing,
-                content_length=length,
-                expect_continue=expect is not None and expect.strip().lower() == b"100-continue",
-                names=names,
+                parser.get_method(),
+                self._url,
+                version,
+                headers,
+                parser.should_keep_alive(),
+                parser.should_upgrade(),
+                framing,
+                length,
+                expect_continue,
+                names,
             )
         )
 
@@ -461,14 +468,13 @@ class ResponseReader(_Reader):
         self.after_upgrade.clear()
 
     def _emit_head(self, names: list[bytes]) -> None:
-        parser = self.parser
-        assert isinstance(parser, httptools.HttpResponseParser)
+        parser = cast(httptools.HttpResponseParser, self.parser)
         headers = self.headers
         status = parser.get_status_code()
         version = parser.get_http_version()
         length = _content_length(_first(names, headers, b"content-length"))
-        te = _codings(names, headers)
-        if status < 200 or status in (204, 304) or self.method_head:
+        te = _codings(names, headers) if b"transfer-encoding" in names else None
+        if status < 200 or status == 204 or status == 304 or self.method_head:
             framing = Framing.NONE
         elif te:
             framing = Framing.CHUNKED if te[-1] == b"chunked" else Framing.CLOSE
@@ -726,6 +732,10 @@ def _private_cache_control(directives: list[bytes]) -> bytes:
     return b", ".join(directives)
 
 
+#: The Cache-Control field of a response made private that had none.
+_PRIVATE_ONLY = b"Cache-Control: " + _private_cache_control([])
+
+
 # -- the heads the proxy sends, each in one pass --------------------------------------------------------------
 #
 # The functions above are the rules, one per concern. A proxy applies all of them to every message, so the
@@ -766,9 +776,12 @@ class RequestRewrite:
 
 def _named_by_connection(names: list[bytes], headers: Headers) -> frozenset[bytes]:
     """Field names listed in the Connection fields (hop-by-hop too, RFC 9110 7.6.1)."""
+    count = names.count(b"connection")
+    if count == 1 and headers[names.index(b"connection")][1].lower() == b"keep-alive":
+        return _NOTHING  # the usual case, and hop-by-hop anyway
     named: set[bytes] = set()
     at = 0
-    for _ in range(names.count(b"connection")):
+    for _ in range(count):
         at = names.index(b"connection", at)
         options = headers[at][1].lower()
         at += 1
@@ -850,10 +863,11 @@ def proxy_response_head(
     headers = response.headers
     names = response.names
     skip = HOP_BY_HOP
-    if b"connection" in names:
-        skip = skip | _named_by_connection(names, headers)
+    if b"connection" in names and (named := _named_by_connection(names, headers)):
+        skip = skip | named
     lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason or b"-")]
-    if private:
+    cache_control = _PRIVATE_ONLY
+    if private and b"cache-control" in names:
         directives = [
             directive
             for low, (_, value) in zip(names, headers, strict=True)
@@ -861,10 +875,11 @@ def proxy_response_head(
             for directive in _shared_cache_directives_removed(value)
         ]
         skip = skip | {b"cache-control"}
+        cache_control = b"Cache-Control: " + _private_cache_control(directives)
     lines += [b": ".join(field) for low, field in zip(names, headers, strict=True) if low not in skip]
     lines += [b": ".join(field) for field in added]
     if private:
-        lines.append(b"Cache-Control: " + _private_cache_control(directives))
+        lines.append(cache_control)
     if connection is not None:
         lines.append(b"Connection: " + connection)
     lines += (b"", b"")

@@ -70,6 +70,7 @@ from pacslb.protocols.http1 import (
     serialize_head,
     set_cookie,
     simple_response,
+    target_path,
 )
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.outcome import End
@@ -475,7 +476,7 @@ class _Record:
 
     client: str
     method: str = "-"
-    path: str = "-"
+    target: bytes = b""  # the request target; the log shows its path (target_path)
     server: str = "-"
     rule: str = "-"
     status: int = 0
@@ -781,7 +782,7 @@ class HttpService(TcpService):
                 client.served += 1
                 record.started = loop.time()
                 record.method = head.method.decode("latin-1")
-                record.path = head.path
+                record.target = head.target
                 exchange = self._exchange(client, head, self._client_key(client), record)
             try:
                 keep = await exchange
@@ -1001,7 +1002,7 @@ class HttpService(TcpService):
         client.served += 1
         record = _Record(client.text, server=server.name, rule=rule, reused=True, started=now, connected=now)
         record.method = head.method.decode("latin-1")
-        record.path = head.path
+        record.target = head.target
         record.conn = conn
         server.active += 1
         server.total += 1
@@ -1657,7 +1658,7 @@ class HttpService(TcpService):
             if not isinstance(event, RequestHead):
                 client.close()
                 return
-            record.method, record.path = event.method.decode("latin-1"), event.path
+            record.method, record.target = event.method.decode("latin-1"), event.target
             host = (event.header(b"host") or str(self.spec.listen.host).encode()).decode("latin-1")
             hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             port = self.spec.listen.port
@@ -1691,7 +1692,7 @@ class HttpService(TcpService):
             "server": record.server,
             "rule": record.rule,
             "method": record.method,
-            "path": record.path,
+            "path": target_path(record.target) if record.target else "-",
             "status": status or "-",
             "bytes_up": record.bytes_up,
             "bytes_down": record.bytes_down,
