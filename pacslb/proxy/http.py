@@ -755,17 +755,19 @@ class HttpService(TcpService):
                     except TimeoutError:
                         pass  # the loop decides what the time that passed means
             except HttpProtocolError as exc:
+                record.started = head_started or loop.time()
                 record.status = exc.status
                 record.end = "bad_request"
                 record.detail = str(exc)
                 await self._refuse(client, _error(exc.status), record)
-                self._log_request(record)
                 return
             except _Abort as exc:
+                record.started = head_started or loop.time()
                 record.status, record.end, record.detail = exc.status, exc.end, exc.detail
                 if exc.response is not None:
                     await self._refuse(client, exc.response, record)
-                self._log_request(record)
+                else:
+                    self._log_request(record)
                 return
             finally:
                 client.hook = None
@@ -793,7 +795,7 @@ class HttpService(TcpService):
                     await self._refuse(client, exc.response, record)
                 else:
                     client.abort()
-                self._log_request(record)
+                    self._log_request(record)
                 return
             self._log_request(record)
             if not keep or self.stopping:
@@ -840,12 +842,13 @@ class HttpService(TcpService):
                 client.key = None
         return client.key
 
-    async def _refuse(self, client: _Side, response: bytes, record: _Record | None = None) -> None:
-        """Send the balancer's own final answer, then close without resetting what the client may still be
-        sending (a reset could destroy the answer before the client reads it)."""
-        if record is not None:
-            record.bytes_down += len(response)
+    async def _refuse(self, client: _Side, response: bytes, record: _Record) -> None:
+        """Send the balancer's own final answer and log ``record``, then close without resetting what the
+        client may still be sending (a reset could destroy the answer before the client reads it). The log
+        line is written before that linger, so its duration is the exchange's, not the linger's."""
+        record.bytes_down += len(response)
         client.write(response)
+        self._log_request(record)
         transport = client.transport
         if transport is None or client.lost:
             return
@@ -1649,7 +1652,7 @@ class HttpService(TcpService):
         except OSError:
             sock.close()
             return
-        record = _Record(addr_text(peer), server="-", rule="redirect")
+        record = _Record(addr_text(peer), server="-", rule="redirect", started=loop.time())
         try:
             try:
                 event = await client.next_event(settings.http.timeouts.request_head)
@@ -1666,9 +1669,10 @@ class HttpService(TcpService):
             location = f"https://{authority}{event.target.decode('latin-1')}".encode()
             record.status = 308
             await self._refuse(
-                client, simple_response(308, b"", extra=[(b"Location", location)], head_only=event.method == b"HEAD")
+                client,
+                simple_response(308, b"", extra=[(b"Location", location)], head_only=event.method == b"HEAD"),
+                record,
             )
-            self._log_request(record)
         finally:
             client.close()
 

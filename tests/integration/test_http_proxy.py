@@ -226,6 +226,23 @@ def test_malformed_oversized_and_slow_requests(pacslb: PacslbFactory, web: list[
         assert idle.recv(4096) == b""
 
 
+def test_the_balancers_own_answer_is_logged_before_its_linger(pacslb: PacslbFactory) -> None:
+    """After its own final answer (here 503: the only node is gone) pacslb lingers up to a second before
+    closing, so as not to reset a client still sending; the log line is written when the answer goes, so its
+    duration is the exchange's own. The client here keeps its connection open through the whole linger."""
+    port = peers.free_port()
+    gone = {"gone": f"127.0.0.1:{peers.free_port()}"}
+    lb = pacslb(peers.http_config({"web": peers.service(port, gone, mode="http", check={"type": "none"}, retries=0)}))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /viewer HTTP/1.1\r\nHost: pacs\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 503 ")
+        assert sock.recv(4096) == b""  # the linger ends with a close
+    line = lb.wait_event("request", timeout=5)
+    assert (line.get("status"), line.get("end")) == ("503", "no_server")
+    assert float(line.get("duration") or "nan") < 1.0  # 1 s: the linger, which the client sat through
+    assert int(line.get("bytes_down") or 0) > 0
+
+
 class _ThreadedNode:
     """A node on a loopback port, in threads: what it does with each connection is up to a subclass."""
 
