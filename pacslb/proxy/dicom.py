@@ -42,6 +42,7 @@ from pacslb.protocols.dicom import (
     pdu_length,
 )
 from pacslb.proxy.outcome import End
+from pacslb.proxy.relay import RelayCancelled
 from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
 
 log = logging.getLogger("pacslb.dicom")
@@ -278,16 +279,26 @@ class DicomService(TcpService):
         record.accepted = True
         try:
             up, down, end = await self.relay(client, server_sock, server, key)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:  # a halt or the shutdown
+            if isinstance(exc, RelayCancelled):
+                self._count(stats, record, rq, early, answer, rest, exc.result.bytes_up, exc.result.bytes_down)
             record.end = self.cancelled_end()
             record.done("accepted", "", "")
             raise
+        self._count(stats, record, rq, early, answer, rest, up, down)
+        record.end = end
+        record.done("accepted", "", "")
+
+    @staticmethod
+    def _count(
+        stats: AEStats, record: _Record, rq: AssociateRQ, early: bytes, answer: bytes, rest: bytes, up: int, down: int
+    ) -> None:
+        """The bytes of an association: the negotiation's and what the relay moved after it."""
         up += len(rq.raw) + len(early)
         down += len(answer) + len(rest)
         stats.bytes_up += up
         stats.bytes_down += down
-        record.up, record.down, record.end = up, down, end
-        record.done("accepted", "", "")
+        record.up, record.down = up, down
 
     async def _offer(self, sock: socket.socket, rq: AssociateRQ) -> tuple[bytes | str, bytes]:
         """Send the RQ to a node and read its answer PDU. A str answer says why there is none."""

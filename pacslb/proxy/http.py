@@ -74,6 +74,7 @@ from pacslb.protocols.http1 import (
 )
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.outcome import End
+from pacslb.proxy.relay import RelayCancelled
 from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
 
 log = logging.getLogger("pacslb.http")
@@ -1578,7 +1579,10 @@ class HttpService(TcpService):
                 record.cut = functools.partial(_cancel, task)
             try:
                 result = await self.relayer(client_sock, node_sock, idle_timeout=idle, timeout_end=End.CLIENT_TIMEOUT)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
+                if isinstance(exc, RelayCancelled):  # what the tunnel moved until the halt or shutdown
+                    record.bytes_up += exc.result.bytes_up
+                    record.bytes_down += exc.result.bytes_down
                 if not record.halted or task is None:
                     raise
                 task.uncancel()  # cut by a halt (the relay closed both sockets): this exchange ends here

@@ -4,7 +4,6 @@ of operation, the messages, and the workers' side)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -14,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import RelayHandle, RelayResult, start_relay
+from pacslb.proxy.relay import RelayHandle, RelayResult, cancelled_relay, start_relay
 from pacslb.proxy.workers import ABORT_MSG, DONE_MSG, END_CODE, ENDS, RELAY_MSG, WORKER_STOP_TIMEOUT
 
 log = logging.getLogger("pacslb.workers")
@@ -120,8 +119,8 @@ class RelayPool:
     async def relay(
         self, client: socket.socket, server: socket.socket, *, idle_timeout: float, timeout_end: End
     ) -> RelayResult:
-        """:meth:`start_relay` as a coroutine. When cancelled, the relay is aborted (and its end awaited for a
-        moment) before the cancellation goes on."""
+        """:meth:`start_relay` as a coroutine. When cancelled, the relay is aborted and its report awaited for a
+        moment; the cancellation goes on as :class:`RelayCancelled`, with what was moved."""
         assert self._loop is not None
         done: asyncio.Future[RelayResult] = self._loop.create_future()
 
@@ -133,12 +132,7 @@ class RelayPool:
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
-            if not done.done():
-                handle.abort()
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    async with asyncio.timeout(1.0):
-                        await asyncio.shield(done)
-            raise
+            raise await cancelled_relay(handle, done) from None
 
     def _send(self, worker: _Worker, message: bytes, fds: list[int]) -> None:
         if worker.outbox or not self._try_send(worker, message, fds):

@@ -27,9 +27,10 @@ coroutine).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from pacslb.proxy.outcome import End
 from pacslb.proxy.pumps import (
@@ -48,12 +49,42 @@ __all__ = [
     "IDLE_PIPES",
     "PIPE_SIZE",
     "SPLICE_AVAILABLE",
+    "RelayCancelled",
     "RelayHandle",
     "RelayResult",
     "close_idle_pipes",
     "relay",
     "start_relay",
 ]
+
+
+#: How long a cancelled :func:`relay` waits for the aborted relay's count of what it moved.
+ABORT_REPORT_TIMEOUT = 1.0
+
+
+class RelayCancelled(asyncio.CancelledError):
+    """A relay coroutine was cancelled (a halt, the shutdown): the cancellation goes on, carrying what the
+    relay had moved until then, so the connection's log line and counters still say it."""
+
+    def __init__(self, result: RelayResult) -> None:
+        super().__init__()
+        self.result = result
+
+
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+async def cancelled_relay(handle: Abortable, done: asyncio.Future[RelayResult]) -> RelayCancelled:
+    """Abort a relay whose coroutine was cancelled and wait (bounded, shielded from further cancellation)
+    for its report; what to raise in place of the cancellation."""
+    if not done.done():
+        handle.abort()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(ABORT_REPORT_TIMEOUT):
+                await asyncio.shield(done)
+    result = done.result() if done.done() and not done.cancelled() else RelayResult(0, 0, End.SHUTDOWN)
+    return RelayCancelled(result)
 
 
 class _Half(asyncio.Protocol):
@@ -268,7 +299,7 @@ async def relay(
     method: str | None = None,
 ) -> RelayResult:
     """:func:`start_relay` as a coroutine: the result once both directions are done. When cancelled, it
-    aborts both sides and re-raises."""
+    aborts both sides and raises :class:`RelayCancelled`, with what was moved."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[RelayResult] = loop.create_future()
 
@@ -280,7 +311,6 @@ async def relay(
         client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=finished, method=method
     )
     try:
-        return await done
+        return await asyncio.shield(done)
     except asyncio.CancelledError:
-        handle.abort()
-        raise
+        raise await cancelled_relay(handle, done) from None

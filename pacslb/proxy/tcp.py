@@ -34,7 +34,7 @@ from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
 from pacslb.proxy.listener import Listener
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import RelayResult, relay, start_relay
+from pacslb.proxy.relay import RelayCancelled, RelayResult, relay, start_relay
 
 log = logging.getLogger("pacslb.conn")
 
@@ -293,6 +293,9 @@ class TcpService:
         try:
             result = await self.relayer(client, server_sock, idle_timeout=idle, timeout_end=timeout_end)
             up, down, end = result.bytes_up, result.bytes_down, result.end
+        except RelayCancelled as exc:  # a halt or the shutdown: what was moved still counts
+            up, down = exc.result.bytes_up, exc.result.bytes_down
+            raise
         except Exception:
             log.exception("relay failed on service %s", self.name)
         finally:

@@ -100,6 +100,8 @@ def test_halted_node_has_its_association_closed_after_the_grace(
         assert time.monotonic() - started >= HALT_GRACE * 0.8
         line = lb.wait_event("assoc", 5.0, since=mark, server=halted, end="halted")
         assert line.get("outcome") == "accepted"
+        # What the association moved until the halt cut it counts: the 8 instances stored through it.
+        assert int(line.get("bytes_up") or 0) > sum(len(d.PixelData) for d in datasets[:8])
         lb.wait_event("halt_closed", 5.0, since=mark, server=halted, connections="1")
         # New associations go to the other node.
         result = peers.echoscu(port)

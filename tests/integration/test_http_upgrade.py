@@ -4,6 +4,7 @@ package), after which the relay carries the frames. Run with one process and wit
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -100,13 +101,17 @@ def test_a_halt_closes_a_websocket_after_its_grace(
             {"web": spec}, workers=workers, admin=peers.admin_section(admin, token_file), halt_grace="300ms"
         )
     )
+    noise = os.urandom(6000)  # random: the WebSocket's deflate cannot shrink it below its size
+    before = base64.b64encode(noise).decode()
     with connect(f"ws://127.0.0.1:{port}/socket", open_timeout=5) as ws:
-        ws.send("before")
-        assert ws.recv(timeout=5) == "ws1:before"
+        ws.send(before)
+        assert ws.recv(timeout=5) == "ws1:" + before
         halted = peers.admin_api(admin, "POST", "/api/v1/services/web/servers/ws1/halt", token=token)
         assert halted.status_code == 200, halted.text
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=10)  # the tunnel is closed once the grace is over
     line = lb.wait_event("request", timeout=5)
     assert (line.get("status"), line.get("end"), line.level) == ("101", "halted", "warning")
+    # What the tunnel moved before the halt cut it is counted, both ways.
+    assert int(line.get("bytes_up") or 0) > len(noise) and int(line.get("bytes_down") or 0) > len(noise)
     assert lb.wait_event("halt_closed", timeout=5).get("connections") == "1"
