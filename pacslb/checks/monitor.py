@@ -29,6 +29,9 @@ from pacslb.logs import log_event
 
 log = logging.getLogger("pacslb.health")
 
+#: How long stop() waits for a cancelled check to end.
+STOP_TIMEOUT = 5.0
+
 #: Shortest time between two checks of one server when traffic keeps waking the monitor.
 MIN_CHECK_GAP = 0.1
 
@@ -64,11 +67,17 @@ class Monitor:
         self._wake.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop checking. Bounded: a check kind that ignored its cancellation would be left behind (and
+        logged) rather than hold up a shutdown or reload."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT)
+        if not done:
+            log.error("check of %s/%s did not stop within %gs", self.service, self.server.name, STOP_TIMEOUT)
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("check of %s/%s ended with an error", self.service, self.server.name, exc_info=task.exception())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -150,3 +150,40 @@ def test_stop_ends_the_monitor_even_when_its_wait_completes_in_the_same_instant(
         return ended
 
     assert asyncio.run(scenario()) is True
+
+
+def test_stop_is_bounded_even_for_a_check_that_ignores_its_cancellation(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A check kind that swallowed its cancellation would keep its monitor running: stop() gives up on it
+    after STOP_TIMEOUT and says so, rather than hold up a shutdown or reload for ever."""
+    monkeypatch.setattr("pacslb.checks.monitor.STOP_TIMEOUT", 0.2)
+
+    async def scenario() -> bool:
+        loop = asyncio.get_running_loop()
+        server = ServerState("pacs1", "127.0.0.1", 104)
+        monitor = Monitor("dicom", CheckSpec(type="tcp", interval="10s", timeout="10s"), server)
+        release: asyncio.Future[None] = loop.create_future()
+
+        async def stubborn(spec: CheckSpec, host: str, port: int) -> CheckResult:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await release  # carries on instead of ending
+            return OK
+
+        monitor._check = stubborn
+        monitor.start()
+        task = monitor._task
+        assert task is not None
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(monitor.stop(), 2)  # returns: bounded by STOP_TIMEOUT
+        still_running = not task.done()
+        release.set_result(None)  # let it end now
+        task.cancel()
+        await asyncio.wait([task], timeout=2)
+        return still_running
+
+    with caplog.at_level(logging.ERROR, logger="pacslb.health"):
+        assert asyncio.run(scenario()) is True
+    assert "did not stop within 0.2s" in caplog.text
