@@ -196,11 +196,6 @@ def _content_length(value: bytes | None) -> int | None:
         raise HttpProtocolError(f"invalid Content-Length {value!r}") from None
 
 
-def _lowered(headers: Headers) -> list[bytes]:
-    """The names of ``headers`` in lower case (lowered once per head; every later look-up uses these)."""
-    return [name.lower() for name, _ in headers]
-
-
 def _first(names: list[bytes], headers: Headers, name: bytes) -> bytes | None:
     """The value of the first field ``name`` (lower case), or None."""
     return headers[names.index(name)][1] if name in names else None
