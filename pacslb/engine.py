@@ -21,7 +21,6 @@ Signals are handled here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
@@ -47,6 +46,7 @@ from pacslb.proxy.relay import DEFAULT_METHOD
 from pacslb.proxy.tcp import TcpService
 from pacslb.state.memory import MemoryStore
 from pacslb.state.store import StateStore
+from pacslb.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from pacslb.admin.api import AdminServer
@@ -633,7 +633,5 @@ async def serve(config: Config, config_path: str | None = None, *, on_ready: Cal
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         if watchdog is not None:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+            await cancel_and_wait(watchdog)
         await engine.shutdown()

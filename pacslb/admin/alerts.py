@@ -33,6 +33,7 @@ from pacslb import __version__
 from pacslb.admin.events import Event, EventLog
 from pacslb.config.model import AlertsSpec, EmailSpec, WebhookSpec
 from pacslb.logs import log_event
+from pacslb.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from email.message import EmailMessage
@@ -134,11 +135,9 @@ class _Channel:
 
     async def flush(self) -> None:
         """Stop the batch timer and send what is waiting, if the rate limit allows (bounded by the caller)."""
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
+        task, self.task = self.task, None
+        if task is not None:
+            await cancel_and_wait(task)
         if self.pending and self._wait_for_slot() == 0:
             await self._send_pending()
 

@@ -14,13 +14,13 @@ traffic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from pacslb.balance.server import ServerState
+from pacslb.tasks import cancel_and_wait
 
 #: Seconds between two samples: fine enough for a graph of an hour, coarse enough to cost nothing.
 SAMPLE_INTERVAL = 5.0
@@ -97,11 +97,9 @@ class History:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="throughput history")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

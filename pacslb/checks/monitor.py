@@ -26,6 +26,7 @@ from pacslb.balance.server import Health, ServerState
 from pacslb.checks.base import CheckResult, get_check
 from pacslb.config.model import CheckSpec
 from pacslb.logs import log_event
+from pacslb.tasks import cancel_and_wait
 
 log = logging.getLogger("pacslb.health")
 
@@ -72,12 +73,13 @@ class Monitor:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT)
-        if not done:
+        try:
+            ended = await cancel_and_wait(task, STOP_TIMEOUT)
+        except Exception:
+            log.exception("check of %s/%s ended with an error", self.service, self.server.name)
+            return
+        if not ended:
             log.error("check of %s/%s did not stop within %gs", self.service, self.server.name, STOP_TIMEOUT)
-        elif not task.cancelled() and task.exception() is not None:
-            log.error("check of %s/%s ended with an error", self.service, self.server.name, exc_info=task.exception())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
