@@ -305,13 +305,14 @@ class AdminServer:
             await self.history.stop()
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
+            task = self._task
             try:
-                async with asyncio.timeout(ADMIN_STOP_TIMEOUT + 1.0):
-                    await asyncio.shield(self._task)
-            except (TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
-            except Exception:
-                log.exception("admin listener stopped with an error")
+                done, _ = await asyncio.wait([task], timeout=ADMIN_STOP_TIMEOUT + 1.0)
+            finally:
+                if not task.done():  # it did not stop in time, or the stop itself is being cancelled
+                    task.cancel()
+            if done and not task.cancelled() and task.exception() is not None:
+                log.error("admin listener stopped with an error", exc_info=task.exception())
         self.sock.close()
 
 
