@@ -286,7 +286,7 @@ class Engine:
             spec_server = wanted.get(key)
             if spec_server is None or monitor.spec != spec_server[0].check or monitor.server is not spec_server[1]:
                 del self.monitors[key]
-                asyncio.get_running_loop().create_task(monitor.stop())
+                self._spawn(monitor.stop())  # held until done: a bare task could be collected mid-stop
         for key, (spec, server) in wanted.items():
             if key not in self.monitors:
                 monitor = Monitor(key[0], spec.check, server, self._health_changed)

@@ -213,6 +213,37 @@ def test_no_usable_server_closes_the_client_at_once_and_recovers() -> None:
     assert node == "a"
 
 
+def test_a_reload_that_removes_a_checked_server_stops_its_monitor(tmp_path: Path) -> None:
+    async def scenario() -> tuple[bool, bool, list[str]]:
+        srv_a, port_a = await backend("a")
+        srv_b, port_b = await backend("b")
+        port = free_port()
+        check = "{type: tcp, interval: 100ms, timeout: 100ms}"
+        path = tmp_path / "lb.yaml"
+        path.write_text(config_text(port, {"a": port_a, "b": port_b}, check=check))
+        engine = Engine(load_config(path), str(path))
+        await engine.start()
+        old = engine.monitors[("svc", "a")]
+        old_task = old._task
+        await asyncio.sleep(0.3)  # a few checks of "a" have run
+        path.write_text(config_text(port, {"b": port_b}, check=check))
+        applied = await engine.reload()
+        for _ in range(50):  # bounded: 5 s; the stop is at once
+            if old_task is not None and old_task.done():
+                break
+            await asyncio.sleep(0.1)
+        stopped = old_task is not None and old_task.done()
+        left = sorted(name for _, name in engine.monitors)
+        await engine.shutdown(grace=1)
+        srv_a.close()
+        srv_b.close()
+        return applied, stopped, left
+
+    applied, stopped, left = run(scenario)
+    assert applied and stopped
+    assert left == ["b"]
+
+
 def test_source_ip_persistence_with_netmask() -> None:
     async def scenario() -> tuple[dict[str, set[str]], set[str]]:
         backends = [await backend(n) for n in ("a", "b", "c")]
