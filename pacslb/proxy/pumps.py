@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     class TimerLike(Protocol):
         def cancel(self) -> object: ...
 
+    class Abortable(Protocol):
+        """A relay as its owner holds it: it can be cut short (it still reports how it ended)."""
+
+        def abort(self) -> None: ...
+
     class Loop(Protocol):
         """What the relay needs of an event loop."""
 

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 from pacslb.proxy.outcome import End
 from pacslb.proxy.pumps import (
@@ -43,6 +43,9 @@ from pacslb.proxy.pumps import (
     close_idle_pipes,
     start_splice,
 )
+
+if TYPE_CHECKING:
+    from pacslb.proxy.pumps import Abortable
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -69,10 +72,6 @@ class RelayCancelled(asyncio.CancelledError):
     def __init__(self, result: RelayResult) -> None:
         super().__init__()
         self.result = result
-
-
-class Abortable(Protocol):
-    def abort(self) -> None: ...
 
 
 async def cancelled_relay(handle: Abortable, done: asyncio.Future[RelayResult]) -> RelayCancelled:

@@ -23,7 +23,7 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pacslb.balance.decision import choose
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
@@ -36,6 +36,9 @@ from pacslb.proxy.listener import Listener
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayCancelled, RelayResult, relay, start_relay
 
+if TYPE_CHECKING:
+    from pacslb.proxy.pumps import Abortable
+
 log = logging.getLogger("pacslb.conn")
 
 
@@ -45,10 +48,6 @@ class Relayer(Protocol):
     def __call__(
         self, client: socket.socket, server: socket.socket, *, idle_timeout: float, timeout_end: End
     ) -> Awaitable[RelayResult]: ...
-
-
-class Abortable(Protocol):
-    def abort(self) -> None: ...
 
 
 class RelayStarter(Protocol):

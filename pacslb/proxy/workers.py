@@ -35,10 +35,8 @@ from pacslb.proxy.pumps import DEFAULT_METHOD, RelayResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Protocol
 
-    class Abortable(Protocol):
-        def abort(self) -> None: ...
+    from pacslb.proxy.pumps import Abortable
 
     OnDone = Callable[[RelayResult], None]
     StartRelay = Callable[[socket.socket, socket.socket, float, End, OnDone], Abortable]
