@@ -10,8 +10,7 @@ Servers in ``exclude`` (already tried for this connection) are never chosen agai
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pacslb.balance.persistence import PersistenceTable
 from pacslb.balance.scheduler import Scheduler
@@ -20,8 +19,10 @@ from pacslb.balance.server import ServerState
 Rule = Literal["persistence", "balance"]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """A choice (a named tuple: made for every new connection and every HTTP request, it costs a third of a
+    frozen dataclass)."""
+
     server: ServerState
     rule: Rule  # what decided: a persistence entry, or the scheduler
 

@@ -270,9 +270,21 @@ class _Side(asyncio.Protocol):
         reader = self.reader
         assert reader is not None
         event = reader.take()
-        if self.paused and self.error is None and reader.body_bytes < LOW_WATER and len(reader.events) < 8:
-            self.resume()
+        if self.paused:
+            self.take_resume()
         return event
+
+    def take_resume(self) -> None:
+        """Read again if the reader's queue has room (once events were taken from it)."""
+        reader = self.reader
+        if (
+            self.paused
+            and self.error is None
+            and reader is not None
+            and reader.body_bytes < LOW_WATER
+            and len(reader.events) < 8
+        ):
+            self.resume()
 
     async def next_event(self, timeout: float) -> Event | None:
         """The next event; None when the peer closed (the reader's ``eof()`` says whether that was fine).
@@ -968,7 +980,7 @@ class HttpService(TcpService):
         here, from the protocol callbacks, without waking the task: the request goes out now, and
         :meth:`_fast_response` answers when the response is in. Anything else wakes the task, which serves
         it as always. Returns True when the task need not wake."""
-        client = cast(_Client, side)
+        client: _Client = side  # type: ignore[assignment]  # the hook of client sides only
         if client.flight is not None:
             return True  # later requests wait in the reader until this exchange is over
         reader = client.reader
@@ -989,24 +1001,26 @@ class HttpService(TcpService):
             return False
         settings = self.settings
         loop = self._loop
-        key = self._client_key(client)
-        offered = self._offered(head)
+        key = client.key if client.key_spec is self.spec else self._client_key(client)
+        offered = self._offered(head) if settings.cookie_name is not None else []
         table = self.table if settings.use_table else None
         now = loop.time()
-        picked = choose_with_cookie(self.servers, self.scheduler, table, key, offered, settings.codec, now, [])
+        picked = choose_with_cookie(self.servers, self.scheduler, table, key, offered, settings.codec, now)
         if picked is None:
             return False
         server, rule = picked
-        conn = self._pooled(server)
+        conn = self._pooled(server, now)
         if conn is None:
             client.decided = picked
             return False
-        client.take()
-        client.take()
+        events.popleft()  # the head and its end: no body bytes to count
+        events.popleft()
+        if client.paused:
+            client.take_resume()
         client.served += 1
-        record = _Record(client.text, server=server.name, rule=rule, reused=True, started=now, connected=now)
-        record.method = head.method.decode("latin-1")
-        record.target = head.target
+        record = _Record(client.text, head.method.decode("latin-1"), head.target, server.name, rule)
+        record.reused = True
+        record.started = record.connected = now
         record.conn = conn
         server.active += 1
         server.total += 1
@@ -1029,14 +1043,14 @@ class HttpService(TcpService):
         """The node side's hook during a fast exchange: answer the client once the response is whole;
         anything unusual (an interim or 101 response, a large or slow body, an error, a close, the
         deadline) goes to the client's task to finish as it would its own."""
-        conn = cast(_NodeConn, side)
+        conn: _NodeConn = side  # type: ignore[assignment]  # the hook of node sides only
         flight = conn.flight
-        reader = conn.reader
-        assert flight is not None and isinstance(reader, ResponseReader)
+        reader: ResponseReader = conn.reader  # type: ignore[assignment]  # a node side's
+        assert flight is not None
         if conn.error is None and reader.body_bytes <= GATHER_BYTES:
             if reader.finished and not reader.upgraded:
                 response = reader.events[0]
-                if type(response) is ResponseHead and not response.informational and response.status != 101:
+                if type(response) is ResponseHead and response.status >= 200 and response.status != 101:
                     self._fast_finish(flight)
                     return True
             elif not conn.eof and self._loop.time() < flight.deadline:
@@ -1107,13 +1121,13 @@ class HttpService(TcpService):
             response = _error(503, extra=extra, head_only=head.method == b"HEAD")
         return response
 
-    def _pooled(self, server: ServerState) -> _NodeConn | None:
+    def _pooled(self, server: ServerState, now: float | None = None) -> _NodeConn | None:
         """The most recently used idle connection to ``server`` (it is the least likely to have been closed
         by the node), or None. One idle for ``pool_idle`` or longer is never used (nor any older)."""
         pool = self.pools.get(server)
         if not pool:
             return None
-        fresh_since = self._loop.time() - self.settings.http.timeouts.pool_idle
+        fresh_since = (self._loop.time() if now is None else now) - self.settings.http.timeouts.pool_idle
         while pool:
             conn = pool.pop()
             conn.pool = None
@@ -1683,8 +1697,10 @@ class HttpService(TcpService):
     # -- logging ---------------------------------------------------------------------------------------------
 
     def _log_request(self, record: _Record) -> None:
-        # A tunnel (101) ends when either side closes it: that is its normal end, not trouble (unless a halt cut it).
         status = record.status
+        if 0 < status < 500 and record.end == "ok" and not record.halted and not log.isEnabledFor(logging.INFO):
+            return  # the usual exchange, and no info lines wanted
+        # A tunnel (101) ends when either side closes it: that is its normal end, not trouble (unless a halt cut it).
         end = "halted" if record.halted else record.end
         if end == "no_server":
             self.rejections[end] += 1
