@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import os
 import socket
 import ssl
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -309,14 +312,29 @@ class _Side(asyncio.Protocol):
             transport.write(data)
 
     async def drain(self, timeout: float) -> None:
-        """Until the write buffer is below its low mark.
+        """Until the write buffer is below its low mark. A peer that reads slowly but reads is waited for:
+        only ``timeout`` seconds in which the buffer did not shrink at all end the wait.
 
         Raises:
             ConnectionError: the peer is gone.
             TimeoutError: the peer read nothing for ``timeout`` seconds.
         """
+        transport = self.transport
+        if transport is None:
+            return
+        loop = self.loop
+        pending = _unsent(transport)
+        deadline = loop.time() + timeout  # moved on by every byte the peer takes, and by nothing else
         while self.write_paused and not self.lost:
-            await self.wait(timeout)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            with contextlib.suppress(TimeoutError):
+                await self.wait(remaining)
+            size = _unsent(transport)
+            if size < pending:
+                pending = size
+                deadline = loop.time() + timeout
         if self.lost:
             raise ConnectionResetError("peer gone")
 
@@ -347,6 +365,17 @@ class _Side(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
             self.transport.abort()
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to ``transport`` that its peer has not taken yet: the transport's buffer, plus the
+    kernel's send queue (which a slow reader drains long before the kernel takes more from the transport)."""
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return size
 
 
 class _Client(_Side):
@@ -1484,13 +1513,7 @@ class HttpService(TcpService):
                     record.end, record.detail = "client_closed", "client left during the response"
                     return False
                 if client.write_paused:
-                    try:
-                        await client.drain(timeouts.client)
-                    except TimeoutError:
-                        record.end, record.detail = "client_timeout", "client stopped reading the response"
-                        return False
-                    except ConnectionError:
-                        record.end, record.detail = "client_closed", "client left during the response"
+                    if not await self._drain_client(client, record):
                         return False
                     continue
                 if conn.error is not None:
@@ -1517,9 +1540,10 @@ class HttpService(TcpService):
                     record.bytes_down += len(data)
                     client.write(data)
                     parts, size = [], 0
-                    if client.write_paused:
-                        with contextlib.suppress(TimeoutError, ConnectionError):
-                            await client.drain(timeouts.client)
+                    # Nothing more is written before the client took most of it: what a response holds in
+                    # memory stays bounded however slowly the client reads.
+                    if client.write_paused and not await self._drain_client(client, record):
+                        return False
                 continue
             if isinstance(event, EndOfMessage):
                 if rechunk:
@@ -1531,6 +1555,19 @@ class HttpService(TcpService):
                 return True
             record.end, record.detail = "bad_response", "unexpected event in a response body"  # pragma: no cover
             return False  # pragma: no cover
+
+    async def _drain_client(self, client: _Side, record: _Record) -> bool:
+        """Wait until the client took most of what was written to it; False (``record`` says why) when it
+        left, or read nothing for ``timeouts.client``."""
+        try:
+            await client.drain(self.settings.http.timeouts.client)
+        except TimeoutError:
+            record.end, record.detail = "client_timeout", "client stopped reading the response"
+            return False
+        except ConnectionError:
+            record.end, record.detail = "client_closed", "client left during the response"
+            return False
+        return True
 
     # -- Upgrade ---------------------------------------------------------------------------------------------
 
