@@ -222,6 +222,7 @@ class _Reader:
     """
 
     __slots__ = (
+        "_begun",
         "_feeding",
         "_trailer_mode",
         "_url",
@@ -261,10 +262,12 @@ class _Reader:
         self._url = b""
         self._trailer_mode = False
         self._feeding = 0  # the size of what feed() is parsing
+        self._begun = 0  # messages begun so far (feed() tells a head that began in its read from an older one)
 
     # -- httptools callbacks ---------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._begun += 1
         self.in_message = self.in_head = True
         self._trailer_mode = False
         self.head_size = 0
@@ -274,8 +277,10 @@ class _Reader:
         self._url = self.status = b""
 
     # These run for every piece of every message: they only collect. The size of a head is checked once it
-    # is complete (on_headers_complete) and, while it is incomplete, by feed(): whatever arrives while a head
-    # is incomplete counts, so an incomplete head never holds more than one read past the limit.
+    # is complete (on_headers_complete) and, while it is incomplete, by feed(): a read that neither completes
+    # the head it continues nor begins another went wholly into that head and counts, so an incomplete head
+    # never holds more than one read past the limit. (A read that completes a head, or begins one, may carry
+    # other messages or a body besides: it is not counted as head.)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -300,7 +305,9 @@ class _Reader:
         if self.head_size + self._feeding > self.max_head_size:
             # It may be too large (it is no larger than what arrived while it did): count it exactly, as
             # sent ("name: value" and CRLF per field).
-            self._grow(sum(len(n) + len(v) + 4 for n, v in headers) + len(self._url) + len(self.status))
+            size = sum(len(n) + len(v) + 4 for n, v in headers) + len(self._url) + len(self.status)
+            if size > self.max_head_size:
+                raise HttpProtocolError(f"head larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
         self._emit_head([name.lower() for name, _ in headers])  # lowered once per head (see RequestHead)
 
     def on_body(self, body: bytes) -> None:
@@ -330,9 +337,7 @@ class _Reader:
         if self.upgraded:
             self.after_upgrade += data  # bytes of the new protocol; the driver takes them with the tunnel
             return
-        if self.in_head:
-            # The fields of an incomplete head are held inside httptools until complete; bound them too.
-            self._grow(len(data))
+        continued = self.in_head and self._begun  # the head this read continues, if any
         self._feeding = len(data)
         try:
             self.parser.feed_data(data)
@@ -348,6 +353,9 @@ class _Reader:
         except httptools.HttpParserError as exc:
             detail = exc.args[0] if exc.args else type(exc).__name__
             raise HttpProtocolError(f"malformed message: {detail}", self.ERROR_STATUS) from exc
+        if continued and self.in_head and self._begun == continued:
+            # All of it went into a head that is still incomplete, whose fields httptools holds: bound them.
+            self._grow(len(data))
 
     parser: httptools.HttpRequestParser | httptools.HttpResponseParser
 

@@ -169,6 +169,27 @@ def test_the_head_limit_is_per_head_not_per_read() -> None:
     assert caught.value.status == 431
 
 
+def test_a_read_that_completes_a_split_head_is_not_all_head() -> None:
+    """A read that continues an incomplete head and completes it may carry many pipelined requests or a
+    body besides: only the head's own bytes count (a pipelining client used to get a 431 whenever one
+    read ended inside a head and the next was larger than the limit)."""
+    request = b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n"
+    stream = request * 400  # 12 KB, three times the limit
+    evs = events(RequestReader(max_head_size=4096), stream[:1000], stream[1000:])
+    assert len([e for e in evs if isinstance(e, RequestHead)]) == 400
+    upload = b"PUT /u HTTP/1.1\r\nHost: h\r\nContent-Length: 20000\r\n\r\n" + b"b" * 20000
+    evs = events(RequestReader(max_head_size=4096), upload[:20], upload[20:])
+    assert sum(len(e) for e in evs if isinstance(e, bytes)) == 20000
+
+
+def test_a_head_under_the_limit_in_several_reads_is_accepted() -> None:
+    """A head is measured once, exactly, when it completes (its reads are not added to its fields)."""
+    head = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: %s\r\n" % (b"a" * 3850) + b"\r\n"
+    assert len(head) < 4096
+    evs = events(RequestReader(max_head_size=4096), head[:10], head[10:3000], head[3000:])
+    assert isinstance(evs[0], RequestHead)
+
+
 def test_client_closing_mid_request_is_an_error_between_requests_it_is_not() -> None:
     reader = RequestReader()
     events(reader, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
