@@ -766,6 +766,17 @@ class HttpService(TcpService):
                         with contextlib.suppress(TimeoutError):  # it ends by its own deadline and wakes us
                             await client.wait(timeouts.server + timeouts.keep_alive)
                         continue
+                    if client.write_paused:
+                        # It is not taking its answers (a pipelining client that does not read): no more
+                        # requests are served until it does, so what is buffered for it stays bounded.
+                        try:
+                            await client.drain(timeouts.client)
+                        except TimeoutError:
+                            client.abort()
+                            raise _Abort(0, "client_timeout", "client stopped reading its responses") from None
+                        except ConnectionError:
+                            return
+                        continue
                     event = client.take()
                     if event is not None:
                         if not isinstance(event, RequestHead):  # cannot happen: heads start messages
@@ -1013,7 +1024,14 @@ class HttpService(TcpService):
         if client.flight is not None:
             return True  # later requests wait in the reader until this exchange is over
         reader = client.reader
-        if self.stopping or client.error is not None or client.eof or reader is None or client.decided is not None:
+        if (
+            self.stopping
+            or client.error is not None
+            or client.eof
+            or reader is None
+            or client.decided is not None
+            or client.write_paused  # not taking its answers: the task waits for it before serving more
+        ):
             return False
         events = reader.events
         if len(events) < 2:

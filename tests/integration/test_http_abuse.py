@@ -1,5 +1,6 @@
 """mode http under hostile clients, all at once: heads that trickle, garbage, bodies that stall, responses
-nobody reads, resets in mid-exchange, connections that never send a byte. A well-behaved client on the
+nobody reads (one at a time, or thousands pipelined), readers that are slow but read, resets in
+mid-exchange, connections that never send a byte. A well-behaved client on the
 same service must see every one of its requests answered, each hostile connection must end by its own
 timeout or answer, and once those timeouts have passed pacslb must hold no more sockets than before."""
 
@@ -23,6 +24,10 @@ pytestmark = pytest.mark.peers
 
 #: The big file the nodes serve to clients that never read it (more than any socket buffers can hold).
 BIG_SIZE = 32 * 1024 * 1024
+#: A small file, and how many times one client asks for it without reading the answers (all of them
+#: answered would be 26 MB).
+SMALL_SIZE = 1024
+PIPELINED = 20000
 #: How long any one hostile connection is given to be ended by pacslb (its timeouts are 0.5-1 s here).
 END_WITHIN = 10.0
 #: How long the sockets pacslb held for the hostile clients may take to be closed once they are gone.
@@ -105,6 +110,22 @@ def _slow_reader(port: int) -> int:
         return got
 
 
+def _pipeliner(port: int) -> str:
+    """Sends many requests for a small file in one go and reads none of the answers, for far longer than
+    the client timeout, with a small receive buffer (the kernel could otherwise hold them all for it).
+    Returns its address, to find what pacslb served it."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(END_WITHIN)
+        sock.connect(("127.0.0.1", port))
+        host, local_port = sock.getsockname()
+        address = f"{host}:{local_port}"
+        with contextlib.suppress(OSError):  # pacslb may cut it off before all are sent
+            sock.sendall(b"GET /small.bin HTTP/1.1\r\nHost: pacs\r\n\r\n" * PIPELINED)
+        time.sleep(5.0)
+        return address
+
+
 def _reset(port: int) -> None:
     """Asks for the big file and resets the connection at once."""
     sock = _open(port)
@@ -135,6 +156,7 @@ def test_hostile_clients_do_not_disturb_a_well_behaved_one_and_leave_nothing_beh
     for node in web:
         (node.root / "www").mkdir(parents=True, exist_ok=True)
         (node.root / "www" / "big.bin").write_bytes(os.urandom(1024) * (BIG_SIZE // 1024))
+        (node.root / "www" / "small.bin").write_bytes(os.urandom(SMALL_SIZE))
     lb, url = start(
         pacslb,
         web,
@@ -165,6 +187,7 @@ def test_hostile_clients_do_not_disturb_a_well_behaved_one_and_leave_nothing_beh
     jobs += [("stalled_body", lambda: _stalled_body(port))] * 8
     jobs += [("no_reader", lambda: _no_reader(port))] * 4
     jobs += [("slow_reader", lambda: _slow_reader(port))] * 2
+    jobs += [("pipeliner", lambda: _pipeliner(port))] * 2
     jobs += [("reset", lambda: _reset(port))] * 20
     jobs += [("silent", lambda: _silent(port))] * 20
     threads = [threading.Thread(target=run, args=job, daemon=True) for job in jobs]
@@ -196,6 +219,14 @@ def test_hostile_clients_do_not_disturb_a_well_behaved_one_and_leave_nothing_beh
     assert all(isinstance(n, int) and n < BIG_SIZE for n in results["no_reader"]), results["no_reader"]
     assert all(a == b"" for a in results["silent"]), results["silent"][:3]
     assert len(results["slow_reader"]) == 2
+    # A client that does not take its answers is served no further until it does: pacslb holds no more
+    # for it than its write buffer (here: well under half the answers), and ends it after the timeout.
+    log = lb.log_path.read_text().splitlines()
+    for client in results["pipeliner"]:
+        mine = [line for line in log if f"client={client} " in line]
+        served = [line for line in mine if "path=/small.bin" in line]
+        assert 0 < len(served) < PIPELINED // 2, (len(served), [x[11:23] for x in served[:: max(1, len(served) // 6)]])
+        assert any("end=client_timeout" in line for line in mine), mine[-1]
 
     # Once their timeouts have passed, nothing of them is left in pacslb.
     deadline = time.monotonic() + SETTLE_WITHIN
