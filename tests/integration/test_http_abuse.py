@@ -25,9 +25,9 @@ pytestmark = pytest.mark.peers
 #: The big file the nodes serve to clients that never read it (more than any socket buffers can hold).
 BIG_SIZE = 32 * 1024 * 1024
 #: A small file, and how many times one client asks for it without reading the answers (all of them
-#: answered would be 26 MB).
+#: answered would be 54 MB).
 SMALL_SIZE = 1024
-PIPELINED = 20000
+PIPELINED = 40000
 #: How long any one hostile connection is given to be ended by pacslb (its timeouts are 0.5-1 s here).
 END_WITHIN = 10.0
 #: How long the sockets pacslb held for the hostile clients may take to be closed once they are gone.
