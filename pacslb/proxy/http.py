@@ -91,6 +91,9 @@ LOW_WATER = 64 * 1024
 #: A side also stops reading while this many parsed events wait: a client pipelining thousands of tiny
 #: requests without reading the answers cannot make the queue grow.
 MAX_QUEUED_EVENTS = 64
+#: Most interim (1xx) responses a node may send before its final one: a node that streams them for ever
+#: would otherwise hold the exchange open without end. (Real ones send one or two: 100, 103.)
+MAX_INTERIM = 100
 #: Write buffer limits of each transport (asyncio's default high mark is 64 KiB): past the high mark the
 #: task waits for the peer to read; a larger buffer means fewer wakeups for bulk bodies.
 WRITE_HIGH = 512 * 1024
@@ -1486,6 +1489,7 @@ class HttpService(TcpService):
         first_wait = timeout if deadline is None else max(0.0, deadline - self._loop.time())
         reader = conn.reader
         assert isinstance(reader, ResponseReader)
+        interim = 0
         while True:
             event = conn.take()
             if event is None:
@@ -1503,6 +1507,10 @@ class HttpService(TcpService):
                 continue
             if isinstance(event, ResponseHead):
                 if event.informational:
+                    interim += 1
+                    if interim > MAX_INTERIM:
+                        detail = f"more than {MAX_INTERIM} interim responses"
+                        raise _Abort(502, "bad_response", detail, _error(502))
                     if head.version == "1.1" and event.status != 100:  # our own 100 was already sent
                         client.write(serialize_head(b"HTTP/1.1 %d %s" % (event.status, event.reason), event.headers))
                     continue

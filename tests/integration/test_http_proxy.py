@@ -427,8 +427,8 @@ def test_clock_skew_of_a_node_is_reported(pacslb: PacslbFactory) -> None:
 
 class _ScriptedNode(_ThreadedNode):
     """A keep-alive node whose answer depends on the path: ``/small``, ``/big`` (2 MiB), ``/slow`` (after
-    0.3 s), ``/hold`` (after 5 s), ``/hints`` (103 Early Hints, then 200), ``/bad`` (not HTTP) and ``/never``
-    (no answer)."""
+    0.3 s), ``/hold`` (after 5 s), ``/hints`` (103 Early Hints, then 200), ``/flood`` (thousands of 103s
+    before its 200), ``/bad`` (not HTTP) and ``/never`` (no answer)."""
 
     BIG = 2 * 1024 * 1024
 
@@ -458,6 +458,8 @@ class _ScriptedNode(_ThreadedNode):
                     time.sleep(5)
                 if path == b"/hints":
                     conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+                if path == b"/flood":
+                    conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" * 5000)
                 body = b"b" * self.BIG if path == b"/big" else b"ok " + path
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
@@ -486,7 +488,9 @@ def test_unusual_responses_on_pooled_connections(pacslb: PacslbFactory) -> None:
             assert client.get("/small").text == "ok /small"
             assert client.get("/never").status_code == 504
             assert client.get("/small").text == "ok /small"
-        lines = lb.wait_events("request", 11, timeout=5)
+            assert client.get("/flood").status_code == 502  # a node that would never stop sending interims
+            assert client.get("/small").text == "ok /small"
+        lines = lb.wait_events("request", 13, timeout=5)
         # (an answer of the balancer's own is logged after its linger, so the lines are not in request order)
         got = sorted((e.get("path"), e.get("status"), e.get("end"), e.get("reused")) for e in lines)
         assert got == sorted(
@@ -501,6 +505,8 @@ def test_unusual_responses_on_pooled_connections(pacslb: PacslbFactory) -> None:
                 ("/small", "200", "ok", "0"),
                 ("/small", "200", "ok", "1"),
                 ("/never", "504", "server_timeout", "1"),
+                ("/small", "200", "ok", "0"),
+                ("/flood", "502", "bad_response", "1"),
                 ("/small", "200", "ok", "0"),
             ]
         )
