@@ -224,7 +224,9 @@ class _Reader:
     __slots__ = (
         "_begun",
         "_feeding",
+        "_in_chunk_head",
         "_trailer_mode",
+        "_trailer_size",
         "_url",
         "after_upgrade",
         "body_bytes",
@@ -263,11 +265,15 @@ class _Reader:
         self._trailer_mode = False
         self._feeding = 0  # the size of what feed() is parsing
         self._begun = 0  # messages begun so far (feed() tells a head that began in its read from an older one)
+        self._in_chunk_head = False  # a chunk header was read and no data of its chunk yet (the last: trailers)
+        self._trailer_size = 0  # bytes of reads that went wholly into trailer fields (see feed())
 
     # -- httptools callbacks ---------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._begun += 1
+        self._in_chunk_head = False
+        self._trailer_size = 0
         self.in_message = self.in_head = True
         self._trailer_mode = False
         self.head_size = 0
@@ -311,8 +317,15 @@ class _Reader:
         self._emit_head([name.lower() for name, _ in headers])  # lowered once per head (see RequestHead)
 
     def on_body(self, body: bytes) -> None:
+        self._in_chunk_head = False
         self.body_bytes += len(body)
         self.events.append(body)
+
+    def on_chunk_header(self) -> None:
+        self._in_chunk_head = True
+
+    def on_chunk_complete(self) -> None:
+        self._in_chunk_head = False
 
     def on_message_complete(self) -> None:
         self.in_message = False
@@ -338,6 +351,7 @@ class _Reader:
             self.after_upgrade += data  # bytes of the new protocol; the driver takes them with the tunnel
             return
         continued = self.in_head and self._begun  # the head this read continues, if any
+        trailing = self._in_chunk_head and self._begun  # the chunk header (the last one: trailers) it continues
         self._feeding = len(data)
         try:
             self.parser.feed_data(data)
@@ -356,6 +370,12 @@ class _Reader:
         if continued and self.in_head and self._begun == continued:
             # All of it went into a head that is still incomplete, whose fields httptools holds: bound them.
             self._grow(len(data))
+        elif trailing and self._in_chunk_head and self._begun == trailing:
+            # No chunk data, no end of chunk: all of it went into the trailer fields after the last chunk,
+            # which httptools holds as they arrive (bytes after a chunk header are otherwise its data).
+            self._trailer_size += len(data)
+            if self._trailer_size > self.max_head_size:
+                raise HttpProtocolError(f"trailer fields larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
 
     parser: httptools.HttpRequestParser | httptools.HttpResponseParser
 
@@ -501,6 +521,7 @@ class ResponseReader(_Reader):
         if self.finished:
             self.extra = True
             return
+        self._in_chunk_head = False
         self.body_bytes += len(body)
         self.events.append(body)
 

@@ -1,8 +1,8 @@
-"""mode http under hostile clients, all at once: heads that trickle, garbage, bodies that stall, responses
-nobody reads (one at a time, or thousands pipelined), readers that are slow but read, resets in
-mid-exchange, connections that never send a byte. A well-behaved client on the
-same service must see every one of its requests answered, each hostile connection must end by its own
-timeout or answer, and once those timeouts have passed pacslb must hold no more sockets than before."""
+"""mode http under hostile clients, all at once: heads that trickle, garbage, bodies that stall, trailer
+fields without end, responses nobody reads (one at a time, or thousands pipelined), readers that are slow
+but read, resets in mid-exchange, connections that never send a byte. A well-behaved client on the same
+service must see every one of its requests answered, each hostile connection must end by its own timeout
+or answer, and once those timeouts have passed pacslb must hold no more sockets than before."""
 
 from __future__ import annotations
 
@@ -81,6 +81,18 @@ def _stalled_body(port: int) -> bytes:
     """An upload that announces a megabyte, sends a kilobyte, and stops."""
     with _open(port) as sock:
         sock.sendall(b"PUT /upload/stalled HTTP/1.1\r\nHost: pacs\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        return _until_closed(sock)
+
+
+def _endless_trailer(port: int) -> bytes:
+    """A chunked upload whose trailer field never ends (httptools holds a field until its end)."""
+    with _open(port) as sock:
+        sock.sendall(b"PUT /upload/t HTTP/1.1\r\nHost: pacs\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(b"5\r\nhello\r\n0\r\nX: ")
+        with contextlib.suppress(OSError):  # answered and closed before all of it is sent
+            for _ in range(64):
+                sock.sendall(b"a" * 16384)
+                time.sleep(0.01)
         return _until_closed(sock)
 
 
@@ -185,6 +197,7 @@ def test_hostile_clients_do_not_disturb_a_well_behaved_one_and_leave_nothing_beh
     jobs += [("slowloris", lambda: _slowloris(port))] * 30
     jobs += [("garbage", lambda p=p: _garbage(port, p)) for p in garbage * 5]  # type: ignore[misc]
     jobs += [("stalled_body", lambda: _stalled_body(port))] * 8
+    jobs += [("endless_trailer", lambda: _endless_trailer(port))] * 4
     jobs += [("no_reader", lambda: _no_reader(port))] * 4
     jobs += [("slow_reader", lambda: _slow_reader(port))] * 2
     jobs += [("pipeliner", lambda: _pipeliner(port))] * 2
@@ -216,6 +229,7 @@ def test_hostile_clients_do_not_disturb_a_well_behaved_one_and_leave_nothing_beh
     assert all(bytes(a).startswith(b"HTTP/1.1 408 ") for a in results["slowloris"]), results["slowloris"][:3]
     assert all(bytes(a).startswith(b"HTTP/1.1 400 ") for a in results["garbage"]), results["garbage"]
     assert len(results["stalled_body"]) == 8
+    assert all(bytes(a).startswith(b"HTTP/1.1 431 ") for a in results["endless_trailer"]), results["endless_trailer"]
     assert all(isinstance(n, int) and n < BIG_SIZE for n in results["no_reader"]), results["no_reader"]
     assert all(a == b"" for a in results["silent"]), results["silent"][:3]
     assert len(results["slow_reader"]) == 2

@@ -190,6 +190,34 @@ def test_a_head_under_the_limit_in_several_reads_is_accepted() -> None:
     assert isinstance(evs[0], RequestHead)
 
 
+def test_endless_trailer_fields_are_bounded_while_they_arrive() -> None:
+    """After the last chunk, httptools holds a trailer field until its end: a client sending one without end
+    gets 431 (a node, 502) once the limit is passed, as for a head, instead of growing pacslb's memory."""
+    reader = RequestReader(max_head_size=4096)
+    reader.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: ")
+    with pytest.raises(HttpProtocolError, match="trailer fields larger than") as caught:
+        for _ in range(10):
+            reader.feed(b"a" * 1000)
+    assert caught.value.status == 431
+    response = ResponseReader(b"GET", max_head_size=4096)
+    response.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: ")
+    with pytest.raises(HttpProtocolError) as caught:
+        for _ in range(10):
+            response.feed(b"a" * 1000)
+    assert caught.value.status == 502
+
+
+def test_chunked_bodies_in_small_reads_are_not_mistaken_for_trailers() -> None:
+    """Chunk headers and chunk data in reads of any size, and trailers in several reads, stay fine."""
+    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in [b"x" * 3000] * 10)
+    stream = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"0\r\nX-T: 1\r\n\r\n"
+    for size in (1, 7, 1000):
+        evs = events(RequestReader(max_head_size=4096), *[stream[i : i + size] for i in range(0, len(stream), size)])
+        assert sum(len(e) for e in evs if isinstance(e, bytes)) == 30000
+        end = evs[-1]
+        assert isinstance(end, EndOfMessage) and end.trailers == [(b"X-T", b"1")]
+
+
 def test_client_closing_mid_request_is_an_error_between_requests_it_is_not() -> None:
     reader = RequestReader()
     events(reader, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
