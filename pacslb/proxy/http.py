@@ -1103,8 +1103,10 @@ class HttpService(TcpService):
                 if type(response) is ResponseHead and response.status >= 200 and response.status != 101:
                     self._fast_finish(flight)
                     return True
-            elif not conn.eof and self._loop.time() < flight.deadline:
-                return True  # more of it is on its way
+            elif not conn.eof and flight.deadline - self._loop.time() > TIMER_SLACK:
+                # More of it is on its way. (With the timer's slack: a timer that fires a little early counts
+                # as the deadline, and nothing would call again if this waited on.)
+                return True
         self._fast_handover(flight)
         return True
 
