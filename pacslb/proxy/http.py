@@ -316,7 +316,7 @@ class _Side(asyncio.Protocol):
 
     async def drain(self, timeout: float) -> None:
         """Until the write buffer is below its low mark. A peer that reads slowly but reads is waited for:
-        only ``timeout`` seconds in which the buffer did not shrink at all end the wait.
+        only ``timeout`` seconds in which nothing written was taken (see :func:`_unsent`) end the wait.
 
         Raises:
             ConnectionError: the peer is gone.
