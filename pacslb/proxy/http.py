@@ -1051,8 +1051,8 @@ class HttpService(TcpService):
             return False
         settings = self.settings
         loop = self._loop
-        key = client.key if client.key_spec is self.spec else self._client_key(client)
-        offered = self._offered(head) if settings.cookie_name is not None else []
+        key = self._client_key(client)
+        offered = self._offered(head)
         table = self.table if settings.use_table else None
         now = loop.time()
         picked = choose_with_cookie(self.servers, self.scheduler, table, key, offered, settings.codec, now)
