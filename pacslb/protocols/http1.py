@@ -224,22 +224,20 @@ class _Reader:
     __slots__ = (
         "_begun",
         "_feeding",
+        "_fields",
         "_in_chunk_head",
-        "_trailer_mode",
         "_trailer_size",
         "_url",
         "after_upgrade",
         "body_bytes",
         "events",
         "head_size",
-        "headers",
         "in_head",
         "in_message",
         "max_head_size",
         "max_headers",
         "parser",
         "status",
-        "trailers",
         "upgraded",
     )
 
@@ -253,8 +251,8 @@ class _Reader:
         self.body_bytes = 0
         self.max_head_size = max_head_size
         self.max_headers = max_headers
-        self.headers: Headers = []
-        self.trailers: Headers = []
+        # The fields of the head being read, then of its trailers (a new list once the head is complete).
+        self._fields: Headers = []
         self.head_size = 0
         self.in_head = False
         self.in_message = False
@@ -262,7 +260,6 @@ class _Reader:
         self.after_upgrade = bytearray()
         self.status = b""
         self._url = b""
-        self._trailer_mode = False
         self._feeding = 0  # the size of what feed() is parsing
         self._begun = 0  # messages begun so far (feed() tells a head that began in its read from an older one)
         self._in_chunk_head = False  # a chunk header was read and no data of its chunk yet (the last: trailers)
@@ -275,11 +272,9 @@ class _Reader:
         self._in_chunk_head = False
         self._trailer_size = 0
         self.in_message = self.in_head = True
-        self._trailer_mode = False
         self.head_size = 0
-        self.headers = []
-        if self.trailers:
-            self.trailers = []
+        if self._fields:
+            self._fields = []
         self._url = self.status = b""
 
     # These run for every piece of every message: they only collect. The size of a head is checked once it
@@ -294,27 +289,24 @@ class _Reader:
     def on_status(self, status: bytes) -> None:
         self.status += status
 
-    def on_header(self, name: bytes, value: bytes | None) -> None:
-        if self._trailer_mode:
-            if len(self.trailers) < MAX_TRAILERS:
-                self.trailers.append((name, value or b""))
-            return
-        headers = self.headers
-        headers.append((name, value or b""))
-        if len(headers) > self.max_headers:
-            raise HttpProtocolError(f"more than {self.max_headers} header fields", self.LIMIT_STATUS)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Called for every field of every message, so it only collects (httptools never passes a value of
+        # None). Their number is bounded where a head is complete and, while it is not, by feed().
+        self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self._trailer_mode = True
-        headers = self.headers
+        headers = self._fields
+        if len(headers) > self.max_headers:
+            raise HttpProtocolError(f"more than {self.max_headers} header fields", self.LIMIT_STATUS)
+        self._fields = []  # what comes next, if anything, is trailers
         if self.head_size + self._feeding > self.max_head_size:
             # It may be too large (it is no larger than what arrived while it did): count it exactly, as
             # sent ("name: value" and CRLF per field).
             size = sum(len(n) + len(v) + 4 for n, v in headers) + len(self._url) + len(self.status)
             if size > self.max_head_size:
                 raise HttpProtocolError(f"head larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
-        self._emit_head([name.lower() for name, _ in headers])  # lowered once per head (see RequestHead)
+        self._emit_head(headers, [name.lower() for name, _ in headers])  # lowered once per head (see RequestHead)
 
     def on_body(self, body: bytes) -> None:
         self._in_chunk_head = False
@@ -329,14 +321,20 @@ class _Reader:
 
     def on_message_complete(self) -> None:
         self.in_message = False
-        self.events.append(EndOfMessage(self.trailers) if self.trailers else END)
+        self.events.append(EndOfMessage(self._take_trailers()) if self._fields else END)
+
+    def _take_trailers(self) -> Headers:
+        """The trailer fields collected (the first :data:`MAX_TRAILERS`, see :meth:`_bound_fields`)."""
+        trailers = self._fields
+        self._fields = []
+        return trailers if len(trailers) <= MAX_TRAILERS else trailers[:MAX_TRAILERS]
 
     def _grow(self, size: int) -> None:
         self.head_size += size
         if self.head_size > self.max_head_size:
             raise HttpProtocolError(f"head larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
 
-    def _emit_head(self, names: list[bytes]) -> None:
+    def _emit_head(self, headers: Headers, names: list[bytes]) -> None:
         raise NotImplementedError
 
     # -- feeding -------------------------------------------------------------------------------------------
@@ -367,6 +365,8 @@ class _Reader:
         except httptools.HttpParserError as exc:
             detail = exc.args[0] if exc.args else type(exc).__name__
             raise HttpProtocolError(f"malformed message: {detail}", self.ERROR_STATUS) from exc
+        if self._fields:  # fields of a head still incomplete, or trailer fields
+            self._bound_fields()
         if continued and self.in_head and self._begun == continued:
             # All of it went into a head that is still incomplete, whose fields httptools holds: bound them.
             self._grow(len(data))
@@ -376,6 +376,16 @@ class _Reader:
             self._trailer_size += len(data)
             if self._trailer_size > self.max_head_size:
                 raise HttpProtocolError(f"trailer fields larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
+
+    def _bound_fields(self) -> None:
+        """After a read: too many fields in an incomplete head are refused, as they would be once it is
+        complete; trailer fields past :data:`MAX_TRAILERS` are dropped."""
+        fields = self._fields
+        if self.in_head:
+            if len(fields) > self.max_headers:
+                raise HttpProtocolError(f"more than {self.max_headers} header fields", self.LIMIT_STATUS)
+        elif len(fields) > MAX_TRAILERS:
+            del fields[MAX_TRAILERS:]
 
     parser: httptools.HttpRequestParser | httptools.HttpResponseParser
 
@@ -398,9 +408,8 @@ class RequestReader(_Reader):
         super().__init__(max_head_size, max_headers)
         self.parser = httptools.HttpRequestParser(self)
 
-    def _emit_head(self, names: list[bytes]) -> None:
+    def _emit_head(self, headers: Headers, names: list[bytes]) -> None:
         parser = cast(httptools.HttpRequestParser, self.parser)
-        headers = self.headers
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise HttpProtocolError(f"HTTP/{version} is not supported", 505 if version >= "2" else 400)
@@ -490,9 +499,8 @@ class ResponseReader(_Reader):
         self.upgraded = False
         self.after_upgrade.clear()
 
-    def _emit_head(self, names: list[bytes]) -> None:
+    def _emit_head(self, headers: Headers, names: list[bytes]) -> None:
         parser = cast(httptools.HttpResponseParser, self.parser)
-        headers = self.headers
         status = parser.get_status_code()
         version = parser.get_http_version()
         length = _content_length(_first(names, headers, b"content-length"))
@@ -543,7 +551,7 @@ class ResponseReader(_Reader):
         if head.status < 200:
             return  # an interim response ends with its head; a 101 is followed by the Upgrade event
         self.finished = True
-        self.events.append(EndOfMessage(self.trailers) if self.trailers else END)
+        self.events.append(EndOfMessage(self._take_trailers()) if self._fields else END)
 
     def feed(self, data: bytes | memoryview) -> None:
         if self.finished and not self.upgraded:

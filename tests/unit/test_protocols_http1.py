@@ -18,6 +18,7 @@ from pacslb.balance.server import ServerState
 from pacslb.checks.http import clock_skew
 from pacslb.protocols.http1 import (
     END,
+    MAX_TRAILERS,
     CookieAttributes,
     EndOfMessage,
     Event,
@@ -155,6 +156,32 @@ def test_an_incomplete_head_is_bounded_while_it_arrives() -> None:
         for _ in range(10):
             reader.feed(b"a" * 1000)  # never a complete field: httptools would hold it all
     assert caught.value.status == 431
+
+
+def test_too_many_fields_are_refused_while_the_head_still_arrives() -> None:
+    """A head of many small fields that never completes is refused by count, read by read, before its size
+    limit (the fields are held one by one, each costing more than its bytes)."""
+    reader = RequestReader(max_head_size=64 * 1024, max_headers=16)
+    reader.feed(b"GET / HTTP/1.1\r\nHost: h\r\n")
+    with pytest.raises(HttpProtocolError, match="more than 16") as caught:
+        for _ in range(5):
+            reader.feed(b"X: 1\r\n" * 6)
+    assert caught.value.status == 431
+    response = ResponseReader(b"GET", max_headers=16)
+    with pytest.raises(HttpProtocolError, match="more than 16") as caught:
+        response.feed(b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 18)  # a field is passed on when the next begins
+    assert caught.value.status == 502
+
+
+def test_trailer_fields_past_the_bound_are_dropped_not_refused() -> None:
+    """The first MAX_TRAILERS trailer fields are kept, whether the trailers come in one read or in many."""
+    trailers = b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(MAX_TRAILERS + 10))
+    stream = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n" + trailers + b"\r\n"
+    for size in (len(stream), 9):
+        evs = events(RequestReader(), *[stream[i : i + size] for i in range(0, len(stream), size)])
+        end = evs[-1]
+        assert isinstance(end, EndOfMessage)
+        assert end.trailers == [(b"X-%d" % i, b"%d" % i) for i in range(MAX_TRAILERS)]
 
 
 def test_the_head_limit_is_per_head_not_per_read() -> None:
