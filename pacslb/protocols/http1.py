@@ -225,6 +225,8 @@ class _Reader:
         "_begun",
         "_feeding",
         "_fields",
+        "_head_first",
+        "_head_split",
         "_in_chunk_head",
         "_trailer_size",
         "_url",
@@ -262,6 +264,8 @@ class _Reader:
         self._url = b""
         self._feeding = 0  # the size of what feed() is parsing
         self._begun = 0  # messages begun so far (feed() tells a head that began in its read from an older one)
+        self._head_first = 0  # the size of the read in which the current head began
+        self._head_split = False  # the current head went on past the read in which it began
         self._in_chunk_head = False  # a chunk header was read and no data of its chunk yet (the last: trailers)
         self._trailer_size = 0  # bytes of reads that went wholly into trailer fields (see feed())
 
@@ -273,6 +277,8 @@ class _Reader:
         self._trailer_size = 0
         self.in_message = self.in_head = True
         self.head_size = 0
+        self._head_first = self._feeding
+        self._head_split = False
         if self._fields:
             self._fields = []
         self._url = self.status = b""
@@ -300,9 +306,11 @@ class _Reader:
         if len(headers) > self.max_headers:
             raise HttpProtocolError(f"more than {self.max_headers} header fields", self.LIMIT_STATUS)
         self._fields = []  # what comes next, if anything, is trailers
-        if self.head_size + self._feeding > self.max_head_size:
-            # It may be too large (it is no larger than what arrived while it did): count it exactly, as
-            # sent ("name: value" and CRLF per field).
+        # What arrived while it did: the read that completes it, those wholly in it (head_size) and the one it
+        # began in. When that is over the limit, it may be too large: count it exactly, as sent ("name:
+        # value" and CRLF per field).
+        arrived = self._feeding + self.head_size + (self._head_first if self._head_split else 0)
+        if arrived > self.max_head_size:
             size = sum(len(n) + len(v) + 4 for n, v in headers) + len(self._url) + len(self.status)
             if size > self.max_head_size:
                 raise HttpProtocolError(f"head larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
@@ -349,6 +357,8 @@ class _Reader:
             self.after_upgrade += data  # bytes of the new protocol; the driver takes them with the tunnel
             return
         continued = self.in_head and self._begun  # the head this read continues, if any
+        if continued:
+            self._head_split = True
         trailing = self._in_chunk_head and self._begun  # the chunk header (the last one: trailers) it continues
         self._feeding = len(data)
         try:

@@ -158,6 +158,22 @@ def test_an_incomplete_head_is_bounded_while_it_arrives() -> None:
     assert caught.value.status == 431
 
 
+def test_a_head_over_the_limit_is_refused_however_its_reads_fall() -> None:
+    """The read a head began in counts too: a head over the limit that arrived in two reads, neither wholly
+    head, was let through before."""
+    big = b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + b"x" * 5000 + b"\r\n\r\n"
+    small = b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + b"x" * 4000 + b"\r\n\r\n"
+    for cut in (10, 1000, 2500, 4096, 5000):
+        with pytest.raises(HttpProtocolError, match="larger than") as caught:
+            events(RequestReader(max_head_size=4096), big[:cut], big[cut:])
+        assert caught.value.status == 431
+        evs = events(RequestReader(max_head_size=4096), small[: min(cut, 3000)], small[min(cut, 3000) :])
+        assert isinstance(evs[0], RequestHead)
+    pipelined = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 500 + small  # 19 KB of requests before it
+    evs = events(RequestReader(max_head_size=4096), pipelined[:-100], pipelined[-100:])
+    assert len([e for e in evs if isinstance(e, RequestHead)]) == 501
+
+
 def test_too_many_fields_are_refused_while_the_head_still_arrives() -> None:
     """A head of many small fields that never completes is refused by count, read by read, before its size
     limit (the fields are held one by one, each costing more than its bytes)."""
