@@ -7,8 +7,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The per-request path compiled with mypyc, next to its sources (pacslb/compiled.py); rebuilt when one of
+# them changes. PACSLB_COMPILE=0 runs it as Python; so does a machine without a C compiler.
+HOT      := pacslb/protocols/http1.py pacslb/proxy/http.py pacslb/balance/cookie.py pacslb/balance/decision.py \
+            pacslb/balance/persistence.py pacslb/compiled.py
+COMPILED := $(VENV)/.compiled
 
-.PHONY: demo run test peers browser lint unit integration clean
+.PHONY: demo run test peers browser lint unit integration clean compile
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +21,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(COMPILED): $(STAMP) $(HOT)
+	$(BIN)/python -m pacslb.compiled build > $(VENV)/compile.log 2>&1 || tail -n 5 $(VENV)/compile.log
+	touch $(COMPILED)
+
+compile: $(COMPILED)
+
+demo: $(COMPILED)
 	$(BIN)/pacslb demo
 
 # `make run CONFIG=examples/infinitt.yaml`; without CONFIG, the embedded demo.
-run: $(STAMP)
+run: $(COMPILED)
 	$(BIN)/pacslb run $(CONFIG)
 
 peers:
@@ -35,22 +46,23 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check pacslb tests
 	$(BIN)/mypy pacslb
 
-unit: $(STAMP)
+unit: $(COMPILED)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP) peers
+integration: $(COMPILED) peers
 	$(BIN)/python -m pytest -q tests/integration
 
-test: $(STAMP) peers browser lint
+test: $(COMPILED) peers browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	-$(BIN)/python -m pacslb.compiled clean
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 # `make bench` runs the side-by-side benchmark (pacslb vs HAProxy vs direct; see docs/performance.md).
 # Installs its peers first (haproxy, iperf3, wrk, nginx, dcmtk; needs root + apt). Options go in BENCH_ARGS,
 # e.g. `make bench BENCH_ARGS="--quick --cases bulk,http"` or `make bench BENCH_ARGS=--write-docs`.
 .PHONY: bench
-bench: $(STAMP)
+bench: $(COMPILED)
 	sh bench/install.sh
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

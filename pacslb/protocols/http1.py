@@ -22,6 +22,7 @@ carrying the status the peer should get; httptools' exceptions never leave this 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import cast
@@ -363,12 +364,12 @@ class _Reader:
         self._feeding = len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
+        except httptools.HttpParserUpgrade as upgrade:  # (one name per type, for mypyc)
             self.upgraded = True
-            offset = int(exc.args[0])
+            offset = int(upgrade.args[0])
             self.events.append(Upgrade(bytes(data[offset:])))
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
+        except httptools.HttpParserCallbackError as failed:
+            cause = failed.__context__
             if isinstance(cause, HttpProtocolError):
                 raise cause from None
             raise  # a bug in a callback: not the peer's fault
@@ -622,7 +623,7 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def last_chunk(trailers: Headers = ()) -> bytes:  # type: ignore[assignment]
+def last_chunk(trailers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     """The last chunk, with trailer fields (forwarded as received, less hop-by-hop ones)."""
     if not trailers:
         return b"0\r\n\r\n"
@@ -936,7 +937,7 @@ def simple_response(
     body: bytes = b"",
     *,
     content_type: bytes = b"text/plain; charset=utf-8",
-    extra: Headers = (),  # type: ignore[assignment]
+    extra: Sequence[tuple[bytes, bytes]] = (),
     close: bool = True,
     head_only: bool = False,
 ) -> bytes:

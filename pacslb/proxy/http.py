@@ -39,9 +39,11 @@ import socket
 import ssl
 import struct
 import termios
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
+
+from mypy_extensions import mypyc_attr
 
 from pacslb.balance.cookie import CookieCodec, choose_with_cookie
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
@@ -127,7 +129,7 @@ _ERROR_BODIES = {
 }
 
 
-def _error(status: int, *, extra: Headers = (), head_only: bool = False) -> bytes:  # type: ignore[assignment]
+def _error(status: int, *, extra: Sequence[tuple[bytes, bytes]] = (), head_only: bool = False) -> bytes:
     body = _ERROR_BODIES.get(status, "").encode()
     return simple_response(status, body, extra=list(extra), head_only=head_only)
 
@@ -449,6 +451,7 @@ class _NodeConn(_Side):
             self.pool = None
 
 
+@mypyc_attr(native_class=False)  # compiled (see pacslb/compiled.py), only a Python class can derive from list
 class _Pool(list[_NodeConn]):
     """The idle connections to one node, least recently used first (a request takes the last one)."""
 
@@ -758,6 +761,8 @@ class HttpService(TcpService):
             # Wait for a request head: the keep-alive timeout until its first byte, then the head timeout.
             head: RequestHead | None = None
             flight: _Flight | None = None
+            failed = False  # the request failed; what to answer then (None: no answer, only the log line)
+            refusal: bytes | None = None
             self.idle.add(client)
             client.hook = self._fast_request
             try:
@@ -810,24 +815,25 @@ class HttpService(TcpService):
                         await client.wait(remaining)
                     except TimeoutError:
                         pass  # the loop decides what the time that passed means
+            # No await in an except clause here or below: compiled (pacslb/compiled.py), a coroutine that
+            # waits while handling an exception can leave it as the one another coroutine's except clause
+            # then catches. What to answer is noted, and answered after the try.
             except HttpProtocolError as exc:
                 record.started = head_started or loop.time()
                 record.status = exc.status
                 record.end = "bad_request"
                 record.detail = str(exc)
-                await self._refuse(client, _error(exc.status), record)
-                return
-            except _Abort as exc:
+                failed, refusal = True, _error(exc.status)
+            except _Abort as abort:  # (not ``exc``: one name, one type, for mypyc)
                 record.started = head_started or loop.time()
-                record.status, record.end, record.detail = exc.status, exc.end, exc.detail
-                if exc.response is not None:
-                    await self._refuse(client, exc.response, record)
-                else:
-                    self._log_request(record)
-                return
+                record.status, record.end, record.detail = abort.status, abort.end, abort.detail
+                failed, refusal = True, abort.response
             finally:
                 client.hook = None
                 self.idle.discard(client)
+            if failed:
+                await self._answer_and_close(client, refusal, record)
+                return
             if flight is not None:  # the fast path's exchange, to finish here
                 client.flight = None
                 record = flight.record
@@ -844,14 +850,14 @@ class HttpService(TcpService):
                 exchange = self._exchange(client, head, self._client_key(client), record)
             try:
                 keep = await exchange
-            except _Abort as exc:
-                record.status = record.status or exc.status
-                record.end, record.detail = exc.end, exc.detail
-                if exc.response is not None:
-                    await self._refuse(client, exc.response, record)
-                else:
+            except _Abort as abort:
+                record.status = record.status or abort.status
+                record.end, record.detail = abort.end, abort.detail
+                failed, refusal = True, abort.response
+            if failed:
+                if refusal is None:
                     client.abort()
-                    self._log_request(record)
+                await self._answer_and_close(client, refusal, record)
                 return
             self._log_request(record)
             if not keep or self.stopping:
@@ -897,6 +903,14 @@ class HttpService(TcpService):
             else:
                 client.key = None
         return client.key
+
+    async def _answer_and_close(self, client: _Side, response: bytes | None, record: _Record) -> None:
+        """End a client connection whose request failed: with ``response`` (see :meth:`_refuse`), or, when
+        there is none to give, only the log line."""
+        if response is not None:
+            await self._refuse(client, response, record)
+        else:
+            self._log_request(record)
 
     async def _refuse(self, client: _Side, response: bytes, record: _Record) -> None:
         """Send the balancer's own final answer and log ``record``, then close without resetting what the
@@ -1294,17 +1308,18 @@ class HttpService(TcpService):
                 response = await self._response_head(client, conn, head, deadline)
                 break
             except _Retry:
-                # A reused connection the node had closed while idle: once more on a fresh connection.
-                conn.close()
-                if record.halted:
-                    raise _Abort(502, "halted", "node halted", _error(502)) from None
-                if not record.reused or head.framing is not Framing.NONE or attempts > 1:
-                    raise _Abort(502, "server_closed", "node closed the connection", _error(502)) from None
-                try:
-                    conn = record.conn = await self._connect(server)
-                except ConnectFailed as exc:
-                    raise _Abort(502, "server_closed", exc.reason, _error(502)) from None
-                record.reused = False
+                pass  # (the retry below, out of the except clause: no await in one, see _serve)
+            # A reused connection the node had closed while idle: once more on a fresh connection.
+            conn.close()
+            if record.halted:
+                raise _Abort(502, "halted", "node halted", _error(502))
+            if not record.reused or head.framing is not Framing.NONE or attempts > 1:
+                raise _Abort(502, "server_closed", "node closed the connection", _error(502))
+            try:
+                conn = record.conn = await self._connect(server)
+            except ConnectFailed as exc:
+                raise _Abort(502, "server_closed", exc.reason, _error(502)) from None
+            record.reused = False
         reader = conn.reader
         assert isinstance(reader, ResponseReader)
         if response.status == 101:
