@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from pacslb import __version__
 from pacslb.config import load_config
 from pacslb.errors import ConfigError, PacslbError
-from pacslb.logs import setup_logging
+from pacslb.logs import log_event, setup_logging
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -56,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _report(exc)
         return 1
     setup_logging(config.log.format, config.log.level)
+    _warn_if_stale()
     from pacslb.engine import serve
 
     try:
@@ -64,6 +66,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pacslb: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _warn_if_stale() -> None:
+    """A compiled module older than its source runs the code before the edit: say so (pacslb/compiled.py)."""
+    from pacslb import compiled
+
+    old = compiled.stale()
+    if old:
+        log_event(
+            logging.getLogger("pacslb"),
+            "compiled_stale",
+            logging.WARNING,
+            modules=",".join(old),
+            detail="compiled modules older than their sources run the old code: rebuild (make compile)",
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
