@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # The per-request path compiled with mypyc, next to its sources (pacslb/compiled.py); rebuilt when one of
 # them changes. PACSLB_COMPILE=0 runs it as Python; so does a machine without a C compiler.
 HOT      := pacslb/protocols/http1.py pacslb/proxy/http.py pacslb/balance/cookie.py pacslb/balance/decision.py \
-            pacslb/balance/persistence.py pacslb/compiled.py
+            pacslb/balance/persistence.py pacslb/balance/server.py pacslb/compiled.py
 COMPILED := $(VENV)/.compiled
 
 .PHONY: demo run test peers browser lint unit integration clean compile

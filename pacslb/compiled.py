@@ -27,6 +27,7 @@ HOT_MODULES = (
     "pacslb.balance.cookie",
     "pacslb.balance.decision",
     "pacslb.balance.persistence",
+    "pacslb.balance.server",
 )
 #: The shared library of the group: inside the package, so that it imports wherever the package does.
 GROUP = "pacslb._hot"
