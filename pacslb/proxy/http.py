@@ -40,7 +40,6 @@ import ssl
 import struct
 import termios
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import cast
 
 from mypy_extensions import mypyc_attr
@@ -501,45 +500,68 @@ class _Pump(asyncio.Protocol):
             self.done.set_result(None)
 
 
-@dataclass(slots=True, eq=False)
 class _Flight:
-    """An exchange the fast path started: the request went to a pooled node connection, with no task."""
+    """An exchange the fast path started: the request went to a pooled node connection, with no task.
 
-    client: _Client
-    conn: _NodeConn
-    server: ServerState
-    head: RequestHead
-    record: _Record
-    rule: str
-    offered: list[bytes]
-    key: str | None
-    table: PersistenceTable | None
-    deadline: float  # for the response (``http.timeouts.server``)
-    handed: bool = False  # given to the client's task to finish (see HttpService._fast_handover)
+    (This class and :class:`_Record`, made for every request, are written out rather than dataclasses:
+    compiled, a dataclass's generated ``__init__`` runs as interpreted Python.)"""
+
+    def __init__(
+        self,
+        client: _Client,
+        conn: _NodeConn,
+        server: ServerState,
+        head: RequestHead,
+        record: _Record,
+        rule: str,
+        offered: list[bytes],
+        key: str | None,
+        table: PersistenceTable | None,
+        deadline: float,
+    ) -> None:
+        self.client = client
+        self.conn = conn
+        self.server = server
+        self.head = head
+        self.record = record
+        self.rule = rule
+        self.offered = offered
+        self.key = key
+        self.table = table
+        self.deadline = deadline  # for the response (``http.timeouts.server``)
+        self.handed = False  # given to the client's task to finish (see HttpService._fast_handover)
 
 
-@dataclass(slots=True, eq=False)
 class _Record:
     """What the ``request`` log line of one exchange will say (and how to cut the exchange short)."""
 
-    client: str
-    method: str = "-"
-    target: bytes = b""  # the request target; the log shows its path (target_path)
-    server: str = "-"
-    rule: str = "-"
-    status: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    reused: bool = False
-    retries: int = 0
-    started: float = 0.0
-    connected: float = 0.0
-    responded: float = 0.0
-    end: str = "ok"
-    detail: str = ""
-    conn: _NodeConn | None = None  # the node connection in use, closed if the exchange fails
-    cut: Callable[[], None] | None = None  # ends a tunnel (else cutting aborts ``conn``)
-    halted: bool = False  # cut by a halt of its node (logged as end=halted)
+    def __init__(
+        self,
+        client: str,
+        method: str = "-",
+        target: bytes = b"",
+        server: str = "-",
+        rule: str = "-",
+        started: float = 0.0,
+    ) -> None:
+        self.client = client
+        self.method = method
+        self.target = target  # the request target; the log shows its path (target_path)
+        self.server = server
+        self.rule = rule
+        self.status = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.reused = False
+        self.retries = 0
+        self.started = started
+        self.connected = 0.0
+        self.responded = 0.0
+        self.end = "ok"
+        self.detail = ""
+        self.conn: _NodeConn | None = None  # the node connection in use, closed if the exchange fails
+        self.cut: Callable[[], None] | None = None  # ends a tunnel (else cutting aborts ``conn``)
+        self.halted = False  # cut by a halt of its node (logged as end=halted)
 
     def cut_short(self) -> None:
         """A halt's grace is over: end the exchange now."""
@@ -556,6 +578,16 @@ class _Settings:
     def __init__(self, name: str, spec: ServiceSpec) -> None:
         http = spec.http or HttpSpec()
         self.http = http
+        # The values read on every request, as plain attributes: reading them through the config's models
+        # costs a Python-level attribute hook each time.
+        self.server_timeout = http.timeouts.server
+        self.pool_idle = http.timeouts.pool_idle
+        self.pool_size = http.pool_size
+        self.max_head_size = http.limits.max_head_size
+        self.max_headers = http.limits.max_headers
+        self.nocache = http.cookie.nocache
+        self.indirect = http.cookie.indirect
+        self.retries = spec.retries
         persistence = spec.persistence
         self.cookie_name = persistence.cookie if persistence.type in ("cookie", "cookie+source_ip") else None
         self.cookie_bytes = self.cookie_name.encode() if self.cookie_name else b""
@@ -948,7 +980,6 @@ class HttpService(TcpService):
         if head.upgrade and head.framing is not Framing.NONE:
             raise _Abort(400, "bad_request", "Upgrade with a request body", _error(400))
         loop = self._loop
-        spec = self.spec
         offered = self._offered(head)
         table = self.table if settings.use_table else None
         tried: list[ServerState] = []
@@ -964,7 +995,7 @@ class HttpService(TcpService):
                 picked = choose_with_cookie(
                     self.servers, self.scheduler, table, key, offered, settings.codec, loop.time(), tried
                 )
-            if picked is None or len(tried) > spec.retries:
+            if picked is None or len(tried) > settings.retries:
                 server = settings.fallback
                 if server is None or server in tried:
                     raise _Abort(503, "no_server", "no node can serve", self._unavailable(head))
@@ -1094,7 +1125,7 @@ class HttpService(TcpService):
         self._expect_response(conn, head)
         default_host = server.address.encode() if head.version == "1.0" else b""
         conn.write(proxy_request_head(head, client.peer[0], settings.rewrite, default_host))
-        deadline = now + settings.http.timeouts.server
+        deadline = now + settings.server_timeout
         flight = _Flight(client, conn, server, head, record, rule, offered, key, table, deadline)
         client.flight = conn.flight = flight
         conn.hook = self._fast_response
@@ -1193,7 +1224,7 @@ class HttpService(TcpService):
         pool = self.pools.get(server)
         if not pool:
             return None
-        fresh_since = (self._loop.time() if now is None else now) - self.settings.http.timeouts.pool_idle
+        fresh_since = (self._loop.time() if now is None else now) - self.settings.pool_idle
         while pool:
             conn = pool.pop()
             conn.pool = None
@@ -1224,7 +1255,7 @@ class HttpService(TcpService):
         """Back to the pool when it can serve another request, closed otherwise."""
         conn.reader = None
         server = conn.server
-        pool_size = self.settings.http.pool_size
+        pool_size = self.settings.pool_size
         if not reusable or self.stopping or conn.eof or conn.lost or pool_size == 0 or server not in self.servers:
             conn.close()
             return
@@ -1236,7 +1267,7 @@ class HttpService(TcpService):
         conn.idle_since = self._loop.time()
         pool.append(conn)  # so every pool is ordered by idle_since, oldest first
         if self.sweeper is None:
-            self.sweeper = self._loop.call_later(self.settings.http.timeouts.pool_idle / POOL_SWEEPS, self._sweep)
+            self.sweeper = self._loop.call_later(self.settings.pool_idle / POOL_SWEEPS, self._sweep)
 
     def _sweep(self) -> None:
         """Close the pooled connections idle for ``pool_idle`` or longer, and those beyond ``pool_size`` that
@@ -1341,11 +1372,15 @@ class HttpService(TcpService):
 
     def _expect_response(self, conn: _NodeConn, head: RequestHead) -> ResponseReader:
         """Get ``conn`` ready to read the response to ``head``."""
-        limits = self.settings.http.limits
+        settings = self.settings
         reader = conn.responses
-        if reader is None or reader.max_head_size != limits.max_head_size or reader.max_headers != limits.max_headers:
+        if (
+            reader is None
+            or reader.max_head_size != settings.max_head_size
+            or reader.max_headers != settings.max_headers
+        ):
             reader = conn.responses = ResponseReader(
-                head.method, head.upgrade, limits.max_head_size, limits.max_headers
+                head.method, head.upgrade, settings.max_head_size, settings.max_headers
             )
         else:
             reader.next_response(head.method, head.upgrade)
@@ -1381,7 +1416,7 @@ class HttpService(TcpService):
         if cookie is not None:
             added.append(cookie)
         connection = b"close" if not keep else None if client_11 else b"keep-alive"
-        nocache = cookie is not None and self.settings.http.cookie.nocache
+        nocache = cookie is not None and self.settings.nocache
         return proxy_response_head(response, added, nocache, connection), keep, rechunk
 
     def _respond_whole(
@@ -1426,7 +1461,7 @@ class HttpService(TcpService):
         if cookie is None:  # a reload took the node out of the service during this exchange
             return None
         value, field = cookie
-        if settings.http.cookie.indirect and value in offered:
+        if settings.indirect and value in offered:
             return None
         return field
 
@@ -1437,7 +1472,7 @@ class HttpService(TcpService):
         if cookie is None:
             return headers
         headers.append(cookie)
-        return make_private(headers) if self.settings.http.cookie.nocache else headers
+        return make_private(headers) if self.settings.nocache else headers
 
     async def _send_body(
         self, client: _Side, conn: _NodeConn, head: RequestHead, record: _Record, request: bytes
@@ -1750,7 +1785,7 @@ class HttpService(TcpService):
         except OSError:
             sock.close()
             return
-        record = _Record(addr_text(peer), server="-", rule="redirect", started=loop.time())
+        record = _Record(addr_text(peer), rule="redirect", started=loop.time())
         try:
             try:
                 event = await client.next_event(settings.http.timeouts.request_head)
