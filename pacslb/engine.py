@@ -44,6 +44,7 @@ from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.pool import RelayPool
 from pacslb.proxy.relay import DEFAULT_METHOD
 from pacslb.proxy.tcp import TcpService
+from pacslb.proxy.webpool import WebPool
 from pacslb.state.memory import MemoryStore
 from pacslb.state.store import StateStore
 from pacslb.tasks import cancel_and_wait
@@ -109,6 +110,7 @@ class Engine:
         self._sweeper: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self.pool: RelayPool | None = None
+        self.web_pool: WebPool | None = None  # http served in worker processes too (started with one)
         # Operations (pacslb/admin).
         self.events = EventLog()
         self.admin_states = AdminStates.load(config.admin.state_file if config.admin is not None else None)
@@ -254,10 +256,35 @@ class Engine:
                 log_event(log, "service_removed", service=name, active=service.active)
         self.services = new_services
         self.config = config
+        self._update_web_pool(config)
         self._update_monitors()
         self._apply_admin_states()
         self._update_fate()
         self._check_services()
+
+    def _update_web_pool(self, config: Config) -> None:
+        """Start the web workers with the first http service (when there are workers), or send them the
+        new config; every http service hands connections to them."""
+        if self.web_pool is None:
+            if self.config.worker_count < 2 or not any(s.mode == "http" for s in config.services.values()):
+                return
+            self.web_pool = WebPool(
+                self.config.worker_count, lambda: self.services, self._worker_cut, self._connect_failed
+            )
+            self.web_pool.start(config)
+        else:
+            self.web_pool.configure(config)
+        for service in self.services.values():
+            if service.spec.mode == "http":
+                service.web_pool = self.web_pool  # type: ignore[attr-defined]
+
+    def _worker_cut(self, service: str, node: str, cut: int) -> None:
+        """A web worker cut ``cut`` exchanges with a halted node (its part of :meth:`_halt_expired`)."""
+        log_event(log, "halt_closed", logging.WARNING, service=service, server=node, connections=cut, by="worker")
+        self.events.add(
+            "halt", "warning", f"{node} halted in {service}: {cut} connection(s) closed in a worker",
+            service=service, server=node, connections=cut,
+        )  # fmt: skip
 
     @staticmethod
     def _servers(spec: ServiceSpec, old: list[ServerState]) -> list[ServerState]:
@@ -308,7 +335,10 @@ class Engine:
         self._check_services()
 
     def _check_services(self) -> None:
-        """Log (and tell the event log) each service that is left with no usable server, or has one again."""
+        """Log (and tell the event log) each service that is left with no usable server, or has one again.
+        (Called after every change of a node's state: the web workers are told of it here too.)"""
+        if self.web_pool is not None:
+            self.web_pool.sync()
         for name, service in self.services.items():
             usable = [s.name for s in service.servers if s.schedulable]
             was = self._usable.get(name)
@@ -573,6 +603,8 @@ class Engine:
                 log_event(log, "stop_stuck", logging.ERROR, connections=stuck)
         if self.pool is not None:
             await self.pool.stop()
+        if self.web_pool is not None:
+            await self.web_pool.stop()
         if self.admin_server is not None:
             await self.admin_server.stop()
             self.admin_server = None

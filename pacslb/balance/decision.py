@@ -57,7 +57,7 @@ def choose(
             for server in servers:
                 if server.name == pinned:
                     if server.honours_persistence and server not in exclude:
-                        return Decision(server, "persistence")
+                        return Decision(server, "balance" if table.fresh else "persistence")
                     break
             if not any(s.name == pinned and s in exclude for s in servers):
                 table.forget(key)  # its node is gone, down or halted: re-balance this client

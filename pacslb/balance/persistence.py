@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 
@@ -63,6 +63,8 @@ class PersistenceTable:
         self.timeout = timeout
         self.max_entries = max_entries
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        # A lease (below) the scheduler made for a new client: the decision it gives is the scheduler's.
+        self.fresh = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -128,3 +130,41 @@ class PersistenceTable:
     def items(self) -> Iterator[tuple[str, Entry]]:
         """Entries from least to most recently used."""
         return iter(list(self._entries.items()))
+
+
+class Lease(PersistenceTable):
+    """One client connection's view of the persistence table, in an HTTP worker process.
+
+    The main process owns the table. When it hands a connection to a worker it looks the client up (or
+    lets the scheduler choose for a new one, ``fresh``), holds that entry for as long as the connection is
+    open, and passes the node along: this lease. The connection's requests decide with it as with the
+    table; a request that moves the client to another node (the leased one went down or was halted) tells
+    the main process through ``rebind``, which moves the entry, so the table stays one and exact.
+    """
+
+    def __init__(self, node: str | None, fresh: bool, rebind: Callable[[str | None], None]) -> None:
+        super().__init__(1.0, 1)
+        self.node = node
+        self.fresh = fresh and node is not None
+        self.rebind = rebind
+
+    def __len__(self) -> int:
+        return 0 if self.node is None else 1
+
+    def lookup(self, key: str, now: float) -> str | None:
+        return self.node
+
+    def acquire(self, key: str, server: str, now: float) -> None:
+        self.fresh = False
+        if server != self.node:
+            self.node = server
+            self.rebind(server)
+
+    def release(self, key: str, server: str, now: float) -> None:
+        pass  # the main process releases the entry when the connection ends
+
+    def forget(self, key: str) -> None:
+        if self.node is not None:
+            self.node = None
+            self.fresh = False
+            self.rebind(None)

@@ -40,7 +40,7 @@ import ssl
 import struct
 import termios
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from mypy_extensions import mypyc_attr
 
@@ -80,6 +80,9 @@ from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayCancelled
 from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
+
+if TYPE_CHECKING:
+    from pacslb.proxy.webpool import WebPool
 
 log = logging.getLogger("pacslb.http")
 
@@ -385,7 +388,7 @@ def _unsent(transport: asyncio.Transport) -> int:
 class _Client(_Side):
     """A client connection: a :class:`_Side` with what its requests share."""
 
-    __slots__ = ("decided", "flight", "idle_from", "key", "key_spec", "peer", "served", "text")
+    __slots__ = ("decided", "flight", "idle_from", "key", "key_spec", "lease", "peer", "served", "text")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, reader: RequestReader, peer: tuple[str, int]) -> None:
         super().__init__(loop, reader)
@@ -399,6 +402,8 @@ class _Client(_Side):
         self.decided: tuple[ServerState, str] | None = None
         self.idle_from = loop.time()  # when it last had nothing to do (its keep-alive timeout counts from here)
         self.served = 0  # requests taken from it
+        # In an HTTP worker process: its view of the persistence table (see balance/persistence.py, Lease).
+        self.lease: PersistenceTable | None = None
 
 
 class _NodeConn(_Side):
@@ -674,6 +679,10 @@ class HttpService(TcpService):
         self.idle: set[_Side] = set()  # client sides waiting between requests (closed at once on stop)
         self.exchanges: dict[ServerState, set[_Record]] = {}  # in progress, by node (a halt cuts them)
         self.sweeper: asyncio.TimerHandle | None = None  # closes idle pooled connections (see _sweep)
+        # The main process's HTTP worker processes (pacslb/proxy/webpool.py), which serve some of the
+        # connections this service accepts; None where there are none, and in a worker itself.
+        self.web_pool: WebPool | None = None
+        self.worker: int | None = None  # in an HTTP worker process: its number (its log lines say it)
 
     # -- configuration -----------------------------------------------------------------------------------
 
@@ -696,6 +705,8 @@ class HttpService(TcpService):
     def stop_accepting(self) -> None:
         super().stop_accepting()
         self.stopping = True
+        if self.web_pool is not None:
+            self.web_pool.stop_service(self)
         if self.redirect is not None:
             self.redirect.close()
             self.redirect = None
@@ -735,15 +746,37 @@ class HttpService(TcpService):
     # -- client connections --------------------------------------------------------------------------------
 
     def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        pool = self.web_pool
+        if pool is not None and pool.take(self, sock, peer):
+            return  # a worker process serves it
         self._spawn(self._handle(sock, peer))  # a task per connection: it reads from the client first
 
-    async def _handle(self, client_sock: socket.socket, peer: tuple[str, int]) -> None:
+    def adopt(
+        self, sock: socket.socket, peer: tuple[str, int], lease: PersistenceTable | None, on_end: Callable[[], None]
+    ) -> asyncio.Task[None]:
+        """In an HTTP worker process: serve a connection the main process accepted, deciding its requests
+        with ``lease`` (the client's entry in the main process's table); ``on_end`` is told when it closed.
+        (The caller counts it in ``active`` and ``total``, as :meth:`accept` does.)"""
+        task = self._loop.create_task(self._handle(sock, peer, lease))
+        self.tasks.add(task)
+
+        def ended(done: asyncio.Task[None]) -> None:
+            self._finished(done)
+            on_end()
+
+        task.add_done_callback(ended)
+        return task
+
+    async def _handle(
+        self, client_sock: socket.socket, peer: tuple[str, int], lease: PersistenceTable | None = None
+    ) -> None:
         loop = self._loop
         settings = self.settings
         try:
             _tune(client_sock)
             limits = settings.http.limits
             client = _Client(loop, RequestReader(limits.max_head_size, limits.max_headers), peer)
+            client.lease = lease
             try:
                 await loop.connect_accepted_socket(
                     lambda: client,
@@ -899,6 +932,8 @@ class HttpService(TcpService):
         """A halt's grace is over: cut the exchanges still in progress with ``server`` (a request waiting
         for its response gets 502, a response or tunnel in progress is cut off) and close its pooled
         connections. Returns how many exchanges were cut."""
+        if self.web_pool is not None:
+            self.web_pool.cut(self, server)  # the workers' exchanges: each worker reports how many it cut
         records = self.exchanges.pop(server, set())
         for record in records:
             record.cut_short()
@@ -981,7 +1016,7 @@ class HttpService(TcpService):
             raise _Abort(400, "bad_request", "Upgrade with a request body", _error(400))
         loop = self._loop
         offered = self._offered(head)
-        table = self.table if settings.use_table else None
+        table = (client.lease if client.lease is not None else self.table) if settings.use_table else None
         tried: list[ServerState] = []
         conn: _NodeConn | None = None
         server: ServerState | None = None
@@ -1098,7 +1133,7 @@ class HttpService(TcpService):
         loop = self._loop
         key = self._client_key(client)
         offered = self._offered(head)
-        table = self.table if settings.use_table else None
+        table = (client.lease if client.lease is not None else self.table) if settings.use_table else None
         now = loop.time()
         picked = choose_with_cookie(self.servers, self.scheduler, table, key, offered, settings.codec, now)
         if picked is None:
@@ -1844,6 +1879,8 @@ class HttpService(TcpService):
         }
         if record.detail:
             fields["detail"] = record.detail
+        if self.worker is not None:
+            fields["worker"] = self.worker
         log_event(log, "request", level, **fields)
 
 

@@ -29,12 +29,19 @@ def web(tmp_path: Path) -> Iterator[list[NginxNode]]:
         node.stop()
 
 
-def start(pacslb: PacslbFactory, nodes: list[NginxNode], kind: str, **http: object) -> tuple[PacslbProcess, str]:
+def start(
+    pacslb: PacslbFactory, nodes: list[NginxNode], kind: str, workers: int = 1, **http: object
+) -> tuple[PacslbProcess, str]:
     port = peers.free_port()
     spec = peers.http_service(
         port, nodes, persistence={"type": kind, "timeout": "5m"}, http=http or None, balance="roundrobin"
     )
-    return pacslb(peers.http_config({"web": spec})), f"http://127.0.0.1:{port}"
+    return pacslb(peers.http_config({"web": spec}, workers=workers)), f"http://127.0.0.1:{port}"
+
+
+#: One process, and two: the main process and a web worker then take turns at new connections, so a
+#: client's connections are served by both, and what one decided must hold in the other.
+PROCESSES = pytest.mark.parametrize("workers", [1, 2])
 
 
 def client_from(ip: str, url: str) -> httpx.Client:
@@ -46,8 +53,11 @@ def node_of(response: httpx.Response) -> str:
     return response.headers["x-node"]
 
 
-def test_cookie_is_set_once_and_keeps_the_browser_on_its_node(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
-    lb, url = start(pacslb, web, "cookie")
+@PROCESSES
+def test_cookie_is_set_once_and_keeps_the_browser_on_its_node(
+    pacslb: PacslbFactory, web: list[NginxNode], workers: int
+) -> None:
+    lb, url = start(pacslb, web, "cookie", workers)
     with client_from("127.0.0.2", url) as browser:
         first = browser.get("/whoami")
         cookie = first.headers["set-cookie"]
@@ -71,10 +81,13 @@ def test_cookie_is_set_once_and_keeps_the_browser_on_its_node(pacslb: PacslbFact
     assert rules == ["balance"] + ["cookie"] * 10
 
 
-def test_cookieless_clients_stick_by_source_address_and_spread(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
+@PROCESSES
+def test_cookieless_clients_stick_by_source_address_and_spread(
+    pacslb: PacslbFactory, web: list[NginxNode], workers: int
+) -> None:
     """cookie+source_ip: a client that refuses cookies stays on one node by its address (curl keeps no
-    cookies); different addresses are spread over the nodes."""
-    lb, url = start(pacslb, web, "cookie+source_ip")
+    cookies, and opens a connection per request); different addresses are spread over the nodes."""
+    lb, url = start(pacslb, web, "cookie+source_ip", workers)
     homes: dict[str, str] = {}
     for i in range(2, 8):
         ip = f"127.0.0.{i}"
@@ -97,6 +110,8 @@ def test_cookieless_clients_stick_by_source_address_and_spread(pacslb: PacslbFac
     for line in lines:
         by_client.setdefault(line.get("client").rsplit(":", 1)[0], []).append(line.get("rule"))
     assert all(rules == ["balance", "source_ip", "source_ip"] for rules in by_client.values()), by_client
+    if workers > 1:  # both processes served (a web worker's lines say which), and the homes held across them
+        assert {line.get("worker") for line in lines} == {"", "1"}
 
 
 def test_source_ip_only(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
@@ -107,8 +122,11 @@ def test_source_ip_only(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
     assert all("set-cookie" not in a.headers for a in answers)
 
 
-def test_a_cookie_for_a_dead_node_is_replaced_without_error(pacslb: PacslbFactory, web: list[NginxNode]) -> None:
-    lb, url = start(pacslb, web, "cookie+source_ip")
+@PROCESSES
+def test_a_cookie_for_a_dead_node_is_replaced_without_error(
+    pacslb: PacslbFactory, web: list[NginxNode], workers: int
+) -> None:
+    lb, url = start(pacslb, web, "cookie+source_ip", workers)
     with client_from("127.0.0.2", url) as browser:
         first = browser.get("/whoami")
         home = node_of(first)

@@ -547,9 +547,12 @@ def test_keep_alive_and_head_timeouts_after_requests(pacslb: PacslbFactory, web:
         assert sock.recv(4096).startswith(b"HTTP/1.1 408 ")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_halt_cuts_requests_in_progress_after_its_grace_and_counters_follow(
-    pacslb: PacslbFactory, tmp_path: Path
+    pacslb: PacslbFactory, tmp_path: Path, workers: int
 ) -> None:
+    """With ``workers: 2`` the main process and a web worker take turns at the connections: the first (two
+    requests) is the worker's, the one cut by the halt the main process's, the refused one the worker's."""
     node = _ScriptedNode()
     token_file = tmp_path / "token"
     token_file.write_text("http-halt-token-0123456789abcdef\n")
@@ -558,7 +561,11 @@ def test_a_halt_cuts_requests_in_progress_after_its_grace_and_counters_follow(
         spec = peers.service(
             port, {"n": node.address}, mode="http", check={"type": "none"}, http={"timeouts": {"server": "10s"}}
         )
-        lb = pacslb(peers.http_config({"web": spec}, admin=peers.admin_section(admin, token_file), halt_grace="500ms"))
+        lb = pacslb(
+            peers.http_config(
+                {"web": spec}, workers=workers, admin=peers.admin_section(admin, token_file), halt_grace="500ms"
+            )
+        )
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=5) as client:
             assert [client.get("/small").text for _ in range(2)] == ["ok /small"] * 2
@@ -576,8 +583,13 @@ def test_a_halt_cuts_requests_in_progress_after_its_grace_and_counters_follow(
         cut = lb.wait_event("request", timeout=5, path="/hold")
         assert (cut.get("status"), cut.get("end"), cut.level) == ("502", "halted", "warning")
         assert lb.wait_event("halt_closed", timeout=5).get("connections") == "1"
-        status = peers.admin_api(admin, "GET", "/api/v1/status").json()
-        service = next(s for s in status["services"] if s["name"] == "web")
+        deadline = time.monotonic() + 5  # a web worker reports its counters every quarter second
+        while True:
+            status = peers.admin_api(admin, "GET", "/api/v1/status").json()
+            service = next(s for s in status["services"] if s["name"] == "web")
+            if (service["rejections"] and service["servers"][0]["bytes_down"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert service["rejections"] == {"no_server": 1}
         server = service["servers"][0]
         assert server["bytes_down"] >= 2 * len(b"ok /small") and server["bytes_up"] == 0

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from pacslb.balance.decision import Decision, choose
 from pacslb.balance.leastconn import LeastConnections
-from pacslb.balance.persistence import PersistenceTable
+from pacslb.balance.persistence import Lease, PersistenceTable
 from pacslb.balance.roundrobin import RoundRobin
 from pacslb.balance.scheduler import make_scheduler
 from pacslb.balance.server import ServerState
@@ -198,3 +198,34 @@ def test_decision_rules(specs: list[tuple[str, str, int, int, bool]], pinned: in
         # an entry is forgotten exactly when its node is missing, down or halted and was not merely excluded
         kept = target is not None and target in exclude
         assert (table.lookup(KEY, NOW) is not None) is kept
+
+
+# -- a web worker's lease (balance/persistence.py, Lease) -------------------------------------------------
+
+
+def test_a_lease_decides_as_the_table_and_tells_the_main_process_what_moved() -> None:
+    servers = pool("pacs1", "pacs2", "pacs3")
+    moves: list[str | None] = []
+    lease = Lease("pacs2", False, moves.append)
+    assert choose(servers, RoundRobin(), lease, KEY, NOW) == Decision(servers[1], "persistence")
+    lease.acquire(KEY, "pacs2", NOW)
+    lease.release(KEY, "pacs2", NOW)  # the main process releases the entry, when the connection ends
+    assert moves == [] and lease.lookup(KEY, NOW) == "pacs2"
+    servers[1].admin = "halt"  # its node halted: re-balanced, and the move reported (forgotten, then bound)
+    decision = choose(servers, RoundRobin(), lease, KEY, NOW)
+    assert decision is not None and decision.rule == "balance" and decision.server is not servers[1]
+    lease.acquire(KEY, decision.server.name, NOW)
+    assert moves == [None, decision.server.name]
+    assert choose(servers, RoundRobin(), lease, KEY, NOW) == Decision(decision.server, "persistence")
+
+
+def test_a_fresh_lease_is_the_schedulers_choice_until_a_request_used_it() -> None:
+    servers = pool("pacs1", "pacs2")
+    moves: list[str | None] = []
+    lease = Lease("pacs2", True, moves.append)  # the main process's scheduler chose pacs2 for a new client
+    assert choose(servers, RoundRobin(), lease, KEY, NOW) == Decision(servers[1], "balance")
+    lease.acquire(KEY, "pacs2", NOW)
+    assert choose(servers, RoundRobin(), lease, KEY, NOW) == Decision(servers[1], "persistence")
+    assert moves == []
+    assert not Lease(None, True, moves.append).fresh  # nothing leased: nothing fresh either
+    assert not PersistenceTable(timeout=1.0, max_entries=1).fresh
