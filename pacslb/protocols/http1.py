@@ -21,7 +21,6 @@ carrying the status the peer should get; httptools' exceptions never leave this 
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -56,6 +55,25 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+
+#: Field names as they usually come, lowered: a head's names are looked up here rather than lowered one by
+#: one (a look-up makes no new object, and the lowered name it gives is one whose hash is known already, so
+#: the sets and comparisons it meets next are cheap). Names not seen before are lowered and added, up to
+#: :data:`MAX_LOWERED` of them (beyond that they are only lowered: a client sending made-up names can
+#: slow its own heads a little, nothing else).
+_LOWERED: dict[bytes, bytes] = {}
+MAX_LOWERED = 1024
+
+
+def lowered(name: bytes) -> bytes:
+    """``name`` in lower case (see :data:`_LOWERED`)."""
+    low = _LOWERED.get(name)
+    if low is None:
+        low = name.lower()
+        if len(_LOWERED) < MAX_LOWERED:
+            _LOWERED[name] = low
+    return low
+
 
 REASONS: dict[int, str] = {
     100: "Continue",
@@ -296,7 +314,7 @@ class _Reader:
     ERROR_STATUS = 400
 
     def __init__(self, max_head_size: int, max_headers: int) -> None:
-        self.events: deque[Event] = deque()
+        self.events: list[Event] = []  # (a list: compiled, its append and pop are native; a deque's are not)
         self.body_bytes = 0
         self.max_head_size = max_head_size
         self.max_headers = max_headers
@@ -361,7 +379,7 @@ class _Reader:
             size = sum(len(n) + len(v) + 4 for n, v in headers) + len(self._url) + len(self.status)
             if size > self.max_head_size:
                 raise HttpProtocolError(f"head larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
-        self._emit_head(headers, [name.lower() for name, _ in headers])  # lowered once per head (see RequestHead)
+        self._emit_head(headers, [lowered(name) for name, _ in headers])  # lowered once per head (see RequestHead)
 
     def on_body(self, body: bytes) -> None:
         self._in_chunk_head = False
@@ -450,7 +468,7 @@ class _Reader:
         """The next event, or None when more bytes are needed."""
         if not self.events:
             return None
-        event = self.events.popleft()
+        event = self.events.pop(0)
         if type(event) is bytes:
             self.body_bytes -= len(event)
         return event
@@ -842,11 +860,12 @@ class RequestRewrite:
             with ``indirect``), or None.
     """
 
-    __slots__ = ("forwarding", "proto", "special", "strip_cookie")
+    __slots__ = ("forwarding", "proto", "proto_line", "special", "strip_cookie")
 
     def __init__(self, forwarding: Forwarding, proto: str, strip_cookie: bytes | None) -> None:
         self.forwarding = forwarding
         self.proto = proto
+        self.proto_line = b"X-Forwarded-Proto: " + proto.encode()
         self.strip_cookie = strip_cookie
         special = set(HOP_BY_HOP) | {b"expect"}
         if strip_cookie is not None:
@@ -866,8 +885,10 @@ class RequestRewrite:
 def _named_by_connection(names: list[bytes], headers: Headers) -> frozenset[bytes]:
     """Field names listed in the Connection fields (hop-by-hop too, RFC 9110 7.6.1)."""
     count = names.count(b"connection")
-    if count == 1 and headers[names.index(b"connection")][1].lower() == b"keep-alive":
-        return _NOTHING  # the usual case, and hop-by-hop anyway
+    if count == 1:
+        value = headers[names.index(b"connection")][1]
+        if value == b"keep-alive" or value.lower() == b"keep-alive":
+            return _NOTHING  # the usual case, and hop-by-hop anyway
     named: set[bytes] = set()
     at = 0
     for _ in range(count):
@@ -897,8 +918,8 @@ def proxy_request_head(head: RequestHead, client_ip: str, rewrite: RequestRewrit
     host = None if b"host" in named else head.header(b"host")
     previous_for: list[bytes] = []
     previous_forwarded: list[bytes] = []
+    lines = [b" ".join((head.method, head.target, b"HTTP/1.1"))]
     if named or not special.isdisjoint(names):
-        lines: list[bytes] = []
         for low, field in zip(names, headers, strict=True):
             if low in special or low in named:
                 if low in HOP_BY_HOP or low in named or low == b"expect":
@@ -920,11 +941,15 @@ def proxy_request_head(head: RequestHead, client_ip: str, rewrite: RequestRewrit
                     continue
             lines.append(b": ".join(field))
     else:  # nothing to change (a plain client): every field as it came
-        lines = [b": ".join(field) for field in headers]
+        for field in headers:
+            lines.append(b": ".join(field))
     if options.x_forwarded_for:
-        lines.append(b"X-Forwarded-For: " + b", ".join([*previous_for, client_ip.encode()]))
+        if previous_for:
+            lines.append(b"X-Forwarded-For: " + b", ".join([*previous_for, client_ip.encode()]))
+        else:
+            lines.append(_forwarded_for(client_ip))
     if options.x_forwarded_proto:
-        lines.append(b"X-Forwarded-Proto: " + rewrite.proto.encode())
+        lines.append(rewrite.proto_line)
     if options.x_forwarded_host and host is not None:
         lines.append(b"X-Forwarded-Host: " + host)
     if options.forwarded:
@@ -938,7 +963,37 @@ def proxy_request_head(head: RequestHead, client_ip: str, rewrite: RequestRewrit
         lines.append(b"Transfer-Encoding: chunked")
     if head.upgrade:
         lines += (b"Connection: Upgrade", b"Upgrade: " + (head.header(b"upgrade") or b""))
-    return b"\r\n".join([b"%s %s HTTP/1.1" % (head.method, head.target), *lines, b"", b""])
+    lines.append(b"")
+    lines.append(b"")
+    return b"\r\n".join(lines)
+
+
+#: X-Forwarded-For fields made so far, by client address (bounded as :data:`_LOWERED` is).
+_FORWARDED_FOR: dict[str, bytes] = {}
+
+
+def _forwarded_for(client_ip: str) -> bytes:
+    """``X-Forwarded-For: <client_ip>``, made once per client address."""
+    line = _FORWARDED_FOR.get(client_ip)
+    if line is None:
+        line = b"X-Forwarded-For: " + client_ip.encode()
+        if len(_FORWARDED_FOR) < MAX_LOWERED:
+            _FORWARDED_FOR[client_ip] = line
+    return line
+
+
+#: The status lines made so far, by status: (reason phrase as received, line). Statuses are three digits.
+_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    """``HTTP/1.1 <status> <reason>`` (a missing reason phrase as "-"), made once per status and reason."""
+    known = _STATUS_LINES.get(status)
+    if known is not None and known[0] == reason:
+        return known[1]
+    line = b"HTTP/1.1 %d %s" % (status, reason or b"-")
+    _STATUS_LINES[status] = (reason, line)
+    return line
 
 
 def proxy_response_head(
@@ -954,7 +1009,7 @@ def proxy_response_head(
     skip = HOP_BY_HOP
     if b"connection" in names and (named := _named_by_connection(names, headers)):
         skip = skip | named
-    lines = [b"HTTP/1.1 %d %s" % (response.status, response.reason or b"-")]
+    lines = [_status_line(response.status, response.reason)]
     cache_control = _PRIVATE_ONLY
     if private and b"cache-control" in names:
         directives = [
@@ -965,13 +1020,17 @@ def proxy_response_head(
         ]
         skip = skip | {b"cache-control"}
         cache_control = b"Cache-Control: " + _private_cache_control(directives)
-    lines += [b": ".join(field) for low, field in zip(names, headers, strict=True) if low not in skip]
-    lines += [b": ".join(field) for field in added]
+    for i in range(len(names)):  # (by index: compiled, a zip makes a tuple per field)
+        if names[i] not in skip:
+            lines.append(b": ".join(headers[i]))
+    for extra in added:
+        lines.append(b": ".join(extra))
     if private:
         lines.append(cache_control)
     if connection is not None:
         lines.append(b"Connection: " + connection)
-    lines += (b"", b"")
+    lines.append(b"")
+    lines.append(b"")
     return b"\r\n".join(lines)
 
 

@@ -1143,8 +1143,8 @@ class HttpService(TcpService):
         if conn is None:
             client.decided = picked
             return False
-        events.popleft()  # the head and its end: no body bytes to count
-        events.popleft()
+        events.pop(0)  # the head and its end: no body bytes to count
+        events.pop(0)
         if client.paused:
             client.take_resume()
         client.served += 1
@@ -1794,7 +1794,7 @@ class HttpService(TcpService):
         reader = side.reader
         if reader is not None:
             while reader.events:
-                event = reader.events.popleft()
+                event = reader.events.pop(0)
                 if isinstance(event, Upgrade):
                     held += event.rest
                 elif type(event) is bytes:

@@ -619,3 +619,17 @@ def test_http_section_defaults_and_errors(tmp_path: object) -> None:
     assert "services.web.http.limits.max_head_size" in config_issues(
         http_config("    http: {limits: {max_head_size: 10}}\n")
     )
+
+
+def test_field_names_are_lowered_through_a_bounded_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names are looked up lowered rather than lowered one by one; names past the bound are still lowered,
+    only not remembered (a client making up names cannot grow the cache)."""
+    from pacslb.protocols import http1
+
+    monkeypatch.setattr(http1, "_LOWERED", {})
+    monkeypatch.setattr(http1, "MAX_LOWERED", 3)
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-Made-Up-%d: v\r\n" % i for i in range(10)) + b"\r\n"
+    evs = events(RequestReader(), head)
+    assert isinstance(evs[0], RequestHead)
+    assert evs[0].names == [b"host"] + [b"x-made-up-%d" % i for i in range(10)]
+    assert len(http1._LOWERED) == 3 and http1.lowered(b"X-Made-Up-9") == b"x-made-up-9"
