@@ -572,7 +572,8 @@ class ResponseReader(_Reader):
         self.head = None
         self.body_bytes = 0
         self.upgraded = False
-        self.after_upgrade.clear()
+        if self.after_upgrade:
+            self.after_upgrade.clear()
 
     def _emit_head(self, headers: Headers, names: list[bytes]) -> None:
         parser = cast(httptools.HttpResponseParser, self.parser)

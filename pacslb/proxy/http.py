@@ -42,8 +42,6 @@ import termios
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
-from mypy_extensions import mypyc_attr
-
 from pacslb.balance.cookie import CookieCodec, choose_with_cookie
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
 from pacslb.balance.server import ServerState
@@ -450,19 +448,18 @@ class _NodeConn(_Side):
         pool = self.pool
         if pool is not None:
             with contextlib.suppress(ValueError):
-                pool.remove(self)
-            pool.low = min(pool.low, len(pool))
+                pool.conns.remove(self)
+            pool.low = min(pool.low, len(pool.conns))
             self.pool = None
 
 
-@mypyc_attr(native_class=False)  # compiled (see pacslb/compiled.py), only a Python class can derive from list
-class _Pool(list[_NodeConn]):
+class _Pool:
     """The idle connections to one node, least recently used first (a request takes the last one)."""
 
-    __slots__ = ("low",)
+    __slots__ = ("conns", "low")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.conns: list[_NodeConn] = []
         #: The fewest connections it held since the last sweep: so many at its start went unused all along.
         self.low = 0
 
@@ -691,7 +688,7 @@ class HttpService(TcpService):
         super().apply(spec, servers, table)
         self.settings = _Settings(self.name, spec)
         for server in [s for s in self.pools if s not in servers]:
-            for conn in list(self.pools.pop(server)):
+            for conn in list(self.pools.pop(server).conns):
                 conn.leave_pool()
                 conn.close()
         if self._redirect_address() != old_redirect and self.listener is not None:
@@ -713,7 +710,7 @@ class HttpService(TcpService):
         for side in list(self.idle):
             side.wake()
         for pool in self.pools.values():
-            for conn in list(pool):
+            for conn in list(pool.conns):
                 conn.leave_pool()
                 conn.close()
         if self.sweeper is not None:
@@ -938,7 +935,7 @@ class HttpService(TcpService):
         for record in records:
             record.cut_short()
         pool = self.pools.pop(server, None)
-        for conn in list(pool or ()):
+        for conn in list(pool.conns) if pool is not None else []:
             conn.leave_pool()
             conn.close()
         return len(records)
@@ -1257,14 +1254,15 @@ class HttpService(TcpService):
         """The most recently used idle connection to ``server`` (it is the least likely to have been closed
         by the node), or None. One idle for ``pool_idle`` or longer is never used (nor any older)."""
         pool = self.pools.get(server)
-        if not pool:
+        if pool is None or not pool.conns:
             return None
+        conns = pool.conns
         fresh_since = (self._loop.time() if now is None else now) - self.settings.pool_idle
-        while pool:
-            conn = pool.pop()
+        while conns:
+            conn = conns.pop()
             conn.pool = None
-            if len(pool) < pool.low:
-                pool.low = len(pool)
+            if len(conns) < pool.low:
+                pool.low = len(conns)
             if (
                 conn.idle_since > fresh_since
                 and not conn.eof
@@ -1300,7 +1298,7 @@ class HttpService(TcpService):
         conn.resume()
         conn.pool = pool
         conn.idle_since = self._loop.time()
-        pool.append(conn)  # so every pool is ordered by idle_since, oldest first
+        pool.conns.append(conn)  # so every pool is ordered by idle_since, oldest first
         if self.sweeper is None:
             self.sweeper = self._loop.call_later(self.settings.pool_idle / POOL_SWEEPS, self._sweep)
 
@@ -1322,14 +1320,15 @@ class HttpService(TcpService):
         fresh_since = self._loop.time() - pool_idle
         left = False
         for pool in self.pools.values():
-            unused = min(len(pool) - http.pool_size, pool.low)  # beyond pool_size, and idle all period
-            while pool and (unused > 0 or pool[0].idle_since <= fresh_since):
-                oldest = pool.pop(0)  # the least recently used: the likeliest to be closed by the node
+            conns = pool.conns
+            unused = min(len(conns) - http.pool_size, pool.low)  # beyond pool_size, and idle all period
+            while conns and (unused > 0 or conns[0].idle_since <= fresh_since):
+                oldest = conns.pop(0)  # the least recently used: the likeliest to be closed by the node
                 oldest.pool = None
                 oldest.close()
                 unused -= 1
-            pool.low = len(pool)
-            left = left or bool(pool)
+            pool.low = len(conns)
+            left = left or bool(conns)
         if left and not self.stopping:
             self.sweeper = self._loop.call_later(pool_idle / POOL_SWEEPS, self._sweep)
 
