@@ -669,6 +669,13 @@ class HttpService(TcpService):
         table: PersistenceTable | None,
     ) -> None:
         super().__init__(name, spec, servers, table)
+        # What the base class keeps and every request reads, as attributes of this class too: compiled
+        # (pacslb/compiled.py), reading an attribute of the base class (a Python class) is a dictionary
+        # look-up, and a bound method is made anew each time it is read.
+        self.loop = self._loop
+        self.servers_now, self.scheduler_now, self.table_now, self.spec_now = servers, self.scheduler, table, spec
+        self.request_hook: Callable[[_Side], bool] = self._fast_request
+        self.response_hook: Callable[[_Side], bool] = self._fast_response
         self.settings = _Settings(name, spec)
         self.pools: dict[ServerState, _Pool] = {}
         self.redirect: Listener | None = None
@@ -686,6 +693,7 @@ class HttpService(TcpService):
     def apply(self, spec: ServiceSpec, servers: list[ServerState], table: PersistenceTable | None) -> None:
         old_redirect = self._redirect_address()
         super().apply(spec, servers, table)
+        self.servers_now, self.scheduler_now, self.table_now, self.spec_now = servers, self.scheduler, table, spec
         self.settings = _Settings(self.name, spec)
         for server in [s for s in self.pools if s not in servers]:
             for conn in list(self.pools.pop(server).conns):
@@ -754,7 +762,7 @@ class HttpService(TcpService):
         """In an HTTP worker process: serve a connection the main process accepted, deciding its requests
         with ``lease`` (the client's entry in the main process's table); ``on_end`` is told when it closed.
         (The caller counts it in ``active`` and ``total``, as :meth:`accept` does.)"""
-        task = self._loop.create_task(self._handle(sock, peer, lease))
+        task = self.loop.create_task(self._handle(sock, peer, lease))
         self.tasks.add(task)
 
         def ended(done: asyncio.Task[None]) -> None:
@@ -767,7 +775,7 @@ class HttpService(TcpService):
     async def _handle(
         self, client_sock: socket.socket, peer: tuple[str, int], lease: PersistenceTable | None = None
     ) -> None:
-        loop = self._loop
+        loop = self.loop
         settings = self.settings
         try:
             _tune(client_sock)
@@ -812,7 +820,7 @@ class HttpService(TcpService):
 
         While the task waits for a request head, the fast path (:meth:`_fast_request`) may serve requests
         in its place; the task then waits until that exchange is over, or finishes it when handed it."""
-        loop = self._loop
+        loop = self.loop
         reader = client.reader
         assert isinstance(reader, RequestReader)
         while True:
@@ -826,7 +834,7 @@ class HttpService(TcpService):
             failed = False  # the request failed; what to answer then (None: no answer, only the log line)
             refusal: bytes | None = None
             self.idle.add(client)
-            client.hook = self._fast_request
+            client.hook = self.request_hook
             try:
                 while head is None:
                     flight = client.flight
@@ -958,7 +966,7 @@ class HttpService(TcpService):
 
     def _client_key(self, client: _Client) -> str | None:
         """The client's source-IP persistence key (None when the service keeps no table)."""
-        spec = self.spec
+        spec = self.spec_now
         if client.key_spec is not spec:
             client.key_spec = spec
             if self.settings.use_table:
@@ -990,9 +998,9 @@ class HttpService(TcpService):
             with contextlib.suppress(OSError, RuntimeError):
                 transport.write_eof()
         client.reader = None  # whatever else arrives is discarded (unexpected -> close)
-        deadline = self._loop.time() + LINGER
+        deadline = self.loop.time() + LINGER
         with contextlib.suppress(TimeoutError):
-            while not client.lost and (remaining := deadline - self._loop.time()) > 0:
+            while not client.lost and (remaining := deadline - self.loop.time()) > 0:
                 await client.wait(remaining)
 
     # -- one exchange ----------------------------------------------------------------------------------------
@@ -1011,9 +1019,9 @@ class HttpService(TcpService):
             )
         if head.upgrade and head.framing is not Framing.NONE:
             raise _Abort(400, "bad_request", "Upgrade with a request body", _error(400))
-        loop = self._loop
+        loop = self.loop
         offered = self._offered(head)
-        table = (client.lease if client.lease is not None else self.table) if settings.use_table else None
+        table = (client.lease if client.lease is not None else self.table_now) if settings.use_table else None
         tried: list[ServerState] = []
         conn: _NodeConn | None = None
         server: ServerState | None = None
@@ -1025,7 +1033,7 @@ class HttpService(TcpService):
                 picked, decided = decided, None
             else:
                 picked = choose_with_cookie(
-                    self.servers, self.scheduler, table, key, offered, settings.codec, loop.time(), tried
+                    self.servers_now, self.scheduler_now, table, key, offered, settings.codec, loop.time(), tried
                 )
             if picked is None or len(tried) > settings.retries:
                 server = settings.fallback
@@ -1083,7 +1091,7 @@ class HttpService(TcpService):
             server.active -= 1
             self._end(server, record)
             if key is not None and table is not None:
-                table.release(key, server.name, self._loop.time())
+                table.release(key, server.name, self.loop.time())
 
     def _offered(self, head: RequestHead) -> list[bytes]:
         """The values of the persistence cookie the request carries."""
@@ -1127,12 +1135,12 @@ class HttpService(TcpService):
         ):
             return False
         settings = self.settings
-        loop = self._loop
+        loop = self.loop
         key = self._client_key(client)
         offered = self._offered(head)
-        table = (client.lease if client.lease is not None else self.table) if settings.use_table else None
+        table = (client.lease if client.lease is not None else self.table_now) if settings.use_table else None
         now = loop.time()
-        picked = choose_with_cookie(self.servers, self.scheduler, table, key, offered, settings.codec, now)
+        picked = choose_with_cookie(self.servers_now, self.scheduler_now, table, key, offered, settings.codec, now)
         if picked is None:
             return False
         server, rule = picked
@@ -1160,7 +1168,7 @@ class HttpService(TcpService):
         deadline = now + settings.server_timeout
         flight = _Flight(client, conn, server, head, record, rule, offered, key, table, deadline)
         client.flight = conn.flight = flight
-        conn.hook = self._fast_response
+        conn.hook = self.response_hook
         conn.deadline = deadline
         if conn.timer is None or conn.timer_at > deadline:
             conn._arm(deadline)
@@ -1180,7 +1188,7 @@ class HttpService(TcpService):
                 if type(response) is ResponseHead and response.status >= 200 and response.status != 101:
                     self._fast_finish(flight)
                     return True
-            elif not conn.eof and flight.deadline - self._loop.time() > TIMER_SLACK:
+            elif not conn.eof and flight.deadline - self.loop.time() > TIMER_SLACK:
                 # More of it is on its way. (With the timer's slack: a timer that fires a little early counts
                 # as the deadline, and nothing would call again if this waited on.)
                 return True
@@ -1201,12 +1209,12 @@ class HttpService(TcpService):
             server.active -= 1
             self._end(server, record)
             if flight.key is not None and flight.table is not None:
-                flight.table.release(flight.key, server.name, self._loop.time())
+                flight.table.release(flight.key, server.name, self.loop.time())
         self._log_request(record)
         if not keep or self.stopping:
             client.close()  # its task wakes when the connection is lost, and ends
             return
-        client.idle_from = self._loop.time()
+        client.idle_from = self.loop.time()
         if client.reader is not None and client.reader.events and self._fast_request(client):
             return  # the next pipelined request is on its way
         if client.eof or client.error is not None or (client.reader is not None and client.reader.events):
@@ -1230,7 +1238,7 @@ class HttpService(TcpService):
         server.active -= 1
         self._end(server, record)
         if flight.key is not None and flight.table is not None:
-            flight.table.release(flight.key, server.name, self._loop.time())
+            flight.table.release(flight.key, server.name, self.loop.time())
         record.end, record.detail = "shutdown", "the service stopped during the exchange"
         self._log_request(record)
 
@@ -1257,7 +1265,7 @@ class HttpService(TcpService):
         if pool is None or not pool.conns:
             return None
         conns = pool.conns
-        fresh_since = (self._loop.time() if now is None else now) - self.settings.pool_idle
+        fresh_since = (self.loop.time() if now is None else now) - self.settings.pool_idle
         while conns:
             conn = conns.pop()
             conn.pool = None
@@ -1276,9 +1284,9 @@ class HttpService(TcpService):
 
     async def _connect(self, server: ServerState) -> _NodeConn:
         sock = await connect_to(server, self.spec.timeouts.connect)
-        conn = _NodeConn(self._loop, server)
+        conn = _NodeConn(self.loop, server)
         try:
-            await self._loop.create_connection(lambda: conn, sock=sock)
+            await self.loop.create_connection(lambda: conn, sock=sock)
         except OSError as exc:
             sock.close()
             raise ConnectFailed(server.name, exc.strerror or str(exc)) from exc
@@ -1289,7 +1297,7 @@ class HttpService(TcpService):
         conn.reader = None
         server = conn.server
         pool_size = self.settings.pool_size
-        if not reusable or self.stopping or conn.eof or conn.lost or pool_size == 0 or server not in self.servers:
+        if not reusable or self.stopping or conn.eof or conn.lost or pool_size == 0 or server not in self.servers_now:
             conn.close()
             return
         pool = self.pools.get(server)
@@ -1297,10 +1305,10 @@ class HttpService(TcpService):
             pool = self.pools[server] = _Pool()
         conn.resume()
         conn.pool = pool
-        conn.idle_since = self._loop.time()
+        conn.idle_since = self.loop.time()
         pool.conns.append(conn)  # so every pool is ordered by idle_since, oldest first
         if self.sweeper is None:
-            self.sweeper = self._loop.call_later(self.settings.pool_idle / POOL_SWEEPS, self._sweep)
+            self.sweeper = self.loop.call_later(self.settings.pool_idle / POOL_SWEEPS, self._sweep)
 
     def _sweep(self) -> None:
         """Close the pooled connections idle for ``pool_idle`` or longer, and those beyond ``pool_size`` that
@@ -1317,7 +1325,7 @@ class HttpService(TcpService):
         self.sweeper = None
         http = self.settings.http
         pool_idle = http.timeouts.pool_idle
-        fresh_since = self._loop.time() - pool_idle
+        fresh_since = self.loop.time() - pool_idle
         left = False
         for pool in self.pools.values():
             conns = pool.conns
@@ -1330,7 +1338,7 @@ class HttpService(TcpService):
             pool.low = len(conns)
             left = left or bool(conns)
         if left and not self.stopping:
-            self.sweeper = self._loop.call_later(pool_idle / POOL_SWEEPS, self._sweep)
+            self.sweeper = self.loop.call_later(pool_idle / POOL_SWEEPS, self._sweep)
 
     async def _proxy(
         self,
@@ -1346,7 +1354,7 @@ class HttpService(TcpService):
         """Send the request to the node and its response to the client. Returns whether the client
         connection stays open. ``sent_until``: see :meth:`_exchange_tail`."""
         settings = self.settings
-        loop = self._loop
+        loop = self.loop
         record.conn = conn
         default_host = server.address.encode() if head.version == "1.0" else b""
         request = proxy_request_head(head, client.peer[0], settings.rewrite, default_host)
@@ -1434,7 +1442,7 @@ class HttpService(TcpService):
     ) -> tuple[bytes, bool, bool]:
         """The response head the client gets; whether its connection stays open after; whether the body is
         chunked here (a chunked or close-delimited body to an HTTP/1.1 client)."""
-        record.responded = self._loop.time()
+        record.responded = self.loop.time()
         record.status = response.status
         client_11 = head.version == "1.1"
         keep = head.keep_alive and body_done and not self.stopping
@@ -1572,7 +1580,7 @@ class HttpService(TcpService):
             _Abort: 502 (bad or no response) or 504 (no response in time).
         """
         timeout = self.settings.http.timeouts.server
-        first_wait = timeout if deadline is None else max(0.0, deadline - self._loop.time())
+        first_wait = timeout if deadline is None else max(0.0, deadline - self.loop.time())
         reader = conn.reader
         assert isinstance(reader, ResponseReader)
         interim = 0
@@ -1731,7 +1739,7 @@ class HttpService(TcpService):
                 for sock, data in ((node_sock, to_node), (client_sock, to_client)):
                     if data:
                         async with asyncio.timeout(self.settings.http.timeouts.client):
-                            await self._loop.sock_sendall(sock, data)
+                            await self.loop.sock_sendall(sock, data)
             except (OSError, TimeoutError):
                 client_sock.close()
                 node_sock.close()
@@ -1756,7 +1764,7 @@ class HttpService(TcpService):
             record.end = result.end.value
             return
         # TLS: the bytes must pass through the TLS transport; pump them between the two transports.
-        done: asyncio.Future[None] = self._loop.create_future()
+        done: asyncio.Future[None] = self.loop.create_future()
         up = _Pump(client_transport, done)
         down = _Pump(node_transport, done)
         up.other, down.other = down, up
@@ -1805,13 +1813,13 @@ class HttpService(TcpService):
     # -- the redirect listener -------------------------------------------------------------------------------
 
     def _accept_redirect(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        task = self._loop.create_task(self._redirect_one(sock, peer))
+        task = self.loop.create_task(self._redirect_one(sock, peer))
         self.tasks.add(task)
         task.add_done_callback(self._side_task_done)
 
     async def _redirect_one(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Answer one plain-HTTP request with 308 to the same URL on this service's https address."""
-        loop = self._loop
+        loop = self.loop
         settings = self.settings
         client = _Side(loop, RequestReader(settings.http.limits.max_head_size, settings.http.limits.max_headers))
         try:
@@ -1857,7 +1865,7 @@ class HttpService(TcpService):
         level = logging.WARNING if not status or status >= 500 or trouble else logging.INFO
         if not log.isEnabledFor(level):
             return
-        now = self._loop.time()
+        now = self.loop.time()
         started = record.started or now
         fields: dict[str, object] = {
             "service": self.name,
