@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import cast
+from typing import Final, cast
 
 import httptools
 
@@ -38,13 +38,13 @@ DEFAULT_MAX_HEAD_SIZE = 64 * 1024
 #: Most header fields in one head: HAProxy's default is 101; a client sending more is abusive or broken.
 DEFAULT_MAX_HEADERS = 100
 #: Most trailer fields kept from a chunked body (RFC 9112 7.1.2); trailers are rare and small.
-MAX_TRAILERS = 32
+MAX_TRAILERS: Final = 32
 
 Headers = list[tuple[bytes, bytes]]
 
 #: Hop-by-hop fields (RFC 9110 7.6.1, and the old Keep-Alive / Proxy-Connection): about one connection,
 #: never forwarded. Transfer-Encoding is re-created for the next hop when the body needs it.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -61,8 +61,8 @@ HOP_BY_HOP = frozenset(
 #: the sets and comparisons it meets next are cheap). Names not seen before are lowered and added, up to
 #: :data:`MAX_LOWERED` of them (beyond that they are only lowered: a client sending made-up names can
 #: slow its own heads a little, nothing else).
-_LOWERED: dict[bytes, bytes] = {}
-MAX_LOWERED = 1024
+_LOWERED: Final[dict[bytes, bytes]] = {}
+MAX_LOWERED: Final = 1024
 
 
 def lowered(name: bytes) -> bytes:
@@ -169,11 +169,11 @@ class RequestHead:
 
 @dataclass(slots=True, init=False)
 class ResponseHead:
-    """A parsed response head; ``names`` as in :class:`RequestHead`."""
+    """A parsed response head; ``names`` as in :class:`RequestHead`. (No version: the client gets the
+    balancer's own, HTTP/1.1, and whether the node keeps the connection is ``keep_alive``.)"""
 
     status: int
     reason: bytes
-    version: str
     headers: Headers
     keep_alive: bool  # the node keeps the connection after this response
     framing: Framing
@@ -184,7 +184,6 @@ class ResponseHead:
         self,
         status: int,
         reason: bytes,
-        version: str,
         headers: Headers,
         keep_alive: bool,
         framing: Framing,
@@ -193,7 +192,6 @@ class ResponseHead:
     ) -> None:
         self.status = status
         self.reason = reason
-        self.version = version
         self.headers = headers
         self.keep_alive = keep_alive
         self.framing = framing
@@ -221,7 +219,7 @@ class Upgrade:
 
 
 Event = RequestHead | ResponseHead | bytes | EndOfMessage | Upgrade
-END = EndOfMessage()  # shared: the usual end, without trailers (never mutated)
+END: Final = EndOfMessage()  # shared: the usual end, without trailers (never mutated)
 
 
 def target_path(target: bytes) -> str:
@@ -578,7 +576,6 @@ class ResponseReader(_Reader):
     def _emit_head(self, headers: Headers, names: list[bytes]) -> None:
         parser = cast(httptools.HttpResponseParser, self.parser)
         status = parser.get_status_code()
-        version = parser.get_http_version()
         length = _content_length(_first(names, headers, b"content-length"))
         te = _codings(names, headers) if b"transfer-encoding" in names else None
         if status < 200 or status == 204 or status == 304 or self.method_head:
@@ -592,7 +589,7 @@ class ResponseReader(_Reader):
         if status == 101 and not self.upgrade_requested:
             raise HttpProtocolError("101 Switching Protocols to a request that asked for no upgrade", 502)
         keep_alive = parser.should_keep_alive() and framing is not Framing.CLOSE
-        head = ResponseHead(status, self.status, version, headers, keep_alive, framing, length, names)
+        head = ResponseHead(status, self.status, headers, keep_alive, framing, length, names)
         self.head = head
         self.events.append(head)
         if self.method_head and status >= 200:
@@ -841,7 +838,7 @@ def _private_cache_control(directives: list[bytes]) -> bytes:
 
 
 #: The Cache-Control field of a response made private that had none.
-_PRIVATE_ONLY = b"Cache-Control: " + _private_cache_control([])
+_PRIVATE_ONLY: Final = b"Cache-Control: " + _private_cache_control([])
 
 
 # -- the heads the proxy sends, each in one pass --------------------------------------------------------------
@@ -901,7 +898,7 @@ def _named_by_connection(names: list[bytes], headers: Headers) -> frozenset[byte
     return frozenset(named)
 
 
-_NOTHING: frozenset[bytes] = frozenset()
+_NOTHING: Final[frozenset[bytes]] = frozenset()
 
 
 def proxy_request_head(head: RequestHead, client_ip: str, rewrite: RequestRewrite, default_host: bytes) -> bytes:
@@ -970,7 +967,7 @@ def proxy_request_head(head: RequestHead, client_ip: str, rewrite: RequestRewrit
 
 
 #: X-Forwarded-For fields made so far, by client address (bounded as :data:`_LOWERED` is).
-_FORWARDED_FOR: dict[str, bytes] = {}
+_FORWARDED_FOR: Final[dict[str, bytes]] = {}
 
 
 def _forwarded_for(client_ip: str) -> bytes:
@@ -984,7 +981,7 @@ def _forwarded_for(client_ip: str) -> bytes:
 
 
 #: The status lines made so far, by status: (reason phrase as received, line). Statuses are three digits.
-_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}
+_STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {}
 
 
 def _status_line(status: int, reason: bytes) -> bytes:

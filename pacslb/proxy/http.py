@@ -40,7 +40,7 @@ import ssl
 import struct
 import termios
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from pacslb.balance.cookie import CookieCodec, choose_with_cookie
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
@@ -82,17 +82,17 @@ from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
 if TYPE_CHECKING:
     from pacslb.proxy.webpool import WebPool
 
-log = logging.getLogger("pacslb.http")
+log: Final = logging.getLogger("pacslb.http")
 
 #: A side stops reading while its reader holds this many body bytes not yet forwarded: enough for the
 #: kernel to keep a gigabit link busy between two wakeups, small enough that 4096 clients cannot make
 #: pacslb hold much (256 KiB each at most, per direction).
-HIGH_WATER = 256 * 1024
+HIGH_WATER: Final = 256 * 1024
 #: ... and reads again once the task has taken it below this.
 LOW_WATER = 64 * 1024
 #: A side also stops reading while this many parsed events wait: a client pipelining thousands of tiny
 #: requests without reading the answers cannot make the queue grow.
-MAX_QUEUED_EVENTS = 64
+MAX_QUEUED_EVENTS: Final = 64
 #: Most interim (1xx) responses a node may send before its final one: a node that streams them for ever
 #: would otherwise hold the exchange open without end. (Real ones send one or two: 100, 103.)
 MAX_INTERIM = 100
@@ -101,7 +101,7 @@ MAX_INTERIM = 100
 WRITE_HIGH = 512 * 1024
 WRITE_LOW = 128 * 1024
 #: Body data gathered into one write when several events are ready at once.
-GATHER_BYTES = 256 * 1024
+GATHER_BYTES: Final = 256 * 1024
 #: A TLS handshake must complete within this (a client that connects and stays silent holds a socket).
 TLS_HANDSHAKE_TIMEOUT = 10.0
 #: After the balancer answered with an error and Connection: close, how long the socket may linger so the
@@ -115,7 +115,7 @@ FLUSH_POLL = 0.01
 POOL_SWEEPS = 4
 #: A wait whose deadline is this close when its timer fires times out (the loop's timers have millisecond
 #: resolution: re-arming for less would only spin).
-TIMER_SLACK = 0.001
+TIMER_SLACK: Final = 0.001
 #: Interim response written to a client that sent Expect: 100-continue.
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
