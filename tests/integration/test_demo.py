@@ -200,13 +200,15 @@ def _http(port: int, path: str = "/", method: str = "GET") -> tuple[int, dict[st
 
 
 def _assert_clean_exit(demo: Demo, study_dir: Path) -> None:
-    # Its only children are relay workers (one per extra core); the stop must end them too.
+    # Its only children are relay workers and web workers (one of each per extra core); the stop must end
+    # them too.
     children = _run("ps", "-o", "pid=,args=", "--ppid", str(demo.proc.pid)).stdout.splitlines()
-    assert all("pacslb.proxy.workers" in line for line in children), children
+    kinds = sorted(line.split()[3] for line in children)
+    assert kinds == sorted(["pacslb.proxy.workers", "pacslb.proxy.webworker"] * (len(children) // 2)), children
     assert demo.stop() == 0, demo.stderr()
     pids = [line.split()[0] for line in children]
     left = [pid for pid in pids if _run("ps", "-o", "stat=", "-p", pid).stdout.strip() not in ("", "Z")]
-    assert left == [], f"relay workers outlived the demo: {left}"
+    assert left == [], f"workers outlived the demo: {left}"
     assert not study_dir.exists(), "the demo left its temporary directory behind"
     assert _listening(demo.ports.all()) == [], "something still listens on a demo port after exit"
 

@@ -40,13 +40,14 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+@pytest.mark.parametrize("workers", [1, 2])  # with 2, the handshakes happen in whichever process serves
 def test_https_termination_and_redirect(
-    pacslb: PacslbFactory, web: list[NginxNode], certificate: tuple[Path, Path]
+    pacslb: PacslbFactory, web: list[NginxNode], certificate: tuple[Path, Path], workers: int
 ) -> None:
     cert, key = certificate
     port, plain = peers.free_port(), peers.free_port()
     tls = {"certificate": str(cert), "key": str(key), "redirect_from": f"127.0.0.1:{plain}", "min_version": "1.3"}
-    lb = pacslb(peers.http_config({"web": peers.http_service(port, web, http={"tls": tls})}))
+    lb = pacslb(peers.http_config({"web": peers.http_service(port, web, http={"tls": tls})}, workers=workers))
     with httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), base_url=f"https://127.0.0.1:{port}") as c:
         first = c.get("/whoami")
         assert first.status_code == 200
