@@ -266,11 +266,10 @@ class Engine:
         """Start the web workers with the first http service (when there are workers), or send them the
         new config; every http service hands connections to them."""
         if self.web_pool is None:
-            if self.config.worker_count < 2 or not any(s.mode == "http" for s in config.services.values()):
+            # As many as the relay workers, started with them: a change of workers applies at restart.
+            if self.pool is None or not any(s.mode == "http" for s in config.services.values()):
                 return
-            self.web_pool = WebPool(
-                self.config.worker_count, lambda: self.services, self._worker_cut, self._connect_failed
-            )
+            self.web_pool = WebPool(self.pool.processes, lambda: self.services, self._worker_cut, self._connect_failed)
             self.web_pool.start(config)
         else:
             self.web_pool.configure(config)
