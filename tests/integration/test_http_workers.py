@@ -6,7 +6,9 @@ httpx and curl clients, the admin API."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -141,3 +143,37 @@ def test_a_reload_reaches_the_worker(pacslb: PacslbFactory, web: list[NginxNode]
     assert all(c is not None and c.startswith("PACSNODE=") for c in cookies), cookies
     lines = lb.wait_events("request", 7, timeout=5)
     assert {line.get("worker") for line in lines[1:]} == {"", "1"}
+
+
+def test_a_stop_lets_requests_in_progress_in_every_process_finish(pacslb: PacslbFactory, tmp_path: Path) -> None:
+    """SIGTERM during two slow requests, one in the main process and one in the web worker: both are
+    answered within the shutdown grace, then every process exits."""
+    from test_http_proxy import _ScriptedNode  # a node answering /slow after 0.3 s
+
+    node = _ScriptedNode()
+    try:
+        port = peers.free_port()
+        spec = peers.service(port, {"n": node.address}, mode="http", check={"type": "none"})
+        lb = pacslb(peers.http_config({"web": spec}, workers=2, shutdown_grace="3s"))
+        answers: list[tuple[int, str]] = []
+
+        def slow() -> None:
+            answer = httpx.get(f"http://127.0.0.1:{port}/slow", timeout=5)
+            answers.append((answer.status_code, answer.text))
+
+        clients = [threading.Thread(target=slow) for _ in range(2)]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 5
+        while len(node.conns) < 2 and time.monotonic() < deadline:  # until both requests are with the node
+            time.sleep(0.01)
+        lb.send(signal.SIGTERM)
+        for client in clients:
+            client.join(10)
+        assert answers == [(200, "ok /slow")] * 2
+        assert lb.wait_exit(10) == 0
+        lines = lb.events("request")
+        assert sorted(line.get("worker") for line in lines) == ["", "1"]
+        assert all(line.get("end") == "ok" for line in lines)
+    finally:
+        node.close()
