@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
-import subprocess
-import sys
-from collections import deque
 from collections.abc import Callable
 
+from pacslb.proxy.control import Channel
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayHandle, RelayResult, cancelled_relay, start_relay
 from pacslb.proxy.workers import ABORT_MSG, DONE_MSG, END_CODE, ENDS, RELAY_MSG, WORKER_STOP_TIMEOUT
@@ -25,16 +22,14 @@ log = logging.getLogger("pacslb.workers")
 MAIN_RELAY_WEIGHT = 3
 
 
-class _Worker:
+class _Worker(Channel):
     """The main process's handle on one relay worker."""
 
-    def __init__(self, index: int, proc: subprocess.Popen[bytes], control: socket.socket) -> None:
-        self.index = index
-        self.proc = proc
-        self.control = control
+    def __init__(self, pool: RelayPool, loop: asyncio.AbstractEventLoop, index: int) -> None:
+        super().__init__(
+            loop, index, "pacslb.proxy.workers", lambda: pool._on_message(self), lambda: pool._worker_lost(self)
+        )
         self.pending: dict[int, Callable[[RelayResult], None]] = {}  # told how each connection ended
-        self.outbox: deque[tuple[bytes, list[int]]] = deque()
-        self.writing = False
 
 
 class _Remote:
@@ -50,7 +45,7 @@ class _Remote:
     def abort(self) -> None:
         """Ask the worker to close it (its report follows, as for any end)."""
         if self.conn_id in self.worker.pending:
-            self.pool._send(self.worker, ABORT_MSG.pack(b"A", self.conn_id), [])
+            self.worker.send(ABORT_MSG.pack(b"A", self.conn_id))
 
 
 class RelayPool:
@@ -62,24 +57,15 @@ class RelayPool:
         self.local_active = 0
         self._next_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._started: list[_Worker] = []
 
     def start(self) -> None:
         """Start ``processes - 1`` workers (the main process is the first relay)."""
         self._loop = asyncio.get_running_loop()
         for index in range(1, self.processes):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pacslb.proxy.workers", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-            theirs.close()
-            self._procs.append(proc)
-            ours.setblocking(False)
-            worker = _Worker(index, proc, ours)
+            worker = _Worker(self, self._loop, index)
+            self._started.append(worker)
             self.workers.append(worker)
-            self._loop.add_reader(ours.fileno(), self._on_message, worker)
 
     def start_relay(
         self,
@@ -110,7 +96,7 @@ class RelayPool:
         worker.pending[conn_id] = on_done
         message = RELAY_MSG.pack(b"R", conn_id, idle_timeout, END_CODE[timeout_end])
         try:
-            self._send(worker, message, [client.fileno(), server.fileno()])
+            worker.send(message, [client.fileno(), server.fileno()])
         finally:
             client.close()  # the worker has its own copies now (or the send failed: nothing to relay)
             server.close()
@@ -134,44 +120,8 @@ class RelayPool:
         except asyncio.CancelledError:
             raise await cancelled_relay(handle, done) from None
 
-    def _send(self, worker: _Worker, message: bytes, fds: list[int]) -> None:
-        if worker.outbox or not self._try_send(worker, message, fds):
-            # Copies of the descriptors wait with the message; the caller closes its own.
-            worker.outbox.append((message, [os.dup(fd) for fd in fds]))
-            if not worker.writing:
-                assert self._loop is not None
-                self._loop.add_writer(worker.control.fileno(), self._flush, worker)
-                worker.writing = True
-
-    def _try_send(self, worker: _Worker, message: bytes, fds: list[int]) -> bool:
-        try:
-            socket.send_fds(worker.control, [message], fds) if fds else worker.control.send(message)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self._worker_lost(worker)
-        return True
-
-    def _flush(self, worker: _Worker) -> None:
-        while worker.outbox:
-            message, fds = worker.outbox[0]
-            if not self._try_send(worker, message, fds):
-                return
-            worker.outbox.popleft()
-            for fd in fds:
-                os.close(fd)
-        assert self._loop is not None
-        self._loop.remove_writer(worker.control.fileno())
-        worker.writing = False
-
     def _on_message(self, worker: _Worker) -> None:
-        while True:
-            try:
-                data = worker.control.recv(64)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
+        while (data := worker.receive(64)) is not None:
             if not data:
                 self._worker_lost(worker)
                 return
@@ -181,22 +131,14 @@ class RelayPool:
                 on_done(RelayResult(up, down, ENDS[end]))
 
     def _worker_lost(self, worker: _Worker, expected: bool = False) -> None:
-        assert self._loop is not None
         if worker not in self.workers:
             return
         self.workers.remove(worker)
-        self._loop.remove_reader(worker.control.fileno())
-        if worker.writing:
-            self._loop.remove_writer(worker.control.fileno())
+        worker.close()
         lost = list(worker.pending.values())
         worker.pending.clear()
         for on_done in lost:
             on_done(RelayResult(0, 0, End.ERROR))
-        for _, fds in worker.outbox:
-            for fd in fds:
-                os.close(fd)
-        worker.outbox.clear()
-        worker.control.close()
         if expected:
             return
         if worker.proc.poll() is None:
@@ -211,9 +153,5 @@ class RelayPool:
         await asyncio.get_running_loop().run_in_executor(None, self._reap)
 
     def _reap(self) -> None:
-        for proc in self._procs:
-            try:
-                proc.wait(WORKER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for worker in self._started:
+            worker.reap(WORKER_STOP_TIMEOUT)

@@ -39,17 +39,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import pickle
 import socket
-import subprocess
-import sys
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pacslb.balance.decision import choose
 from pacslb.balance.persistence import source_ip_key
+from pacslb.proxy.control import Channel
 from pacslb.proxy.outcome import End
 
 if TYPE_CHECKING:
@@ -116,16 +113,14 @@ class _Handed:
         self.node = None
 
 
-class _Worker:
+class _Worker(Channel):
     """The main process's handle on one web worker."""
 
-    def __init__(self, index: int, proc: subprocess.Popen[bytes], control: socket.socket) -> None:
-        self.index = index
-        self.proc = proc
-        self.control = control
+    def __init__(self, pool: WebPool, loop: asyncio.AbstractEventLoop, index: int) -> None:
+        super().__init__(
+            loop, index, "pacslb.proxy.webworker", lambda: pool._on_message(self), lambda: pool._worker_lost(self)
+        )
         self.conns: dict[int, _Handed] = {}
-        self.outbox: deque[tuple[bytes, int | None]] = deque()
-        self.writing = False
         # What its reports added to each node's open connections, taken back if it dies.
         self.active: dict[tuple[str, str], int] = {}
 
@@ -145,7 +140,7 @@ class WebPool:
         self.on_cut = on_cut
         self.on_connect_failed = on_connect_failed
         self.workers: list[_Worker] = []
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._started: list[_Worker] = []
         self._next_id = 0
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,18 +151,9 @@ class WebPool:
         """Start ``processes - 1`` web workers (the main process serves too) with ``config``."""
         self._loop = asyncio.get_running_loop()
         for index in range(1, self.processes):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pacslb.proxy.webworker", str(theirs.fileno()), str(index)],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-            theirs.close()
-            self._procs.append(proc)
-            ours.setblocking(False)
-            worker = _Worker(index, proc, ours)
+            worker = _Worker(self, self._loop, index)
+            self._started.append(worker)
             self.workers.append(worker)
-            self._loop.add_reader(ours.fileno(), self._on_message, worker)
         self.configure(config)
         self._syncer = self._loop.call_later(SYNC_INTERVAL, self._tick)
 
@@ -235,7 +221,7 @@ class WebPool:
         worker.conns[conn.conn_id] = conn
         service.conns.add(conn)  # type: ignore[arg-type]  # counted, cancelled and drained as a connection
         try:
-            self._send(worker, ("conn", conn.conn_id, service.name, peer, node, fresh), sock.fileno())
+            self._send(worker, ("conn", conn.conn_id, service.name, peer, node, fresh), [sock.fileno()])
         finally:
             sock.close()  # the worker has its own copy now
         return True
@@ -248,51 +234,17 @@ class WebPool:
         for worker in self.workers:
             self._send(worker, ("stop", service.name))
 
-    def _send(self, worker: _Worker, message: tuple[Any, ...], fd: int | None = None) -> None:
+    def _send(self, worker: _Worker, message: tuple[Any, ...], fds: Sequence[int] = ()) -> None:
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         if len(data) > MAX_MESSAGE:
             log.error("web worker message too large (%d bytes): %s not sent", len(data), message[0])
             return
-        if worker.outbox or not self._try_send(worker, data, fd):
-            # A copy of the descriptor waits with the message; the caller closes its own.
-            worker.outbox.append((data, os.dup(fd) if fd is not None else None))
-            if not worker.writing and worker in self.workers:
-                assert self._loop is not None
-                self._loop.add_writer(worker.control.fileno(), self._flush, worker)
-                worker.writing = True
-
-    def _try_send(self, worker: _Worker, data: bytes, fd: int | None) -> bool:
-        try:
-            socket.send_fds(worker.control, [data], [fd]) if fd is not None else worker.control.send(data)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self._worker_lost(worker)
-        return True
-
-    def _flush(self, worker: _Worker) -> None:
-        while worker.outbox:
-            data, fd = worker.outbox[0]
-            if not self._try_send(worker, data, fd):
-                return
-            worker.outbox.popleft()
-            if fd is not None:
-                os.close(fd)
-        assert self._loop is not None
-        if worker.writing:
-            self._loop.remove_writer(worker.control.fileno())
-            worker.writing = False
+        worker.send(data, fds)
 
     # -- workers -> main -----------------------------------------------------------------------------------
 
     def _on_message(self, worker: _Worker) -> None:
-        while True:
-            try:
-                data = worker.control.recv(MAX_MESSAGE)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
+        while (data := worker.receive(MAX_MESSAGE)) is not None:
             if not data:
                 self._worker_lost(worker)
                 return
@@ -353,15 +305,7 @@ class WebPool:
         if worker not in self.workers:
             return
         self.workers.remove(worker)
-        self._loop.remove_reader(worker.control.fileno())
-        if worker.writing:
-            self._loop.remove_writer(worker.control.fileno())
-            worker.writing = False
-        for _, fd in worker.outbox:
-            if fd is not None:
-                os.close(fd)
-        worker.outbox.clear()
-        worker.control.close()
+        worker.close()
         for (service_name, node), active in worker.active.items():  # what it held is no longer open
             server = self._server(service_name, node)
             if server is not None:
@@ -391,9 +335,5 @@ class WebPool:
         await asyncio.get_running_loop().run_in_executor(None, self._reap)
 
     def _reap(self) -> None:
-        for proc in self._procs:
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for worker in self._started:
+            worker.reap(STOP_TIMEOUT)

@@ -1,0 +1,113 @@
+"""The main process's side of one worker process: the process and its control socket.
+
+Both kinds of worker (relay workers, pacslb/proxy/pool.py; web workers, pacslb/proxy/webpool.py) are
+started the same way and spoken to the same way: a SOCK_SEQPACKET socket pair, one message per packet,
+descriptors passed with SCM_RIGHTS. A message that cannot be sent at once (the worker is busy and its
+socket buffer full) waits in order with copies of its descriptors, and goes when the socket is writable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+
+
+class Channel:
+    """One worker process and the control socket to it."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        index: int,
+        module: str,
+        on_readable: Callable[[], None],
+        on_broken: Callable[[], None],
+    ) -> None:
+        """Start ``python -m module FD INDEX``; ``on_readable`` is called when messages wait, ``on_broken``
+        when a send finds the worker gone."""
+        self.loop = loop
+        self.index = index
+        self.on_broken = on_broken
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, str(theirs.fileno()), str(index)],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        ours.setblocking(False)
+        self.control = ours
+        self.outbox: deque[tuple[bytes, list[int]]] = deque()
+        self.writing = False
+        self.closed = False
+        loop.add_reader(ours.fileno(), on_readable)
+
+    def send(self, message: bytes, fds: Sequence[int] = ()) -> None:
+        """Send ``message`` with copies of ``fds`` (the caller keeps and closes its own)."""
+        if self.closed:
+            return
+        if self.outbox or not self._try_send(message, fds):
+            self.outbox.append((message, [os.dup(fd) for fd in fds]))
+            if not self.writing and not self.closed:
+                self.loop.add_writer(self.control.fileno(), self._flush)
+                self.writing = True
+
+    def receive(self, size: int) -> bytes | None:
+        """The next message from the worker: None when none waits, b"" when the worker is gone."""
+        try:
+            return self.control.recv(size)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def _try_send(self, message: bytes, fds: Sequence[int]) -> bool:
+        try:
+            socket.send_fds(self.control, [message], fds) if fds else self.control.send(message)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.on_broken()
+        return True
+
+    def _flush(self) -> None:
+        while self.outbox:
+            message, fds = self.outbox[0]
+            if not self._try_send(message, fds):
+                return
+            if self.closed:
+                return  # the worker is gone: close() dropped what waited, these copies with it
+            self.outbox.popleft()
+            for fd in fds:
+                os.close(fd)
+        if self.writing:
+            self.loop.remove_writer(self.control.fileno())
+            self.writing = False
+
+    def close(self) -> None:
+        """Stop listening and close the control socket (the worker then ends); what waited is dropped."""
+        if self.closed:
+            return
+        self.loop.remove_reader(self.control.fileno())
+        if self.writing:
+            self.loop.remove_writer(self.control.fileno())
+            self.writing = False
+        for _, fds in self.outbox:
+            for fd in fds:
+                os.close(fd)
+        self.outbox.clear()
+        self.control.close()
+        self.closed = True
+
+    def reap(self, timeout: float) -> None:
+        """Wait (blocking, up to ``timeout``) for the process to exit, then kill it."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
