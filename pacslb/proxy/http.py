@@ -937,8 +937,9 @@ class HttpService(TcpService):
         """A halt's grace is over: cut the exchanges still in progress with ``server`` (a request waiting
         for its response gets 502, a response or tunnel in progress is cut off) and close its pooled
         connections. Returns how many exchanges were cut."""
-        if self.web_pool is not None:
-            self.web_pool.cut(self, server)  # the workers' exchanges: each worker reports how many it cut
+        if self.web_pool is not None and server in self.servers_now:
+            # The workers' exchanges (by name: only if it is this service's node): each reports how many.
+            self.web_pool.cut(self, server)
         records = self.exchanges.pop(server, set())
         for record in records:
             record.cut_short()

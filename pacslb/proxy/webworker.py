@@ -101,12 +101,14 @@ class _Worker:
                     if server is not None:
                         server.health, server.admin, server.weight = health, admin, weight
                         server.down_elsewhere = down_elsewhere
-        elif kind == "cut":
-            service = self.services.get(message[1])
-            if service is not None:
-                server = next((s for s in service.servers if s.name == message[2]), None)
-                if server is not None:
-                    self.send(("cut", message[1], message[2], service.close_server_connections(server)))
+        elif kind == "cut":  # in the service of that name, and in one a reload retired that still has exchanges
+            cut = 0
+            for service in [*self.retired, *self.services.values()]:
+                if service.name == message[1]:
+                    server = next((s for s in service.servers if s.name == message[2]), None)
+                    if server is not None:
+                        cut += service.close_server_connections(server)
+            self.send(("cut", message[1], message[2], cut))
         elif kind == "stop":
             service = self.services.get(message[1])
             if service is not None:

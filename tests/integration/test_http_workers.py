@@ -177,3 +177,44 @@ def test_a_stop_lets_requests_in_progress_in_every_process_finish(pacslb: Pacslb
         assert all(line.get("end") == "ok" for line in lines)
     finally:
         node.close()
+
+
+def test_a_halt_cuts_only_its_own_service_in_the_worker(pacslb: PacslbFactory, tmp_path: Path) -> None:
+    """One node in two services, halted in one: requests in progress in the other service, in the main
+    process and in the web worker, are not cut when the halt's grace is over."""
+    from test_http_proxy import _ScriptedNode  # a node answering /hold after 5 s
+
+    node = _ScriptedNode()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    try:
+        ports = {name: peers.free_port() for name in ("a", "b")}
+        services = {
+            name: peers.service(port, {"n": node.address}, mode="http", check={"type": "none"})
+            for name, port in ports.items()
+        }
+        admin = peers.free_port()
+        lb = pacslb(
+            peers.http_config(services, workers=2, admin=peers.admin_section(admin, token_file), halt_grace="300ms")
+        )
+        answers: list[int] = []
+
+        def hold() -> None:
+            answers.append(httpx.get(f"http://127.0.0.1:{ports['b']}/hold", timeout=10).status_code)
+
+        clients = [threading.Thread(target=hold) for _ in range(2)]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 5
+        while len(node.conns) < 2 and time.monotonic() < deadline:  # until both requests are with the node
+            time.sleep(0.01)
+        admin_post(admin, "/api/v1/services/a/servers/n/halt")
+        for client in clients:
+            client.join(15)
+        assert answers == [200, 200]
+        lines = lb.events("request", service="b")
+        assert sorted(line.get("worker") for line in lines) == ["", "1"]
+        assert all(line.get("end") == "ok" for line in lines)
+        assert not lb.events("halt_closed")
+    finally:
+        node.close()
