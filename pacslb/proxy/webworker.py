@@ -43,7 +43,8 @@ class _Worker:
         self.services: dict[str, HttpService] = {}
         self.retired: list[HttpService] = []
         self.conns: dict[int, tuple[HttpService, asyncio.Task[None]]] = {}
-        self.reported: dict[tuple[str, str], tuple[int, int, int, int]] = {}  # counters as last reported
+        # Each node's counters as last reported (by object: a reload may replace a node's state).
+        self.reported: dict[ServerState, tuple[int, int, int, int]] = {}
         self.rejections: dict[str, Counter[str]] = {}
         self.closed = asyncio.Event()
         self.outbox: list[bytes] = []
@@ -151,11 +152,15 @@ class _Worker:
     # -- worker -> main ------------------------------------------------------------------------------------
 
     def send(self, message: tuple[Any, ...]) -> None:
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        if self.outbox:  # behind what waits already: the main process reads them in order
+            self.outbox.append(data)
+            return
         try:
-            self.control.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+            self.control.send(data)
         except BlockingIOError:
             # Rare (the main process is busy and its buffer full): sent with the next counts.
-            self.outbox.append(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+            self.outbox.append(data)
         except OSError:
             pass  # the main process is gone: this worker is stopping anyway
 
@@ -179,22 +184,28 @@ class _Worker:
             self.outbox.pop(0)
         nodes: dict[str, dict[str, tuple[int, int, int, int]]] = {}
         rejections: dict[str, dict[str, int]] = {}
+        current: set[ServerState] = set()
         for service in [*self.services.values(), *self.retired]:
             for server in service.servers:
+                current.add(server)
                 now = (server.active, server.total, server.bytes_up, server.bytes_down)
-                key = (service.name, server.name)
-                before = self.reported.get(key, (0, 0, 0, 0))
+                before = self.reported.get(server, (0, 0, 0, 0))
                 if now != before:
-                    nodes.setdefault(service.name, {})[server.name] = (
-                        now[0] - before[0], now[1] - before[1], now[2] - before[2], now[3] - before[3],
+                    deltas = nodes.setdefault(service.name, {})
+                    old = deltas.get(server.name, (0, 0, 0, 0))
+                    deltas[server.name] = (
+                        old[0] + now[0] - before[0], old[1] + now[1] - before[1],
+                        old[2] + now[2] - before[2], old[3] + now[3] - before[3],
                     )  # fmt: skip
-                    self.reported[key] = now
+                    self.reported[server] = now
             if service.rejections:
                 rejections[service.name] = dict(service.rejections)
                 service.rejections.clear()
         if nodes or rejections:
             self.send(("counts", nodes, rejections))
         self.retired = [s for s in self.retired if s.connections]
+        for gone in [server for server in self.reported if server not in current]:
+            del self.reported[gone]  # reported to the end above: no longer in any service
 
     async def run(self) -> None:
         self.control.setblocking(False)
