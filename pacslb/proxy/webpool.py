@@ -189,9 +189,9 @@ class WebPool:
 
     def take(self, service: HttpService, sock: socket.socket, peer: tuple[str, int]) -> bool:
         """Hand a newly accepted connection of ``service`` to a worker, or (False) leave it to the main
-        process: the process serving the fewest connections of the service takes it (the main process's
-        count times :data:`MAIN_WEIGHT`), and among equals the next in turn, so that even one connection
-        at a time is spread."""
+        process: the least busy takes it (the main process's connections of this service, times
+        :data:`MAIN_WEIGHT`, against each worker's connections), and among equals the next in turn, so
+        that even one connection at a time is spread."""
         self._turn += 1
         candidates = [None, *self.workers]
         worker: _Worker | None = None
