@@ -121,7 +121,7 @@ class RelayPool:
             raise await cancelled_relay(handle, done) from None
 
     def _on_message(self, worker: _Worker) -> None:
-        while (data := worker.receive(64)) is not None:
+        while (data := worker.receive()) is not None:
             if not data:
                 self._worker_lost(worker)
                 return

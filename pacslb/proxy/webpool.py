@@ -244,7 +244,7 @@ class WebPool:
     # -- workers -> main -----------------------------------------------------------------------------------
 
     def _on_message(self, worker: _Worker) -> None:
-        while (data := worker.receive(MAX_MESSAGE)) is not None:
+        while (data := worker.receive()) is not None:
             if not data:
                 self._worker_lost(worker)
                 return

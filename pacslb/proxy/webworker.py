@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from pacslb.balance.persistence import Lease
 from pacslb.balance.server import ServerState
 from pacslb.logs import setup_logging
-from pacslb.proxy.webpool import COUNT_INTERVAL, MAX_MESSAGE
+from pacslb.proxy.control import next_size
+from pacslb.proxy.webpool import COUNT_INTERVAL
 
 if TYPE_CHECKING:
     from pacslb.config.model import Config
@@ -53,10 +54,11 @@ class _Worker:
 
     def on_readable(self) -> None:
         while True:
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(self.control, MAX_MESSAGE, 1)
-            except BlockingIOError:
+            size = next_size(self.control)
+            if size is None:
                 return
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.control, max(size, 1), 1)
             except OSError:
                 data, fds = b"", []
             if not data:
