@@ -79,6 +79,13 @@ def settled(admin: int, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any
         time.sleep(0.1)
 
 
+def until_with_the_node(node: Any, requests: int) -> None:
+    """Wait (at most 5 s) until ``requests`` connections reached the scripted node: their requests are there."""
+    deadline = time.monotonic() + 5
+    while len(node.conns) < requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def admin_post(admin: int, path: str) -> None:
     answer = peers.admin_api(admin, "POST", path, token=TOKEN)
     assert answer.status_code == 200, answer.text
@@ -164,9 +171,7 @@ def test_a_stop_lets_requests_in_progress_in_every_process_finish(pacslb: Pacslb
         clients = [threading.Thread(target=slow) for _ in range(2)]
         for client in clients:
             client.start()
-        deadline = time.monotonic() + 5
-        while len(node.conns) < 2 and time.monotonic() < deadline:  # until both requests are with the node
-            time.sleep(0.01)
+        until_with_the_node(node, 2)
         lb.send(signal.SIGTERM)
         for client in clients:
             client.join(10)
@@ -205,14 +210,12 @@ def test_a_halt_cuts_only_its_own_service_in_the_worker(pacslb: PacslbFactory, t
         clients = [threading.Thread(target=hold) for _ in range(2)]
         for client in clients:
             client.start()
-        deadline = time.monotonic() + 5
-        while len(node.conns) < 2 and time.monotonic() < deadline:  # until both requests are with the node
-            time.sleep(0.01)
+        until_with_the_node(node, 2)
         admin_post(admin, "/api/v1/services/a/servers/n/halt")
         for client in clients:
             client.join(15)
         assert answers == [200, 200]
-        lines = lb.events("request", service="b")
+        lines = lb.wait_events("request", 2, timeout=5, service="b")  # (a line follows its answer)
         assert sorted(line.get("worker") for line in lines) == ["", "1"]
         assert all(line.get("end") == "ok" for line in lines)
         assert not lb.events("halt_closed")
