@@ -21,6 +21,7 @@ carrying the status the peer should get; httptools' exceptions never leave this 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -259,6 +260,41 @@ def _content_length(value: bytes | None) -> int | None:
         raise HttpProtocolError(f"invalid Content-Length {value!r}") from None
 
 
+#: Fields a ``Connection`` option may not name (RFC 9110 7.6.1 lets a sender make any field hop-by-hop, but a
+#: proxy that removed these would change where the message ends, or which site it is for, between what it read
+#: and what the next hop reads: the root of request smuggling). Such a message is refused, never forwarded.
+PROTECTED_FROM_CONNECTION: Final = frozenset({b"content-length", b"host"})
+
+#: A Host field value (RFC 9110 7.2: uri-host [ ":" port ], RFC 3986 3.2.2): an IP literal in brackets, or a
+#: reg-name / IPv4 address, then an optional port. Anything else is refused with 400 (RFC 9112 3.2).
+_HOST_VALUE: Final = re.compile(rb"(?:\[[0-9A-Za-z:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+#: Host values found valid so far (a service sees few), bounded as :data:`_LOWERED` is.
+_VALID_HOSTS: Final[set[bytes]] = set()
+
+
+def _valid_host(value: bytes) -> bool:
+    """Whether ``value`` is a well-formed Host field value (see :data:`_HOST_VALUE`)."""
+    if value in _VALID_HOSTS:
+        return True
+    if _HOST_VALUE.fullmatch(value) is None:
+        return False
+    if len(_VALID_HOSTS) < MAX_LOWERED:
+        _VALID_HOSTS.add(value)
+    return True
+
+
+def _check_connection_options(names: list[bytes], headers: Headers, status: int) -> None:
+    """Refuse a message whose ``Connection`` field names a field in :data:`PROTECTED_FROM_CONNECTION`.
+
+    Raises:
+        HttpProtocolError: with ``status`` (400 for a request, 502 for a response).
+    """
+    named = _named_by_connection(names, headers)
+    if named and not named.isdisjoint(PROTECTED_FROM_CONNECTION):
+        fields = b", ".join(sorted(named & PROTECTED_FROM_CONNECTION)).decode("latin-1")
+        raise HttpProtocolError(f"Connection names {fields}, which a proxy may not remove", status)
+
+
 def _first(names: list[bytes], headers: Headers, name: bytes) -> bytes | None:
     """The value of the first field ``name`` (lower case), or None."""
     return headers[names.index(name)][1] if name in names else None
@@ -486,11 +522,31 @@ class RequestReader(_Reader):
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise HttpProtocolError(f"HTTP/{version} is not supported", 505 if version >= "2" else 400)
-        if b"host" not in names and version == "1.1":
+        if b"host" in names:
+            at = names.index(b"host")
+            if b"host" in names[at + 1 :]:
+                raise HttpProtocolError("more than one Host field (RFC 9112 3.2)")
+            if not _valid_host(headers[at][1]):
+                raise HttpProtocolError("invalid Host field value (RFC 9112 3.2)")
+        elif version == "1.1":
             raise HttpProtocolError("HTTP/1.1 request without Host (RFC 9112 3.2)")
+        if b"connection" in names:
+            _check_connection_options(names, headers, 400)
         length = _content_length(_first(names, headers, b"content-length"))
-        if b"transfer-encoding" in names and _codings(names, headers):
-            framing = Framing.CHUNKED  # llhttp refuses any other final coding in a request
+        codings = _codings(names, headers) if b"transfer-encoding" in names else None
+        if codings:
+            # llhttp has refused a final coding other than chunked, chunked twice, and Content-Length beside
+            # it. What is left to refuse: an HTTP/1.0 message with Transfer-Encoding, whose framing is faulty
+            # (RFC 9112 6.1), and codings before chunked, which a node would have to undo and pacslb cannot
+            # pass on faithfully (RFC 9112 6.1: 501 for a coding not understood).
+            if version == "1.0":
+                raise HttpProtocolError("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
+            if len(codings) != 1:
+                coding = codings[0].decode("latin-1")
+                raise HttpProtocolError(f"transfer coding {coding!r} is not implemented", 501)
+            framing = Framing.CHUNKED
+        elif codings is not None:
+            raise HttpProtocolError("empty Transfer-Encoding field")
         elif length:
             framing = Framing.LENGTH
         else:
@@ -578,6 +634,16 @@ class ResponseReader(_Reader):
         status = parser.get_status_code()
         length = _content_length(_first(names, headers, b"content-length"))
         te = _codings(names, headers) if b"transfer-encoding" in names else None
+        if b"connection" in names:
+            _check_connection_options(names, headers, 502)
+        if te is not None:
+            # Only chunked is passed on (de-chunked, then chunked again for the client): another coding would
+            # reach the client undone and unannounced, and Transfer-Encoding in HTTP/1.0 is faulty framing
+            # (RFC 9112 6.1). Either is refused rather than forwarded changed.
+            if te != [b"chunked"]:
+                raise HttpProtocolError(f"transfer coding {b', '.join(te).decode('latin-1')!r} is not passed on", 502)
+            if parser.get_http_version() != "1.1":
+                raise HttpProtocolError("Transfer-Encoding in an HTTP/1.0 response (RFC 9112 6.1)", 502)
         if status < 200 or status == 204 or status == 304 or self.method_head:
             framing = Framing.NONE
         elif te:

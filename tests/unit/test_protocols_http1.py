@@ -141,6 +141,24 @@ def test_expect_continue_and_upgrade() -> None:
         (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 400, "malformed"),
         (b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 5000 + b"\r\n\r\n", 431, "larger than"),
         (b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X: 1\r\n" * 20 + b"\r\n", 431, "more than"),
+        # Smuggling: a proxy that removed a field the client names in Connection would forward the body as
+        # the start of the next request (Content-Length) or a request without its site (Host).
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 1\r\n\r\n",
+            400,
+            "Connection names content-length",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Host\r\n\r\n", 400, "Connection names host"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\nConnection: HOST\r\n\r\n", 400, "names host"),
+        # A coding before chunked would reach the node undone (RFC 9112 6.1: 501).
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501, "'gzip'"),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", 501, "gzip"),
+        (b"POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "HTTP/1.0"),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400, "malformed"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host"),
+        (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "invalid Host"),
+        (b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400, "invalid Host"),
+        (b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n", 400, "invalid Host"),
     ],
 )
 def test_bad_requests_get_the_right_status(raw: bytes, status: int, reason: str) -> None:
@@ -339,6 +357,24 @@ def test_node_closing_early_is_a_502(raw: bytes) -> None:
     events(reader, raw)
     with pytest.raises(HttpProtocolError) as caught:
         reader.eof()
+    assert caught.value.status == 502
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc", "names content-length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "not passed on"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc", "not passed on"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "not passed on"),
+        (b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "HTTP/1.0"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "malformed"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "malformed"),
+    ],
+)
+def test_responses_whose_framing_a_proxy_would_change_are_a_502(raw: bytes, reason: str) -> None:
+    with pytest.raises(HttpProtocolError, match=reason) as caught:
+        events(ResponseReader(b"GET"), raw)
     assert caught.value.status == 502
 
 
