@@ -629,7 +629,14 @@ class ResponseReader(_Reader):
         if self.after_upgrade:
             self.after_upgrade.clear()
 
+    def on_message_begin(self) -> None:
+        if self.finished:
+            self.extra = True  # a message after the final response: the connection cannot be reused
+        super().on_message_begin()
+
     def _emit_head(self, headers: Headers, names: list[bytes]) -> None:
+        if self.extra:
+            return  # the head of a message after the final response: never forwarded
         parser = cast(httptools.HttpResponseParser, self.parser)
         status = parser.get_status_code()
         length = _content_length(_first(names, headers, b"content-length"))
@@ -696,7 +703,14 @@ class ResponseReader(_Reader):
         if self.finished and not self.upgraded:
             self.extra = True
             return
-        super().feed(data)
+        try:
+            super().feed(data)
+        except HttpProtocolError:
+            if not self.finished or self.upgraded:
+                raise
+            # Garbage in the read that completed the final response, after it: the response stands; the
+            # connection goes (it is not reused).
+            self.extra = True
 
     def eof(self) -> None:
         """The node closed its sending side. Completes a close-delimited body.

@@ -129,6 +129,11 @@ _ERROR_BODIES = {
 }
 
 
+def _complete(events: list[Event]) -> bool:
+    """Whether the message whose head was just taken from a reader ends among its queued ``events``."""
+    return any(type(event) is EndOfMessage for event in events)
+
+
 def _error(status: int, *, extra: Sequence[tuple[bytes, bytes]] = (), head_only: bool = False) -> bytes:
     body = _ERROR_BODIES.get(status, "").encode()
     return simple_response(status, body, extra=list(extra), head_only=head_only)
@@ -859,6 +864,10 @@ class HttpService(TcpService):
                     if event is not None:
                         if not isinstance(event, RequestHead):  # cannot happen: heads start messages
                             raise HttpProtocolError("unexpected data before a request head")
+                        if client.error is not None and not _complete(reader.events):
+                            # This message is already known to be malformed further on (its body, say):
+                            # it is refused whole, and no node sees any of it.
+                            raise client.error
                         head = event
                         break
                     if client.error is not None:

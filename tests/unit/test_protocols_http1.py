@@ -669,3 +669,21 @@ def test_field_names_are_lowered_through_a_bounded_cache() -> None:
     assert evs[0].names == [b"host"] + [name.lower() for name in made_up[:50]]
     assert [http1.lowered(name) for name in made_up] == [name.lower() for name in made_up]
     assert len(http1._LOWERED) == http1.MAX_LOWERED
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        b"smuggled",  # not a message at all
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",  # a whole second response, without a body
+        b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled",
+    ],
+)
+def test_bytes_after_the_final_response_in_the_same_read_make_the_connection_unusable(after: bytes) -> None:
+    """What a node sends past its response (a 204's body, a glued second response) is never an event and
+    never an error for the response that came before it; the connection is not reused."""
+    reader = ResponseReader(b"GET")
+    evs = events(reader, b"HTTP/1.1 204 No Content\r\nContent-Length: 8\r\n\r\n" + after)
+    assert [type(e) for e in evs] == [ResponseHead, EndOfMessage]
+    assert isinstance(evs[0], ResponseHead) and evs[0].status == 204
+    assert reader.finished and reader.extra
