@@ -523,10 +523,9 @@ class RequestReader(_Reader):
         if version != "1.1" and version != "1.0":
             raise HttpProtocolError(f"HTTP/{version} is not supported", 505 if version >= "2" else 400)
         if b"host" in names:
-            at = names.index(b"host")
-            if b"host" in names[at + 1 :]:
+            if names.count(b"host") != 1:
                 raise HttpProtocolError("more than one Host field (RFC 9112 3.2)")
-            if not _valid_host(headers[at][1]):
+            if not _valid_host(headers[names.index(b"host")][1]):
                 raise HttpProtocolError("invalid Host field value (RFC 9112 3.2)")
         elif version == "1.1":
             raise HttpProtocolError("HTTP/1.1 request without Host (RFC 9112 3.2)")
