@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,11 +26,13 @@ from pydantic import (
 
 from pacslb.config.values import (
     HostPort,
+    StoreLocation,
     format_duration,
     parse_ae_title,
     parse_duration,
     parse_host_port,
     parse_prefix,
+    parse_store_location,
 )
 
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
@@ -440,6 +444,81 @@ class AlertsSpec(_Frozen):
         return self
 
 
+Store = Annotated[StoreLocation, BeforeValidator(parse_store_location), PlainSerializer(str)]
+
+#: A balancer's name in the cluster: it is written in the shared store and in log lines.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _node_name(value: Any) -> Any:
+    if not isinstance(value, str) or _NODE_NAME.fullmatch(value) is None:
+        raise ValueError(f"expected a name of letters, digits, '.', '_' and '-', 1 to 63 long (got {value!r})")
+    return value
+
+
+def _default_node_name() -> str:
+    name = socket.gethostname().split(".")[0] or "pacslb"
+    return name if _NODE_NAME.fullmatch(name) else "pacslb"
+
+
+def _interface_address(value: Any) -> Any:
+    """A virtual IP with its prefix length: ``10.0.0.100/24`` (an address alone is a /32 or /128)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected an address with its prefix, e.g. '10.0.0.100/24' (got {value!r})")
+    try:
+        return str(ipaddress.ip_interface(value.strip()))
+    except ValueError:
+        raise ValueError(f"expected an address with its prefix, e.g. '10.0.0.100/24' (got {value!r})") from None
+
+
+def _ip_address(value: Any) -> Any:
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise ValueError(f"expected an IP address, e.g. '10.0.0.2' (got {value!r})") from None
+
+
+class VrrpSpec(_Frozen):
+    """The virtual IP that keepalived moves between the balancers of a pair (read by ``pacslb keepalived``
+    only: pacslb never speaks VRRP itself). See docs/high-availability.md for what each timer means."""
+
+    interface: Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+    router_id: Annotated[int, Field(ge=1, le=255)]  # the same on both balancers, unique on the network
+    priority: Annotated[int, Field(ge=1, le=254)] = 100  # the higher one holds the address
+    virtual_ips: Annotated[
+        tuple[Annotated[str, BeforeValidator(_interface_address)], ...], Field(min_length=1, max_length=20)
+    ]
+    # Unicast VRRP to these peers (their addresses on ``interface``); empty: multicast (224.0.0.18).
+    peers: tuple[Annotated[str, BeforeValidator(_ip_address)], ...] = ()
+    # VRRPv3 advertisement interval. The backup takes over about 3 intervals after the last advert it
+    # heard (plus a skew under one interval): 200ms -> about 0.7 s. Shorter reacts faster and is more easily
+    # fooled by a loaded host or a congested link into a failover nobody wanted.
+    advert_interval: Annotated[Duration, Field(ge=0.01, le=40.0)] = 0.2
+    # A balancer coming back does not take the address back from one that serves well (every move of the
+    # address cuts the associations in flight): nopreempt. True: the higher priority always takes it back.
+    preempt: bool = False
+    # How often keepalived asks pacslb whether it serves (``pacslb health``), and after how many failures
+    # in a row the address leaves this host.
+    check_interval: Annotated[Duration, Field(ge=1.0, le=60.0)] = 1.0
+    check_fall: Annotated[int, Field(ge=1, le=10)] = 2
+
+
+class ClusterSpec(_Frozen):
+    """More than one balancer: this one's name, the shared store, and the virtual IP (docs/high-availability.md)."""
+
+    node: Annotated[str, BeforeValidator(_node_name)] = Field(default_factory=_default_node_name)
+    store: Store = StoreLocation("memory")
+    # The store's password, first line of this file (never in the YAML, which many can read).
+    password_file: ReadableFile | None = None
+    vrrp: VrrpSpec | None = None
+
+    @model_validator(mode="after")
+    def _password_needs_redis(self) -> ClusterSpec:
+        if self.password_file is not None and self.store.kind == "memory":
+            raise ValueError("password_file is for a Redis store (store: redis://...)")
+        return self
+
+
 class Config(_Frozen):
     """The whole config file."""
 
@@ -457,6 +536,8 @@ class Config(_Frozen):
     # After an administrator halts a node, its established connections may finish for this long; then they
     # are closed. 0s closes them at once.
     halt_grace: Annotated[Duration, Field(ge=0)] = 10.0
+    # The other balancers: shared state, the virtual IP. Absent: a balancer on its own (memory store).
+    cluster: ClusterSpec = ClusterSpec()
 
     @property
     def worker_count(self) -> int:

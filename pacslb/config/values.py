@@ -117,3 +117,74 @@ def parse_ae_title(value: Any) -> str:
     if not _AE_ALLOWED.match(title):
         raise ValueError(f"not a valid AE title: {value!r} (1 to 16 printable ASCII characters, no backslash)")
     return title
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLocation:
+    """Where the shared state lives (``cluster.store``): ``memory`` (this process only), or a Redis server
+    (``redis://``, ``rediss://`` over TLS) or the master a set of Sentinels names (``redis+sentinel://``)."""
+
+    kind: str  # "memory" | "redis" | "rediss" | "sentinel"
+    hosts: tuple[tuple[str, int], ...] = ()  # one Redis server, or every Sentinel
+    db: int = 0
+    master: str | None = None  # sentinel: the monitored master's name
+    username: str | None = None
+    url: str = "memory"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+#: Redis and Sentinel listen on these unless the URL says otherwise.
+REDIS_PORT = 6379
+SENTINEL_PORT = 26379
+
+
+def parse_store_location(value: Any) -> StoreLocation:
+    """``memory``, ``redis://host[:port][/db]``, ``rediss://...`` or
+    ``redis+sentinel://host[:port],host[:port]/master[/db]``. A password in the URL is refused: it belongs
+    in ``cluster.password_file`` (a config file is read by many; a password file by pacslb alone)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected 'memory', 'redis://host:port/db' or 'redis+sentinel://host:26379,host2/master'")
+    text = value.strip()
+    if text == "memory":
+        return StoreLocation("memory")
+    scheme, sep, rest = text.partition("://")
+    kinds = {"redis": "redis", "rediss": "rediss", "redis+sentinel": "sentinel"}
+    if not sep or scheme not in kinds:
+        raise ValueError(f"unknown store {text!r}: expected memory, redis://, rediss:// or redis+sentinel://")
+    kind = kinds[scheme]
+    authority, _, path = rest.partition("/")
+    username = None
+    if "@" in authority:
+        userinfo, _, authority = authority.rpartition("@")
+        if ":" in userinfo:
+            raise ValueError("no password in the store URL: put it in cluster.password_file")
+        username = userinfo or None
+    default_port = SENTINEL_PORT if kind == "sentinel" else REDIS_PORT
+    hosts = tuple(_store_host(part, default_port) for part in authority.split(","))
+    if kind != "sentinel" and len(hosts) != 1:
+        raise ValueError(f"{scheme}:// names one server (several are for redis+sentinel://)")
+    parts = [p for p in path.split("/") if p] if path else []
+    master = None
+    if kind == "sentinel":
+        if not parts:
+            raise ValueError("redis+sentinel:// needs the master's name: redis+sentinel://host:26379/mymaster")
+        master = parts.pop(0)
+    if len(parts) > 1 or (parts and not parts[0].isdigit()):
+        raise ValueError(f"expected a database number after the last '/', e.g. /0 (got {path!r})")
+    db = int(parts[0]) if parts else 0
+    return StoreLocation(kind, hosts, db, master, username, text)
+
+
+def _store_host(text: str, default_port: int) -> tuple[str, int]:
+    if not text:
+        raise ValueError("a host is missing in the store URL")
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = text.partition(":")
+    if not host or (port and (not port.isdigit() or not 1 <= int(port) <= 65535)):
+        raise ValueError(f"expected host or host:port with a port from 1 to 65535 (got {text!r})")
+    return host, int(port) if port else default_port
