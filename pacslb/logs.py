@@ -4,6 +4,13 @@ An event is a name plus fields: ``log_event(logger, "conn", service="dicom", cli
 ``2026-11-27T20:41:49.123Z info  conn service=dicom client=...`` in text and
 ``{"ts": ..., "level": "info", "event": "conn", "service": "dicom", ...}`` in JSON. Under systemd the
 text lines read well in journald (no colour, one line, no embedded newlines except tracebacks).
+
+Values are often chosen by clients (AE titles, HTTP paths, user agents, cookies). Every control
+character in a value, a message or a traceback (C0 with NUL, ESC, CR and LF; DEL; C1) is written as
+``\\xNN`` in both formats, so that no client can move a terminal's cursor, recolour or rewrite a line
+someone reads with ``tail`` or ``less -R``, start a line of its own, or make journald store a line as a
+binary blob. Only a traceback keeps its line breaks. A literal backslash is written as it is, so
+``\\x1b`` in a value reads "ESC or those four characters".
 """
 
 from __future__ import annotations
@@ -13,6 +20,11 @@ import logging
 import sys
 import time
 from typing import Any
+
+#: Every control character (C0, DEL, C1) as the four characters of its ``\xNN`` escape.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+#: The same, less the line feed: a traceback keeps its lines.
+_CONTROLS_BUT_LF = {code: text for code, text in _CONTROLS.items() if code != 0x0A}
 
 _FIELDS = "pacslb_fields"
 _EVENT = "pacslb_event"
@@ -39,16 +51,40 @@ def _timestamp(record: logging.LogRecord) -> str:
     return f"{_second[1]}.{int(record.msecs):03d}Z"
 
 
+def escape(text: str) -> str:
+    """``text`` with every control character (C0, DEL, C1) written as ``\\xNN``."""
+    # isprintable() is False for every control character (and for a few other characters, which translate
+    # leaves alone): the common, clean value costs one scan in C.
+    return text if text.isprintable() else text.translate(_CONTROLS)
+
+
+def _escape_traceback(text: str) -> str:
+    return text if text.isprintable() else text.translate(_CONTROLS_BUT_LF)
+
+
 def _text_value(value: Any) -> str:
     kind = type(value)
     if kind is int:
         return str(value)  # nothing to quote (bool is not int here: it takes the general path)
     if isinstance(value, float):
         return f"{value:.3f}"
-    text = value if kind is str else str(value)
-    if not text or " " in text or '"' in text or "=" in text or "\n" in text:
+    text = escape(value if kind is str else str(value))
+    if not text or " " in text or '"' in text or "=" in text:
         return json.dumps(text)
     return text
+
+
+def _json_value(value: Any) -> Any:
+    kind = type(value)
+    if kind is str:
+        return escape(value)
+    if value is None or kind is int or kind is float or kind is bool:
+        return value
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {escape(str(k)): _json_value(v) for k, v in value.items()}
+    return escape(str(value))
 
 
 class TextFormatter(logging.Formatter):
@@ -57,11 +93,11 @@ class TextFormatter(logging.Formatter):
         fields: dict[str, Any] = getattr(record, _FIELDS, {})
         head = f"{_timestamp(record)} {record.levelname.lower():<7}"
         if event is None:
-            line = f"{head} {record.name.removeprefix('pacslb.')}: {record.getMessage()}"
+            line = f"{head} {record.name.removeprefix('pacslb.')}: {escape(record.getMessage())}"
         else:
             line = f"{head} {event} " + " ".join([f"{k}={_text_value(v)}" for k, v in fields.items()])
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + _escape_traceback(self.formatException(record.exc_info))
         return line
 
 
@@ -72,12 +108,13 @@ class JsonFormatter(logging.Formatter):
         if event is None:
             out["event"] = "message"
             out["logger"] = record.name
-            out["message"] = record.getMessage()
+            out["message"] = escape(record.getMessage())
         else:
             out["event"] = event
-            out.update(getattr(record, _FIELDS, {}))
+            for key, value in getattr(record, _FIELDS, {}).items():
+                out[key] = _json_value(value)
         if record.exc_info:
-            out["traceback"] = self.formatException(record.exc_info)
+            out["traceback"] = _escape_traceback(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
 
 
