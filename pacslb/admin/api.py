@@ -18,11 +18,15 @@ Endpoints (JSON unless said otherwise; the OpenAPI document is at /openapi.json)
     GET  /metrics                                     Prometheus text format
     GET  /healthz                                     "the balancer's loop answers" (for keepalived, systemd)
 
-Security. With ``admin.token_file``, writes need ``Authorization: Bearer TOKEN`` (compared in constant
-time; 401 otherwise), and so do reads when the listener is not on loopback. Browsers are kept from being
-used against the API by another web page: a write carrying an ``Origin`` other than the API's own is
-refused (CSRF), and without a token only requests naming the listener by IP address or ``localhost`` are
-served (a DNS name pointing a page's host at 127.0.0.1 is how DNS rebinding would reach it).
+Security (docs/operations.md, "Who may do what"). Every request, token or not, first passes guard.py:
+a ``Host`` other than a loopback address, ``localhost`` or the listener's own address is a 403 (DNS
+rebinding); a write (POST, PUT, DELETE) needs ``Content-Type: application/json`` or ``X-Pacslb-Request``
+(415) and is refused with a foreign or ``null`` ``Origin`` (403). With ``admin.token_file``, every write
+and every read of the balancer's state (/api/v1/*, /metrics: they name clients, AE titles and node
+addresses) needs ``Authorization: Bearer TOKEN`` (compared in constant time; 401 otherwise), from
+loopback too. Open to all: /healthz, the dashboard's files (they hold no data: the page asks for the
+token) and /openapi.json. Without a token, all of it is open to whoever can connect, and the start says so
+in a warning (``admin_no_token``).
 """
 
 from __future__ import annotations
@@ -30,14 +34,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import logging
 import secrets
 import socket
 from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query
@@ -48,6 +50,7 @@ from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pacslb import __version__
+from pacslb.admin import guard
 from pacslb.admin.history import History
 from pacslb.admin.metrics import CONTENT_TYPE_LATEST, make_registry, render
 from pacslb.admin.state import ADMIN_STATES, NotFound
@@ -196,7 +199,9 @@ class Problem(BaseModel):
     detail: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Problem}, 404: {"model": Problem}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}, 415: {"model": Problem},
+}  # fmt: skip
 
 
 # -- the server -------------------------------------------------------------------------------------------
@@ -208,10 +213,6 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
-
-
-def _loopback(spec: AdminSpec) -> bool:
-    return ipaddress.ip_address(spec.listen.host).is_loopback
 
 
 class AdminServer:
@@ -244,10 +245,17 @@ class AdminServer:
                 # Fail closed: a token nobody knows, so that every write is refused until it is fixed.
                 self.token = secrets.token_hex(32)
                 log_event(log, "token_unreadable", logging.ERROR, file=spec.token_file, reason=str(exc))
+        else:
+            log_event(
+                log, "admin_no_token", logging.WARNING, address=str(spec.listen),
+                detail="admin.token_file is not set: whoever can connect to this address (any local user or "
+                "process) can read client addresses and AE titles and drain or halt nodes",
+            )  # fmt: skip
 
     @property
     def reads_need_token(self) -> bool:
-        return self.token is not None and not _loopback(self.spec)
+        """With a token, reads of the balancer's state need it too, from loopback as from anywhere."""
+        return self.token is not None
 
     def authorized(self, credentials: HTTPAuthorizationCredentials | None) -> bool:
         if self.token is None:
@@ -256,23 +264,12 @@ class AdminServer:
         return hmac.compare_digest(given.encode(), self.token.encode())
 
     def refusal(self, scope: Scope) -> tuple[int, str] | None:
-        """Why a request must be refused before routing (cross-origin write, foreign Host), or None."""
+        """Why a request must be refused before routing (guard.py: foreign Host, cross-origin or simple
+        write), or None."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        host = headers.get("host", "")
-        if self.token is None and host:
-            name = urlsplit(f"//{host}").hostname or ""
-            try:
-                ipaddress.ip_address(name)
-            except ValueError:
-                if name != "localhost":
-                    return 403, f"Host {host!r} is not an address of this admin listener; use its IP address"
-        if scope.get("method") not in ("GET", "HEAD", "OPTIONS"):
-            origin = headers.get("origin")
-            if origin is not None and origin != "null" and urlsplit(origin).netloc != host:
-                return 403, f"cross-origin request from {origin} refused"
-            if headers.get("sec-fetch-site") == "cross-site":
-                return 403, "cross-site request refused"
-        return None
+        local = scope.get("server")
+        found = guard.refusal(scope.get("method", ""), headers, self.spec.listen.host, local[0] if local else None)
+        return None if found is None else (found.status, found.detail)
 
     async def start(self) -> None:
         config = uvicorn.Config(
@@ -317,7 +314,7 @@ class AdminServer:
 
 
 class _Guard:
-    """ASGI middleware: refuses cross-origin writes and foreign Host names before any routing."""
+    """ASGI middleware: refuses foreign Host names and cross-origin or simple writes before any routing."""
 
     def __init__(self, app: ASGIApp, server: AdminServer) -> None:
         self.app = app

@@ -48,7 +48,9 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     import httpx
 
     url = args.admin.rstrip("/") + path
-    headers = {"Accept": "application/json"}
+    # X-Pacslb-Request marks the request as no browser's form: the API refuses a change without it (or a
+    # JSON body) with 415 (pacslb/admin/guard.py).
+    headers = {"Accept": "application/json", "X-Pacslb-Request": "1"}
     token = _token(args)
     if token:
         headers["Authorization"] = f"Bearer {token}"

@@ -1,7 +1,8 @@
 """The dashboard as an administrator uses it, in Debian's Chromium: a PACS node that is killed shows as down
-within seconds, without reloading the page; clicking Drain asks for confirmation (and for the token, which
-this balancer requires for changes), then the node is drained. The page loads nothing from anywhere but
-pacslb itself. Screenshots are left under /tmp (their paths are printed) for a person to look at.
+within seconds, without reloading the page; clicking Drain asks for confirmation, then the node is
+drained. A balancer with a token shows nothing until the page is given it (a wrong one is asked for
+again); one without a token never asks. The page loads nothing from anywhere but pacslb itself.
+Screenshots are left under /tmp (their paths are printed) for a person to look at.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def test_dashboard_shows_a_killed_node_and_drains_one_with_confirmation(
     page.on("request", lambda request: requested.append(request.url))
     page.set_default_timeout(PAGE_TIMEOUT_MS)
     page.goto(url + "/")
+    # With a token, every read needs it too: the page asks before it shows anything; a wrong token is
+    # asked for again.
+    token_dialog = page.locator("#token-dialog")
+    token_dialog.wait_for(state="visible")
+    assert page.locator("#nodes tbody tr").count() == 0
+    page.locator("#token-input").fill("not-the-token-0123456789")
+    page.locator("#token-ok").click()
+    page.wait_for_function("() => document.querySelector('#token-dialog').open")
+    assert page.locator("#token-input").input_value() == "not-the-token-0123456789"
+    page.locator("#token-input").fill(TOKEN)
+    page.locator("#token-ok").click()
     health = page.get_by_test_id("node-health-pacs2")
     health.wait_for()
     assert health.inner_text() == "up"
@@ -70,7 +82,7 @@ def test_dashboard_shows_a_killed_node_and_drains_one_with_confirmation(
     page.wait_for_function("() => document.querySelector('#events')?.textContent.includes('pacs2 is down in dicom')")
     page.screenshot(path=str(shots / "2-pacs2-down.png"), full_page=True)
 
-    # Drain pacs1: Cancel first (nothing happens), then confirm; the token is asked for once.
+    # Drain pacs1: Cancel first (nothing happens), then confirm; the token given at the start is used.
     drain = page.locator('[data-testid="node-pacs1"] button[data-action="drain"]')
     drain.click()
     dialog = page.locator("#confirm")
@@ -85,9 +97,6 @@ def test_dashboard_shows_a_killed_node_and_drains_one_with_confirmation(
 
     drain.click()
     page.locator("#confirm-ok").click()
-    page.locator("#token-dialog").wait_for(state="visible")  # writes need the token on this balancer
-    page.locator("#token-input").fill(TOKEN)
-    page.locator("#token-ok").click()
     admin_pill = page.get_by_test_id("node-admin-pacs1")
     page.wait_for_function(
         "() => document.querySelector('[data-testid=\"node-admin-pacs1\"]')?.textContent === 'drain'"
@@ -99,5 +108,20 @@ def test_dashboard_shows_a_killed_node_and_drains_one_with_confirmation(
     lb.wait_event("admin", 5.0, service="dicom", server="pacs1", new="drain", by="api")
     page.screenshot(path=str(shots / "4-pacs1-drained.png"), full_page=True)
 
+    assert not token_dialog.is_visible()  # asked for once
     assert requested and all(r.startswith(url + "/") for r in requested), "the page loads nothing from elsewhere"
     print(f"\ndashboard screenshots in {shots}; pacs2 shown down {shown_after:.1f} s after it was killed")
+
+
+def test_dashboard_without_a_token_never_asks_for_one(pacslb: PacslbFactory, page: Any) -> None:
+    admin, dead = peers.free_port(), peers.free_port()
+    services = {"dicom": peers.service(peers.free_port(), {"pacs1": f"127.0.0.1:{dead}"}, check={"type": "none"})}
+    pacslb(peers.config_text(services, admin=peers.admin_section(admin), shutdown_grace="1s", workers=1))
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    page.goto(f"http://127.0.0.1:{admin}/")
+    page.get_by_test_id("node-admin-pacs1").wait_for()
+    page.locator('[data-testid="node-pacs1"] button[data-action="halt"]').click()
+    page.locator("#confirm-ok").click()
+    page.wait_for_function("() => document.querySelector('[data-testid=\"node-admin-pacs1\"]')?.textContent === 'halt'")
+    assert peers.admin_server(admin, "dicom", "pacs1")["admin"] == "halt"
+    assert not page.locator("#token-dialog").is_visible()

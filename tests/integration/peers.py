@@ -1318,17 +1318,34 @@ def http_config(services: Mapping[str, Mapping[str, Any]], workers: int | str = 
 ADMIN_TIMEOUT = 15.0
 
 
+#: The token file of each admin port given to :func:`admin_section`: :func:`admin_api` sends its token
+#: unless told otherwise (with a token, reads need it too).
+_admin_token_files: dict[int, Path] = {}
+
+
 def admin_section(port: int, token_file: Path | None = None, **extra: Any) -> dict[str, Any]:
     """The ``admin:`` mapping of a config: the API on 127.0.0.1:``port``."""
     section: dict[str, Any] = {"listen": f"127.0.0.1:{port}", **extra}
     if token_file is not None:
         section["token_file"] = str(token_file)
+        _admin_token_files[port] = token_file
     return section
 
 
+def admin_token(port: int) -> str | None:
+    """The token of the admin API on ``port``, when :func:`admin_section` was given a token file."""
+    path = _admin_token_files.get(port)
+    return path.read_text().splitlines()[0].strip() if path is not None else None
+
+
 def admin_api(port: int, method: str, path: str, token: str | None = None, **kwargs: Any) -> httpx.Response:
-    """One request to the admin API of the pacslb listening on ``port``."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    """One request to the admin API of the pacslb listening on ``port``, as pacslb's CLI makes it: with
+    ``X-Pacslb-Request: 1`` and the token (``token``; None: the port's own, see :func:`admin_token`; "":
+    none)."""
+    token = admin_token(port) if token is None else token
+    headers = {"X-Pacslb-Request": "1", **kwargs.pop("headers", {})}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     return httpx.request(
         method, f"http://127.0.0.1:{port}{path}", headers=headers, timeout=ADMIN_TIMEOUT, trust_env=False, **kwargs
     )

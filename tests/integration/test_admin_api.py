@@ -99,7 +99,10 @@ class Rig:
         self.path.write_text(self.config())
         self.engine = Engine(load_config(self.path), str(self.path))
         await self.engine.start()
-        headers = {"Authorization": f"Bearer {TOKEN}"} if self.token else {}
+        # As pacslb's CLI: X-Pacslb-Request marks the requests as no browser form's (guard.py).
+        headers = {"X-Pacslb-Request": "1"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {TOKEN}"
         self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.admin_port}", headers=headers, timeout=10)
         return self
 
@@ -300,14 +303,16 @@ def test_unknown_node_service_and_action_get_404_with_a_clear_message(tmp_path: 
     assert "unknown action 'reboot'" in details[3]
 
 
-def test_writes_need_the_token_and_reads_stay_open_on_loopback(tmp_path: Path) -> None:
+def test_with_a_token_reads_and_writes_need_it_even_on_loopback(tmp_path: Path) -> None:
     async def scenario() -> dict[str, int]:
         async with rig(tmp_path, token=True) as r:
             base = f"http://127.0.0.1:{r.admin_port}"
             codes = {}
-            async with httpx.AsyncClient(base_url=base, timeout=10) as anonymous:
-                codes["status"] = (await anonymous.get("/api/v1/status")).status_code
-                codes["metrics"] = (await anonymous.get("/metrics")).status_code
+            programs = {"X-Pacslb-Request": "1"}
+            async with httpx.AsyncClient(base_url=base, timeout=10, headers=programs) as anonymous:
+                for path in ("/api/v1/status", "/api/v1/events", "/api/v1/history", "/api/v1/services/a/persistence",
+                             "/metrics", "/healthz", "/", "/static/dashboard.js", "/openapi.json"):  # fmt: skip
+                    codes[path] = (await anonymous.get(path)).status_code
                 for name, (method, path) in {
                     "drain": ("POST", "/api/v1/nodes/n1/drain"),
                     "server": ("POST", "/api/v1/services/a/servers/n1/halt"),
@@ -318,8 +323,11 @@ def test_writes_need_the_token_and_reads_stay_open_on_loopback(tmp_path: Path) -
                     codes[name] = (await anonymous.request(method, path, json={"weight": 2})).status_code
                 wrong = {"Authorization": "Bearer " + "x" * len(TOKEN)}
                 codes["wrong"] = (await anonymous.post("/api/v1/nodes/n1/drain", headers=wrong)).status_code
+                codes["wrong read"] = (await anonymous.get("/api/v1/status", headers=wrong)).status_code
             assert r.http is not None
             codes["right"] = (await r.http.post("/api/v1/nodes/n1/drain")).status_code
+            codes["right read"] = (await r.http.get("/api/v1/services/a/persistence")).status_code
+            codes["right metrics"] = (await r.http.get("/metrics")).status_code
             # A page in the operator's browser on another site cannot make writes (CSRF), token or not.
             codes["cross"] = (
                 await r.http.post("/api/v1/nodes/n1/online", headers={"Origin": "http://evil.example"})
@@ -327,23 +335,67 @@ def test_writes_need_the_token_and_reads_stay_open_on_loopback(tmp_path: Path) -
             return codes
 
     codes = run(scenario)
-    assert codes["status"] == 200 and codes["metrics"] == 200
-    for name in ("drain", "server", "weight", "reload", "clear", "wrong"):
+    for name in ("/api/v1/status", "/api/v1/events", "/api/v1/history", "/api/v1/services/a/persistence", "/metrics",
+                 "drain", "server", "weight", "reload", "clear", "wrong", "wrong read"):  # fmt: skip
         assert codes[name] == 401, (name, codes)
-    assert codes["right"] == 200
+    for name in ("/healthz", "/", "/static/dashboard.js", "/openapi.json", "right", "right read", "right metrics"):
+        assert codes[name] == 200, (name, codes)
     assert codes["cross"] == 403
 
 
-def test_without_a_token_only_ip_host_names_are_served(tmp_path: Path) -> None:
-    async def scenario() -> tuple[int, int, int]:
+def test_only_loopback_names_and_the_listener_s_address_are_served_token_or_not(tmp_path: Path) -> None:
+    async def scenario(token: bool) -> dict[str, int]:
+        async with rig(tmp_path, token=token) as r:
+            assert r.http is not None
+            port = r.admin_port
+            codes = {}
+            for host in (f"rebind.evil.example:{port}", f"localhost.evil.example:{port}", f"10.9.9.9:{port}"):
+                for path in ("/api/v1/status", "/api/v1/services/a/persistence", "/healthz", "/"):
+                    codes[f"{host} {path}"] = (await r.http.get(path, headers={"Host": host})).status_code
+            for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"127.0.0.2:{port}"):
+                codes[host] = (await r.http.get("/api/v1/status", headers={"Host": host})).status_code
+            return codes
+
+    for token in (False, True):
+        codes = run(lambda token=token: scenario(token))  # type: ignore[misc]
+        assert {k: v for k, v in codes.items() if "evil" in k or "10.9.9.9" in k} == {
+            k: 403 for k in codes if "evil" in k or "10.9.9.9" in k
+        }, (token, codes)
+        assert [codes[k] for k in codes if "evil" not in k and "10.9.9.9" not in k] == [200] * 4, (token, codes)
+
+
+def test_no_simple_request_changes_state_without_a_token(tmp_path: Path) -> None:
+    async def scenario() -> tuple[dict[str, int], str, str]:
         async with rig(tmp_path) as r:
             assert r.http is not None
-            rebound = await r.http.get("/api/v1/status", headers={"Host": f"attacker.example:{r.admin_port}"})
-            local = await r.http.get("/api/v1/status", headers={"Host": f"localhost:{r.admin_port}"})
-            write = await r.http.post("/api/v1/nodes/n1/drain")  # no token configured: writes are open
-            return rebound.status_code, local.status_code, write.status_code
+            base = f"http://127.0.0.1:{r.admin_port}"
+            codes = {}
+            async with httpx.AsyncClient(base_url=base, timeout=10) as browser_like:
+                halt = "/api/v1/nodes/n1/halt"
+                codes["null origin"] = (
+                    await browser_like.post(
+                        halt, content=b"x", headers={"Origin": "null", "Content-Type": "text/plain"}
+                    )
+                ).status_code
+                codes["text/plain"] = (
+                    await browser_like.post(halt, content=b"x", headers={"Content-Type": "text/plain"})
+                ).status_code
+                codes["form"] = (await browser_like.post(halt, data={"a": "b"})).status_code
+                codes["bare"] = (await browser_like.post(halt)).status_code
+                codes["delete"] = (await browser_like.delete("/api/v1/services/a/persistence")).status_code
+                codes["evil json"] = (
+                    await browser_like.post(halt, json={}, headers={"Origin": "http://evil.example"})
+                ).status_code
+                untouched = (await r.server("a", "n1"))["admin"]
+                codes["json"] = (await browser_like.post("/api/v1/nodes/n1/drain", json={})).status_code
+            after = (await r.server("a", "n1"))["admin"]
+            codes["header"] = (await r.http.post("/api/v1/nodes/n1/online")).status_code
+            return codes, untouched, after
 
-    assert run(scenario) == (403, 200, 200)
+    codes, untouched, after = run(scenario)
+    assert codes == {"null origin": 403, "text/plain": 415, "form": 415, "bare": 415, "delete": 415,
+                     "evil json": 403, "json": 200, "header": 200}  # fmt: skip
+    assert untouched == "online" and after == "drain"
 
 
 def test_weights_persistence_listing_and_clearing(tmp_path: Path) -> None:

@@ -42,7 +42,10 @@ def test_status_drain_halt_online_with_the_token(
     lb, admin, token_file = lb_with_token
     url = f"http://127.0.0.1:{admin}"
 
-    status = peers.run_pacslb_cli("status", "--admin", url)
+    # With a token, reads need it too: the status names node addresses, and the API clients and AE titles.
+    refused = peers.run_pacslb_cli("status", "--admin", url)
+    assert refused.returncode == 1 and "needs its token" in refused.output, refused
+    status = peers.run_pacslb_cli("status", "--admin", url, "--token-file", str(token_file))
     assert status.ok, status
     lines = status.output.splitlines()
     assert lines[0].startswith("pacslb ") and "pacslb.yaml" in lines[0]
@@ -87,6 +90,23 @@ def test_status_drain_halt_online_with_the_token(
     back = peers.run_pacslb_cli("online", "pacs1")
     assert back.ok, back
     assert peers.admin_server(admin, "web", "pacs1")["admin"] == "online"
+
+
+def test_status_drain_halt_online_without_a_token(pacslb: PacslbFactory) -> None:
+    admin = peers.free_port()
+    dead = peers.free_port()
+    services = {"dicom": peers.service(peers.free_port(), {"pacs1": f"127.0.0.1:{dead}"}, check={"type": "none"})}
+    lb = pacslb(peers.config_text(services, admin=peers.admin_section(admin), workers=1))
+    assert lb.wait_event("admin_no_token", 5.0).level == "warning"  # the start says that anyone may
+    url = f"http://127.0.0.1:{admin}"
+    status = peers.run_pacslb_cli("status", "--admin", url)
+    assert status.ok and "pacs1" in status.output, status
+    for action in ("drain", "halt", "online"):
+        done = peers.run_pacslb_cli(action, "pacs1", "--admin", url)
+        assert done.ok and f"pacs1: {action} in dicom" in done.output, done
+        assert peers.admin_server(admin, "dicom", "pacs1")["admin"] == action
+    weight = peers.run_pacslb_cli("weight", "pacs1", "2", "--admin", url)
+    assert weight.ok, weight
 
 
 def test_cli_says_when_the_admin_api_cannot_be_reached() -> None:

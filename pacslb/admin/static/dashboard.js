@@ -1,5 +1,6 @@
 // The pacslb dashboard: polls the admin API and draws what it says. It owns no state of its own beyond
-// the token (kept in this tab's sessionStorage) and the events it has already shown.
+// the token (kept in this tab's sessionStorage) and the events it has already shown. With admin.token_file
+// every API request needs the token, reads included: the page asks for it when the API answers 401.
 "use strict";
 
 const STATUS_EVERY_MS = 2000; // the page is never more than ~2 s behind the balancer
@@ -23,6 +24,8 @@ let events = [];
 let status = null;
 let history = { series: {}, window: 3600 };
 let failures = 0;
+let tokenWaiters = []; // what to do again once the token dialog is answered
+let tokenDeclined = false; // the operator cancelled the dialog: ask again only when they press Token
 
 // -- small helpers --------------------------------------------------------------------------------------
 
@@ -70,7 +73,9 @@ function toast(message, isError) {
 }
 
 async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
+  // X-Pacslb-Request: the API refuses a change without it (or a JSON body), so that no form or simple
+  // request from a page elsewhere can make one (pacslb/admin/guard.py).
+  const headers = { Accept: "application/json", "X-Pacslb-Request": "1" };
   if (token) headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const controller = new AbortController();
@@ -93,12 +98,12 @@ function pill(state, testid) {
   return el("span", { class: `pill ${state}`, "data-testid": testid }, state);
 }
 
-function setLive(ok) {
+function setLive(ok, why) {
   const live = document.getElementById("live");
   live.dataset.state = ok ? "ok" : "lost";
   document.getElementById("live-text").textContent = ok
     ? `live · updated ${new Date().toLocaleTimeString([], { hour12: false })}`
-    : "connection to pacslb lost: retrying";
+    : why || "connection to pacslb lost: retrying";
 }
 
 function drawSummary() {
@@ -335,16 +340,26 @@ async function act(node, action, service) {
   await refresh();
 }
 
+// Ask for the token once, however many requests were refused meanwhile (the status poll goes on while
+// the dialog is open); each of them is made again once it is given.
 function askToken(then) {
   const dialog = document.getElementById("token-dialog");
+  if (then && !tokenWaiters.includes(then)) tokenWaiters.push(then);
+  if (dialog.open) return;
   const input = document.getElementById("token-input");
   input.value = token;
   dialog.returnValue = "";
   dialog.onclose = () => {
-    if (dialog.returnValue !== "ok") return;
+    const waiting = tokenWaiters;
+    tokenWaiters = [];
+    if (dialog.returnValue !== "ok") {
+      tokenDeclined = true;
+      return;
+    }
+    tokenDeclined = false;
     token = input.value.trim();
     sessionStorage.setItem("pacslb-token", token);
-    if (then) then();
+    for (const again of waiting) again();
   };
   dialog.showModal();
 }
@@ -355,8 +370,8 @@ async function refresh() {
   try {
     const result = await api("GET", "/api/v1/status");
     if (result.status === 401) {
-      setLive(false);
-      askToken(refresh);
+      setLive(false, "this balancer needs its admin token (press Token)");
+      if (!tokenDeclined) askToken(refreshAll);
       return;
     }
     if (!result.ok) throw new Error(`HTTP ${result.status}`);
@@ -386,6 +401,11 @@ async function refreshHistory() {
   }
 }
 
+async function refreshAll() {
+  await refreshHistory();
+  await refresh();
+}
+
 async function loop(fn, every) {
   for (;;) {
     const started = Date.now();
@@ -394,7 +414,10 @@ async function loop(fn, every) {
   }
 }
 
-document.getElementById("token-button").addEventListener("click", () => askToken(refresh));
+document.getElementById("token-button").addEventListener("click", () => {
+  tokenDeclined = false;
+  askToken(refresh);
+});
 refreshHistory().then(() => {
   loop(refresh, STATUS_EVERY_MS);
   setTimeout(() => loop(refreshHistory, HISTORY_EVERY_MS), HISTORY_EVERY_MS);
