@@ -26,7 +26,7 @@ and every read of the balancer's state (/api/v1/*, /metrics: they name clients, 
 addresses) needs ``Authorization: Bearer TOKEN`` (compared in constant time; 401 otherwise), from
 loopback too. Open to all: /healthz, the dashboard's files (they hold no data: the page asks for the
 token) and /openapi.json. Without a token, all of it is open to whoever can connect, and the start says so
-in a warning (``admin_no_token``).
+in a warning (``admin_no_token``). Idle connections are bounded by connections.py.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pacslb import __version__
 from pacslb.admin import guard
+from pacslb.admin.connections import ADMIN_IDLE_TIMEOUT, ADMIN_MAX_CONNECTIONS, AdminProtocol
 from pacslb.admin.history import History
 from pacslb.admin.metrics import CONTENT_TYPE_LATEST, make_registry, render
 from pacslb.admin.state import ADMIN_STATES, NotFound
@@ -68,11 +69,9 @@ STATIC = Path(__file__).with_name("static")
 ADMIN_START_TIMEOUT = 5.0
 #: On stop or when the listener moves, requests in flight may finish for this long.
 ADMIN_STOP_TIMEOUT = 2.0
-#: Concurrent admin connections (a few dashboards, a scraper, scripts); beyond it uvicorn answers 503
-#: rather than letting a runaway script hold sockets and memory in the balancer's process.
-ADMIN_MAX_CONNECTIONS = 64
-#: Idle keep-alive connections are closed after this: a dashboard polls every 2 s and keeps its own.
-ADMIN_KEEP_ALIVE = 5
+#: Idle keep-alive connections are closed after this: a dashboard polls every 2 s and keeps its own. (The
+#: connection limits, and the same bound before a first request, are in connections.py.)
+ADMIN_KEEP_ALIVE = int(ADMIN_IDLE_TIMEOUT)
 #: Persistence entries listed per request (a table holds up to 10 million; the total is always given).
 MAX_LISTED_ENTRIES = 1000
 Action = Literal["online", "drain", "halt"]
@@ -281,6 +280,7 @@ class AdminServer:
             server_header=False,
             proxy_headers=False,
             ws="none",
+            http=AdminProtocol,
             timeout_keep_alive=ADMIN_KEEP_ALIVE,
             limit_concurrency=ADMIN_MAX_CONNECTIONS,
             timeout_graceful_shutdown=int(ADMIN_STOP_TIMEOUT),
