@@ -47,7 +47,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_descriptor_limit() -> None:
+    """A balancer holds two sockets per connection: the soft limit most systems give (1,024) is raised to the
+    hard one before anything is started (workers inherit it). pacslb/descriptors.py has the rest."""
+    from pacslb.descriptors import raise_limit
+
+    raise_limit()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _raise_descriptor_limit()
     if args.config is None:
         print("pacslb run: no config given; starting the embedded demo (pacslb demo)", file=sys.stderr)
         return cmd_demo(args)
@@ -84,6 +93,7 @@ def _warn_if_stale() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _raise_descriptor_limit()
     from pacslb import demo
 
     return demo.main(args)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from pacslb import descriptors
 from pacslb.admin import sdnotify
 from pacslb.admin.alerts import Alerter
 from pacslb.admin.events import EventLog
@@ -142,12 +143,21 @@ class Engine:
         self._apply(self.config, bound)
         await self._configure_operations(self.config, admin_sock)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        log_event(log, "workers", processes=workers, relay=DEFAULT_METHOD)
+        log_event(log, "workers", processes=workers, relay=DEFAULT_METHOD, descriptors=descriptors.limit())
+        self._check_descriptors(self.config)
         for name, service in self.services.items():
             log_event(
                 log, "listen", service=name, address=str(service.spec.listen), mode=service.spec.mode,
                 servers=",".join(s.name for s in service.servers),
             )  # fmt: skip
+
+    @staticmethod
+    def _check_descriptors(config: Config) -> None:
+        """Warn (``descriptors_low``) when the services' maxconn cannot fit in the descriptor limit."""
+        maxconns = {name: spec.maxconn for name, spec in config.services.items()}
+        warning = descriptors.capacity_warning(maxconns, descriptors.limit(), config.worker_count)
+        if warning is not None:
+            log_event(log, "descriptors_low", logging.WARNING, **warning)
 
     def _bind(self, config: Config) -> dict[str, socket.socket]:
         """New listening sockets for services whose address is new; all or nothing."""
@@ -557,6 +567,7 @@ class Engine:
         self._apply(config, bound)
         await self._configure_operations(config, admin_sock)
         log_event(log, "reloaded", file=self.config_path, services=len(self.services))
+        self._check_descriptors(config)
         return True
 
     def status_line(self) -> str:

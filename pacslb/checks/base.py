@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pacslb.config.model import CheckSpec
+from pacslb.descriptors import is_local
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +15,17 @@ class CheckResult:
     ok: bool
     reason: str  # short, for the log and the dashboard: "connected", "HTTP 503", "connection refused"
     duration: float = 0.0  # seconds; filled in by the monitor
+    # The check could not be made for a reason of pacslb's own (out of descriptors or socket memory when
+    # making its socket): it says nothing about the node, and the monitor does not count it.
+    local: bool = False
+
+
+def local_result(exc: BaseException) -> CheckResult | None:
+    """A ``local`` failed result when ``exc`` (or what caused it) is pacslb running out of descriptors or
+    socket memory (pacslb/descriptors.py), else None."""
+    if is_local(exc):
+        return CheckResult(False, f"not checked: {describe_os_error(exc)}", local=True)
+    return None
 
 
 def describe_os_error(exc: BaseException) -> str:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
 from typing import Any
 
 from pynetdicom import AE, evt
 
-from pacslb.checks.base import CheckResult
+from pacslb.checks.base import CheckResult, local_result
 from pacslb.config.model import CheckSpec
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
@@ -50,7 +51,7 @@ def _echo(host: str, port: int, calling: str, called: str, timeout: float) -> Ch
     try:
         assoc = ae.associate(host, port, ae_title=called, evt_handlers=handlers)
     except Exception as exc:  # pynetdicom raises little, but a check must never crash the monitor
-        return CheckResult(False, f"association failed: {exc}")
+        return local_result(exc) or _local_or(CheckResult(False, f"association failed: {exc}"))
     try:
         if assoc.is_established:
             status = assoc.send_c_echo()
@@ -70,7 +71,7 @@ def _echo(host: str, port: int, calling: str, called: str, timeout: float) -> Ch
                 )
             return CheckResult(False, "association rejected")
         if not connected:
-            return CheckResult(False, "no connection (refused, unreachable or timed out)")
+            return _local_or(CheckResult(False, "no connection (refused, unreachable or timed out)"))
         if assoc.is_aborted:
             return CheckResult(False, "association aborted by the node")
         return CheckResult(False, "no answer to A-ASSOCIATE-RQ")
@@ -78,6 +79,16 @@ def _echo(host: str, port: int, calling: str, called: str, timeout: float) -> Ch
         if assoc.is_established:
             assoc.abort()
         ae.shutdown()
+
+
+def _local_or(result: CheckResult) -> CheckResult:
+    """``result``, unless this process cannot make a socket now: pynetdicom reports a socket it could not
+    make (out of descriptors) like a node that refused, so a failed connection is checked against that."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except OSError as exc:
+        return local_result(exc) or result
+    return result
 
 
 async def check_dicom_echo(spec: CheckSpec, host: str, port: int) -> CheckResult:

@@ -20,7 +20,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from pacslb.checks.base import CheckResult, describe_os_error
+from pacslb.checks.base import CheckResult, describe_os_error, local_result
 from pacslb.config.model import CheckSpec
 from pacslb.logs import log_event
 
@@ -107,7 +107,7 @@ async def check_http(spec: CheckSpec, host: str, port: int) -> CheckResult:
                     if len(body) >= MAX_CHECK_BODY or spec.expect_body.encode() in body:
                         break
     except httpx.HTTPError as exc:
-        return CheckResult(False, describe_os_error(exc))
+        return local_result(exc) or CheckResult(False, describe_os_error(exc))
     _check_clock(response.headers.get("date"), time.time(), spec.max_clock_skew, host, port)
     if response.status_code not in spec.expect_status:
         return CheckResult(False, f"HTTP {response.status_code}")

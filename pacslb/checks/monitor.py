@@ -12,6 +12,10 @@ many things at once a first check may be slow, and taking a healthy node down fo
 clients; meanwhile a dead node costs a client only a connect retry on another node. When a connection to
 a server fails, the service wakes its monitor so the next check runs at once instead of at the next
 interval: under traffic a dead node is out after ``fall`` quick checks.
+
+A check that pacslb could not make (no descriptor or socket memory for its socket: see
+pacslb/descriptors.py) is not the node's failure: it changes neither the node's health nor its streaks,
+so a balancer out of descriptors does not take every healthy node out.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import time
 from collections.abc import Callable
 
 from pacslb.balance.server import Health, ServerState
-from pacslb.checks.base import CheckResult, get_check
+from pacslb.checks.base import CheckResult, get_check, local_result
 from pacslb.config.model import CheckSpec
+from pacslb.descriptors import EXHAUSTION
 from pacslb.logs import log_event
 from pacslb.tasks import cancel_and_wait
 
@@ -40,6 +45,13 @@ MIN_CHECK_GAP = 0.1
 ChangeCallback = Callable[[ServerState, Health, Health, CheckResult], None]
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # apply() called outside a loop (unit tests)
+        return None
+
+
 class Monitor:
     """Checks one server of one service."""
 
@@ -52,6 +64,7 @@ class Monitor:
         self.on_change = on_change
         self.last: CheckResult | None = None
         self.last_at: float | None = None  # wall-clock time of ``last``, for the dashboard and `pacslb status`
+        self.local_failures = 0  # checks not made for a reason of pacslb's own (not counted)
         self._ok_streak = 0
         self._fail_streak = 0
         self._task: asyncio.Task[None] | None = None
@@ -94,6 +107,11 @@ class Monitor:
                     result = await self._check(spec, self.server.host, port)
             except TimeoutError:
                 result = CheckResult(False, f"no answer within {spec.timeout:g}s")
+            except OSError as exc:
+                local = local_result(exc)
+                if local is None:
+                    log.exception("check of %s/%s failed unexpectedly", self.service, self.server.name)
+                result = local or CheckResult(False, f"check error: {exc}")
             except Exception as exc:  # a bug in a check kind must not stop checking
                 log.exception("check of %s/%s failed unexpectedly", self.service, self.server.name)
                 result = CheckResult(False, f"check error: {exc}")
@@ -107,7 +125,13 @@ class Monitor:
                     await self._wake.wait()
 
     def apply(self, result: CheckResult) -> None:
-        """Count one check result and change the server's health when rise or fall is reached."""
+        """Count one check result and change the server's health when rise or fall is reached. A ``local``
+        result (pacslb could not make the check: out of descriptors) is not counted: the server keeps its
+        health, its streaks and its last result, and the shortage is counted in pacslb/descriptors.py."""
+        if result.local:
+            self.local_failures += 1
+            EXHAUSTION.note("check", result.reason.removeprefix("not checked: "), _running_loop())
+            return
         self.last = result
         self.last_at = time.time()
         server = self.server
