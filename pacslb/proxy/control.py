@@ -62,11 +62,23 @@ class Channel:
         loop.add_reader(ours.fileno(), on_readable)
 
     def send(self, message: bytes, fds: Sequence[int] = ()) -> None:
-        """Send ``message`` with copies of ``fds`` (the caller keeps and closes its own)."""
+        """Send ``message`` with copies of ``fds`` (the caller keeps and closes its own).
+
+        Raises:
+            OSError: the message must wait and no descriptor is left to copy ``fds`` (EMFILE).
+        """
         if self.closed:
             return
         if self.outbox or not self._try_send(message, fds):
-            self.outbox.append((message, [os.dup(fd) for fd in fds]))
+            copies: list[int] = []
+            try:
+                for fd in fds:
+                    copies.append(os.dup(fd))
+            except OSError:  # out of descriptors: the caller is told, and no copy is left open
+                for fd in copies:
+                    os.close(fd)
+                raise
+            self.outbox.append((message, copies))
             if not self.writing and not self.closed:
                 self.loop.add_writer(self.control.fileno(), self._flush)
                 self.writing = True

@@ -21,6 +21,8 @@ import select
 import time
 from collections.abc import Callable
 
+from pacslb.descriptors import EXHAUSTION, LOCAL_ERRNOS
+
 log = logging.getLogger("pacslb.workers")
 
 _IN = select.EPOLLIN
@@ -113,12 +115,12 @@ class EpollLoop:
             for fd, mask in events:
                 if mask & (_IN | _ANY):
                     reader = self._readers.get(fd)
-                    if reader is not None:
-                        self._call(reader)
+                    if reader is not None and not self._call(reader):
+                        self._broken(fd, self._readers, reader)
                 if mask & (_OUT | _ANY):
                     writer = self._writers.get(fd)
-                    if writer is not None:
-                        self._call(writer)
+                    if writer is not None and not self._call(writer):
+                        self._broken(fd, self._writers, writer)
             now = time.monotonic()
             timers = self._timers
             while timers and timers[0][0] <= now:
@@ -127,7 +129,7 @@ class EpollLoop:
                     self._cancelled -= 1
                 else:
                     timer.cancelled = True  # it ran: a cancel() from now on changes nothing
-                    self._call(timer.callback)
+                    self._call(timer.callback)  # (a timer that raised is not called again anyway)
 
     def close(self) -> None:
         self._epoll.close()
@@ -170,9 +172,26 @@ class EpollLoop:
                     return
                 self._registered[fd] = wanted
 
+    def _broken(self, fd: int, table: dict[int, Callable[[], object]], callback: Callable[[], object]) -> None:
+        """A reader or writer raised: it is dropped. Level-triggered, it would be called again at once for as
+        long as its descriptor stays ready, and raise again: a loop spinning on one connection, and a log
+        line per turn. Its connection stays open until its idle timeout closes it."""
+        if table.get(fd) is callback:
+            del table[fd]
+            self._update(fd)
+
     @staticmethod
-    def _call(callback: Callable[[], object]) -> None:
+    def _call(callback: Callable[[], object]) -> bool:
+        """Call one callback; whether it returned (rather than raised)."""
         try:
             callback()
+        except OSError as exc:
+            if exc.errno in LOCAL_ERRNOS:  # out of descriptors where nobody expected it: counted, no traceback
+                EXHAUSTION.note("worker_loop", (exc.strerror or str(exc)).lower())
+            else:
+                log.exception("callback failed in a relay worker")
+            return False
         except Exception:  # a bug in one connection's callback must not stop the others
             log.exception("callback failed in a relay worker")
+            return False
+        return True

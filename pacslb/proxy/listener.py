@@ -4,6 +4,11 @@ Accepting is done directly on the non-blocking socket from a reader callback (a 
 the callback gets real sockets that the relay can later splice, not transports. ``pause()`` stops
 accepting (new clients wait in the kernel's accept queue), ``resume()`` starts again: that is how a
 service enforces ``maxconn`` without refusing anyone.
+
+Out of descriptors (pacslb/descriptors.py): when accept fails with EMFILE or ENFILE, or an accepted
+connection took a descriptor of the reserve (it is closed at once), or anything else in the process ran
+out, every listener stops accepting for :data:`EMFILE_PAUSE` (``hold``), so that the loop does not spin
+on a listening socket that stays readable, and clients wait in the accept queue meanwhile.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import socket
 from collections.abc import Callable
 
 from pacslb.config.values import HostPort
-from pacslb.logs import log_event
+from pacslb.descriptors import EXHAUSTION, LOCAL_ERRNOS, in_reserve
 
 log = logging.getLogger("pacslb.listener")
 
@@ -23,7 +28,8 @@ log = logging.getLogger("pacslb.listener")
 ACCEPT_BATCH = 64
 #: Kernel accept queue length; clients beyond maxconn wait here (capped by net.core.somaxconn).
 LISTEN_BACKLOG = 1024
-#: How long to stop accepting when out of file descriptors, so the loop does not spin on EMFILE.
+#: How long to stop accepting when out of file descriptors, so the loop does not spin on EMFILE. Short:
+#: a descriptor freed by a closing connection is taken again within this, and clients wait meanwhile.
 EMFILE_PAUSE = 0.1
 
 Handler = Callable[[socket.socket, tuple[str, int]], None]
@@ -58,29 +64,55 @@ class Listener:
         self.sock = sock
         self.handler = handler
         self._loop = asyncio.get_running_loop()
-        self._accepting = False
+        self._accepting = False  # the reader is registered
+        self._wanted = False  # the service wants to accept (resume() more recently than pause())
+        self._held: asyncio.TimerHandle | None = None  # out of descriptors: not accepting until it fires
         self._closed = False
+        EXHAUSTION.on_exhausted(self.hold)
 
     def resume(self) -> None:
-        if not self._accepting and not self._closed:
+        self._wanted = True
+        if not self._accepting and not self._closed and self._held is None:
             self._loop.add_reader(self.sock.fileno(), self._on_readable)
             self._accepting = True
 
     def pause(self) -> None:
+        self._wanted = False
+        self._stop()
+
+    def hold(self, delay: float = EMFILE_PAUSE) -> None:
+        """Stop accepting for ``delay`` seconds (descriptors ran out), then go on as the service wants."""
+        if self._closed or self._held is not None:
+            return
+        self._stop()
+        self._held = self._loop.call_later(delay, self._release)
+
+    def _release(self) -> None:
+        self._held = None
+        if self._wanted:
+            self.resume()
+
+    def _stop(self) -> None:
         if self._accepting:
             self._loop.remove_reader(self.sock.fileno())
             self._accepting = False
 
+    def _forget(self) -> None:
+        self._closed = True
+        self._stop()
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
+        EXHAUSTION.off(self.hold)
+
     def close(self) -> None:
-        self.pause()
         if not self._closed:
-            self._closed = True
+            self._forget()
             self.sock.close()
 
     def detach(self) -> socket.socket:
         """Stop accepting and hand the socket over (to the listener of a reloaded service) unclosed."""
-        self.pause()
-        self._closed = True
+        self._forget()
         return self.sock
 
     def _on_readable(self) -> None:
@@ -93,13 +125,17 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log_event(log, "accept_error", logging.ERROR, service=self.name, reason=exc.strerror)
-                    self.pause()
-                    self._loop.call_later(EMFILE_PAUSE, self.resume)
+                if exc.errno in LOCAL_ERRNOS:
+                    EXHAUSTION.note("accept", (exc.strerror or str(exc)).lower(), self._loop)  # holds us too
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up before we accepted: nothing to do
                 raise
+            if in_reserve(conn.fileno()):
+                # Every descriptor below this one is taken: this client cannot be served without eating the
+                # reserve (the admin API, checks); it is closed, and the others wait in the accept queue.
+                conn.close()
+                EXHAUSTION.note("reserve", "descriptor reserve reached", self._loop)
+                return
             conn.setblocking(False)
             self.handler(conn, peer)

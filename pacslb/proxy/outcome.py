@@ -17,3 +17,4 @@ class End(StrEnum):
     SHUTDOWN = "shutdown"  # closed by pacslb stopping after its grace period
     ERROR = "error"  # a bug in pacslb; logged with its traceback
     HALTED = "halted"  # closed when an administrator's halt of its node was past its grace
+    NO_DESCRIPTORS = "no_descriptors"  # pacslb ran out of file descriptors (or socket memory) for it

@@ -8,6 +8,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from pacslb.descriptors import EXHAUSTION
 from pacslb.proxy.control import Channel
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayHandle, RelayResult, cancelled_relay, start_relay
@@ -20,6 +21,9 @@ log = logging.getLogger("pacslb.workers")
 #: and the workers do most of the relaying. (1 balanced the counts; measured with short connections on 2
 #: cores: 2,500 connections/s at 1, 2,700 at 3, 2,530 with every connection handed to the worker.)
 MAIN_RELAY_WEIGHT = 3
+#: A worker that had no descriptors for a connection is given none for this long (the others, or the main
+#: process, take them); then it is tried again.
+WORKER_FULL_PAUSE = 1.0
 
 
 class _Worker(Channel):
@@ -30,6 +34,7 @@ class _Worker(Channel):
             loop, index, "pacslb.proxy.workers", lambda: pool._on_message(self), lambda: pool._worker_lost(self)
         )
         self.pending: dict[int, Callable[[RelayResult], None]] = {}  # told how each connection ended
+        self.full_until = 0.0  # out of descriptors: given no connection before this (loop time)
 
 
 class _Remote:
@@ -78,7 +83,9 @@ class RelayPool:
     ) -> RelayHandle | _Remote:
         """Relay one connection in the least busy process; ``on_done`` is told the result (once, never
         from within this call). Owns both sockets from the call on."""
-        worker = min(self.workers, key=lambda w: len(w.pending), default=None)
+        assert self._loop is not None
+        now = self._loop.time()
+        worker = min((w for w in self.workers if w.full_until <= now), key=lambda w: len(w.pending), default=None)
         if (
             worker is None
             or len(worker.pending) >= MAIN_RELAY_WEIGHT * self.local_active
@@ -97,6 +104,10 @@ class RelayPool:
         message = RELAY_MSG.pack(b"R", conn_id, idle_timeout, END_CODE[timeout_end])
         try:
             worker.send(message, [client.fileno(), server.fileno()])
+        except OSError as exc:  # no descriptor to keep a copy while the worker is busy
+            del worker.pending[conn_id]
+            EXHAUSTION.note("handover", (exc.strerror or str(exc)).lower(), self._loop)
+            self._loop.call_soon(on_done, RelayResult(0, 0, End.NO_DESCRIPTORS))
         finally:
             client.close()  # the worker has its own copies now (or the send failed: nothing to relay)
             server.close()
@@ -125,10 +136,15 @@ class RelayPool:
             if not data:
                 self._worker_lost(worker)
                 return
-            _, conn_id, up, down, end = DONE_MSG.unpack(data)
+            _, conn_id, up, down, code = DONE_MSG.unpack(data)
+            end = ENDS[code]
+            if end is End.NO_DESCRIPTORS:  # the worker is out of descriptors: counted and logged here
+                assert self._loop is not None
+                worker.full_until = self._loop.time() + WORKER_FULL_PAUSE
+                EXHAUSTION.note("worker", "too many open files in a relay worker", self._loop)
             on_done = worker.pending.pop(conn_id, None)
             if on_done is not None:
-                on_done(RelayResult(up, down, ENDS[end]))
+                on_done(RelayResult(up, down, end))
 
     def _worker_lost(self, worker: _Worker, expected: bool = False) -> None:
         if worker not in self.workers:

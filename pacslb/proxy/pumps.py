@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pacslb.descriptors import EXHAUSTION
 from pacslb.proxy.outcome import End
 
 if TYPE_CHECKING:
@@ -53,18 +54,24 @@ IDLE_TICKS_PER_PERIOD = 4
 #: costs a wakeup per 64 KiB; 1 MiB moves bulk data with far fewer, and pages are only used while data sits
 #: in the pipe. Unprivileged users have a soft limit on pipe pages; F_SETPIPE_SZ failing is not an error.
 PIPE_SIZE = 1024 * 1024
-#: Empty pipes kept for the next connections (a pipe costs three system calls to make and two to close:
-#: as much as the rest of a short connection's relay). Each holds no memory while empty.
+#: Empty pipes kept for the next reads (a pipe costs three system calls to make and two to close: as much as
+#: the rest of a short connection's relay). Each holds no memory while empty. A direction takes a pipe when
+#: it reads and gives it back once the pipe is drained into the destination, so pipes are held only by
+#: directions whose destination is slower than their source; these are shared by everyone else.
 IDLE_PIPES = 64
 _idle_pipes: list[tuple[int, int]] = []
 
 
 def close_idle_pipes() -> None:
-    """Close the pipes kept for reuse (at shutdown, or to count descriptors)."""
+    """Close the pipes kept for reuse (at shutdown, to count descriptors, or when descriptors run out)."""
     while _idle_pipes:
         r, w = _idle_pipes.pop()
         os.close(r)
         os.close(w)
+
+
+# Pipes kept for later are descriptors that a connection needs now: out of descriptors, they go.
+EXHAUSTION.on_exhausted(close_idle_pipes)
 
 
 #: Most bytes asked of one splice call.
@@ -139,10 +146,16 @@ class _Pump:
 
     def on_readable(self) -> None:
         if self.pipe_w < 0:
-            self._pipe()
+            try:
+                self._pipe()
+            except OSError as exc:  # out of descriptors: this connection ends, the others go on
+                self.owner.out_of_descriptors(exc)
+                return
         try:
             n = os.splice(self.src.fileno(), self.pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
+            if self.in_pipe == 0:
+                self._put_pipe()
             return
         except OSError:
             self.owner.failed(self, reading=True)
@@ -176,6 +189,7 @@ class _Pump:
         if self.writing:
             self.loop.remove_writer(dst)
             self.writing = False
+        self._put_pipe()  # empty: whichever direction reads next takes it
         if self.eof:
             self.owner.pump_finished(self)
         elif not self.reading and not self.finished:
@@ -195,18 +209,31 @@ class _Pump:
             self.loop.remove_writer(self.dst.fileno())
             self.writing = False
         if self.pipe_r >= 0:
-            if self.in_pipe == 0 and len(_idle_pipes) < IDLE_PIPES:
-                _idle_pipes.append((self.pipe_r, self.pipe_w))  # empty: the next connection can use it
+            if self.in_pipe == 0:
+                self._put_pipe()
             else:
                 os.close(self.pipe_r)
                 os.close(self.pipe_w)
-            self.pipe_r = self.pipe_w = -1
+                self.pipe_r = self.pipe_w = -1
+
+    def _put_pipe(self) -> None:
+        """Give back an empty pipe: kept for the next direction that reads (up to :data:`IDLE_PIPES`), or
+        closed. A pipe is held only while bytes wait in it, so an idle connection holds its two sockets and
+        no more."""
+        if self.pipe_r < 0:
+            return
+        if len(_idle_pipes) < IDLE_PIPES:
+            _idle_pipes.append((self.pipe_r, self.pipe_w))
+        else:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+        self.pipe_r = self.pipe_w = -1
 
 
 class _SpliceRelay:
     """The zero-copy relay: two pumps over the same pair of sockets."""
 
-    __slots__ = ("client", "closed", "down", "first", "loop", "on_close", "server", "up")
+    __slots__ = ("client", "closed", "down", "exhausted", "first", "loop", "on_close", "server", "up")
 
     def __init__(self, loop: Loop, client: socket.socket, server: socket.socket) -> None:
         self.loop = loop
@@ -217,10 +244,18 @@ class _SpliceRelay:
         self.down = _Pump(self, server, client)
         self.first: _Pump | None = None
         self.closed = False
+        self.exhausted = False  # closed because no pipe could be made
 
     def start(self) -> None:
         self.up.start()
         self.down.start()
+
+    def out_of_descriptors(self, exc: OSError) -> None:
+        """No pipe could be made (EMFILE, ENFILE, ENOMEM): close the connection, which frees two descriptors,
+        rather than leave its reader registered (the loop would call it again at once, forever)."""
+        self.exhausted = True
+        EXHAUSTION.note("pipe", (exc.strerror or str(exc)).lower(), self.loop)
+        self._close()
 
     def pump_finished(self, pump: _Pump) -> None:
         if self.first is None:
@@ -325,6 +360,8 @@ class RelayHandle:
         up, down = state.counts()
         if watch.timed_out:
             end = self.timeout_end
+        elif getattr(state, "exhausted", False):
+            end = End.NO_DESCRIPTORS
         elif state.server_first():
             end = End.SERVER_CLOSED
         else:

@@ -7,8 +7,10 @@ bytes, so this module alone decides how they move. Two ways, same behaviour:
 - splice (Linux, the default): per direction, splice(2) moves bytes from the source socket into a pipe
   and from the pipe into the destination socket, in the kernel, never copied into Python. Readiness comes
   from the event loop's add_reader/add_writer. Backpressure: when the destination cannot take more, the
-  direction stops reading its source and waits for the destination to become writable. The pipes are
-  made on a direction's first data, so idle connections hold no pipe.
+  direction stops reading its source and waits for the destination to become writable. A direction
+  takes a pipe when it reads and gives it back (to a small shared stock) once it is drained, so an idle
+  connection holds no pipe and a busy one only while its destination lags: two descriptors per
+  connection, not six.
 - buffered (elsewhere, or ``PACSLB_RELAY=buffered``): one asyncio Protocol per side on the loop's own
   transports (C code under uvloop); when the transport writing to one side has too much buffered, the
   other side stops reading until it drains.

@@ -30,6 +30,7 @@ from pacslb.balance.persistence import PersistenceTable, source_ip_key
 from pacslb.balance.scheduler import Scheduler, make_scheduler
 from pacslb.balance.server import ServerState
 from pacslb.config.model import ServiceSpec
+from pacslb.descriptors import EXHAUSTION, LOCAL_ERRNOS, in_reserve
 from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
 from pacslb.proxy.listener import Listener
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
     from pacslb.proxy.pumps import Abortable
 
 log = logging.getLogger("pacslb.conn")
+
+#: How a :class:`ConnectFailed` reason starts when the failure was pacslb's own (out of descriptors or
+#: socket memory), not the node's: such a failure neither wakes the node's check nor is logged per
+#: connection (it is counted, and logged rate-limited, by pacslb/descriptors.py).
+LOCAL_FAILURE = "local: "
 
 
 class Relayer(Protocol):
@@ -79,7 +85,13 @@ async def connect_to(server: ServerState, timeout: float) -> socket.socket:
     """
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise _local_failure(server, "connect", exc, loop) from exc
+    if in_reserve(sock.fileno()):
+        sock.close()
+        raise _local_failure(server, "reserve", None, loop)
     sock.setblocking(False)
     try:
         async with asyncio.timeout(timeout):  # no extra task per connect, unlike wait_for
@@ -89,12 +101,23 @@ async def connect_to(server: ServerState, timeout: float) -> socket.socket:
         raise ConnectFailed(server.name, f"no answer within {timeout:g}s") from exc
     except OSError as exc:
         sock.close()
+        if exc.errno in LOCAL_ERRNOS:
+            raise _local_failure(server, "connect", exc, loop) from exc
         raise ConnectFailed(server.name, exc.strerror or str(exc)) from exc
     except BaseException:
         sock.close()
         raise
     _tune(sock)
     return sock
+
+
+def _local_failure(
+    server: ServerState, place: str, exc: OSError | None, loop: asyncio.AbstractEventLoop
+) -> ConnectFailed:
+    """Count running out of descriptors on the way to ``server``; the error to raise (see :data:`LOCAL_FAILURE`)."""
+    reason = (exc.strerror or str(exc)).lower() if exc is not None else "descriptor reserve reached"
+    EXHAUSTION.note(place, reason, loop)
+    return ConnectFailed(server.name, LOCAL_FAILURE + reason)
 
 
 class TcpService:
@@ -259,7 +282,9 @@ class TcpService:
         return len(relaying)
 
     def connect_failed(self, peer: tuple[str, int], server: ServerState, reason: str, attempt: int) -> None:
-        """Log a failed attempt and have the server checked at once."""
+        """Log a failed attempt and have the server checked at once (unless the failure was pacslb's own)."""
+        if reason.startswith(LOCAL_FAILURE):
+            return
         if self.on_connect_failed is not None:
             self.on_connect_failed(self.name, server)
         log_event(
@@ -391,8 +416,12 @@ class _TcpConn:
         family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # out of descriptors
-            self._failed(exc.strerror or str(exc))
+        except OSError as exc:
+            self._out_of_descriptors("connect", (exc.strerror or str(exc)).lower())
+            return
+        if in_reserve(sock.fileno()):
+            sock.close()
+            self._out_of_descriptors("reserve", "descriptor reserve reached")
             return
         sock.setblocking(False)
         self.sock = sock
@@ -403,9 +432,29 @@ class _TcpConn:
             self.timer = loop.call_later(service.spec.timeouts.connect, self._timed_out)
             return
         except OSError as exc:
+            if exc.errno in LOCAL_ERRNOS:
+                sock.close()
+                self.sock = None
+                self._out_of_descriptors("connect", (exc.strerror or str(exc)).lower())
+                return
             self._failed(exc.strerror or str(exc))
             return
         self._established()
+
+    def _out_of_descriptors(self, place: str, reason: str) -> None:
+        """No socket to the node could be made: pacslb's failure, not the node's. The client is closed (which
+        frees its descriptor), the node is neither marked as tried nor checked, and nothing is logged per
+        connection: the count goes to the rate-limited ``descriptors_exhausted`` line and to the service's
+        rejections (``no_descriptors``). Every listener stops accepting for a moment (pacslb/descriptors.py)."""
+        service = self.service
+        server = self.server
+        assert server is not None
+        server.active -= 1
+        self.server = None
+        self.client.close()
+        service.rejections[End.NO_DESCRIPTORS.value] += 1
+        EXHAUSTION.note(place, reason, service._loop)
+        service._conn_finished(self)
 
     def _connected(self) -> None:
         sock = self.sock

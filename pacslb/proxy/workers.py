@@ -30,6 +30,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING
 
+from pacslb.descriptors import EXHAUSTION, in_reserve
 from pacslb.proxy.outcome import End
 from pacslb.proxy.pumps import DEFAULT_METHOD, RelayResult
 
@@ -83,15 +84,24 @@ class _Serving:
     def on_message(self) -> None:
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.control, 64, 2)
+                data, fds, flags, _addr = socket.recv_fds(self.control, 64, 2)
             except BlockingIOError:
                 return
             except OSError:
-                data, fds = b"", []
+                data, fds, flags = b"", [], 0
             if not data:
                 self._control_closed()
                 return
-            if data[:1] == b"R" and len(fds) == 2:
+            if data[:1] == b"R" and (len(fds) != 2 or flags & socket.MSG_CTRUNC or any(map(in_reserve, fds))):
+                # Out of descriptors: the kernel could not give us both sockets (it closed what did not fit),
+                # or they took the last ones, which the pipes of busy connections need. The connection is
+                # closed; the main process is told, so that it accounts for it and tries other processes.
+                _, conn_id, _idle, _end = RELAY_MSG.unpack(data)
+                for fd in fds:
+                    os.close(fd)
+                EXHAUSTION.note("worker_receive")
+                self.report(conn_id, RelayResult(0, 0, End.NO_DESCRIPTORS))
+            elif data[:1] == b"R":
                 _, conn_id, idle, end_code = RELAY_MSG.unpack(data)
                 client = socket.socket(fileno=fds[0])
                 server = socket.socket(fileno=fds[1])
@@ -178,6 +188,9 @@ def worker_main(fd: int) -> None:
     """Entry point of a relay worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The main process logs running out of descriptors: it is told of each connection it cost here (the
+    # end no_descriptors), and a worker has no log of its own.
+    EXHAUSTION.quiet = True
     control = socket.socket(fileno=fd)
     if DEFAULT_METHOD == "splice":
         _serve_splice(control)
