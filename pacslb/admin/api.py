@@ -16,7 +16,7 @@ Endpoints (JSON unless said otherwise; the OpenAPI document is at /openapi.json)
     POST /api/v1/reload                               reload the config file
     GET  /api/v1/events, /api/v1/history              recent events; throughput samples for the graphs
     GET  /metrics                                     Prometheus text format
-    GET  /healthz                                     "the balancer's loop answers" (for keepalived, systemd)
+    GET  /healthz                                     "the balancer's loop answers and is not degraded" (keepalived)
 
 Security (docs/operations.md, "Who may do what"). Every request, token or not, first passes guard.py:
 a ``Host`` other than a loopback address, ``localhost`` or the listener's own address is a 403 (DNS
@@ -390,10 +390,15 @@ def create_app(server: AdminServer) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/healthz", tags=["status"])
-    async def healthz() -> dict[str, bool]:
-        """Answers while the balancer's event loop runs."""
-        return {"ok": True}
+    @app.get("/healthz", tags=["status"], responses={503: {"description": "the balancer is degraded"}})
+    async def healthz() -> JSONResponse:
+        """200 ``{"ok": true}`` while the balancer's event loop runs; 503 ``{"ok": false, "reason": ...}``
+        while it is degraded (it ran out of file descriptors in the last 10 s), so that keepalived moves the
+        virtual IP to a balancer that can serve."""
+        from pacslb.descriptors import health
+
+        body = health()
+        return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
     @app.get("/api/v1/status", response_model=Status, dependencies=reads, tags=["status"])
     async def status() -> dict[str, Any]:

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from pacslb import __version__
 from pacslb.admin.status import effective_health
 from pacslb.balance.server import AdminState
+from pacslb.descriptors import EXHAUSTION, RECENT, reserve
 
 if TYPE_CHECKING:
     from pacslb.engine import Engine
@@ -141,6 +142,30 @@ class PacslbCollector(Collector):
         yield from (svc_active, svc_total, svc_usable, rejections, persistence)
         yield from (up, admin, weight, active, total, sent, check_ok, check_duration, check_time)
         yield from (ae_assoc, ae_rejected, ae_bytes)
+        yield from _descriptor_metrics()
+
+
+def _descriptor_metrics() -> Iterable[Metric]:
+    """Running out of file descriptors (pacslb/descriptors.py), in the main process and reported by the
+    relay workers. The process's own use and limit are ``process_open_fds`` and ``process_max_fds``."""
+    exhausted = CounterMetricFamily(
+        "pacslb_descriptors_exhausted",
+        "Times pacslb ran out of file descriptors (or socket memory), or reached its reserve, by where",
+        labels=["where"],
+    )
+    for place, count in sorted(EXHAUSTION.by_place.items()):
+        exhausted.add_metric([place], count)
+    yield exhausted
+    yield GaugeMetricFamily(
+        "pacslb_descriptors_exhausted_recently",
+        f"1 while pacslb ran out of file descriptors in the last {RECENT:g} s (/healthz answers 503), else 0",
+        value=1.0 if EXHAUSTION.exhausted() else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "pacslb_descriptors_reserve",
+        "Descriptors below the limit kept for the admin API and health checks (not for client or node sockets)",
+        value=reserve(),
+    )
 
 
 def make_registry(engine: Engine) -> CollectorRegistry:
