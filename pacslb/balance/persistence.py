@@ -20,6 +20,7 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 
 # Parsing an address with ipaddress costs microseconds per connection; clients come back, so remember the
@@ -54,6 +55,18 @@ class Entry:
         return self.active == 0 and self.released_at is not None and now - self.released_at >= timeout
 
 
+class TableListener(Protocol):
+    """Told of this balancer's own changes to a table (a shared store writes them out in the background).
+
+    ``changed(key, server, active)``: ``key`` is bound to ``server`` (a new or moved binding, or a first
+    connection on an idle one: ``active``), or its last connection ended (not ``active``: its expiry
+    starts), or, with ``server`` None, it was forgotten. It must only note the change: it runs on the
+    hot path, once or twice per connection at most.
+    """
+
+    def changed(self, key: str, server: str | None, active: bool) -> None: ...
+
+
 class PersistenceTable:
     """A bounded map from client key to node, with expiry counted from the last connection's end."""
 
@@ -65,6 +78,8 @@ class PersistenceTable:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         # A lease (below) the scheduler made for a new client: the decision it gives is the scheduler's.
         self.fresh = False
+        #: Told of every change made here (not of those :meth:`adopt` applies); None for a table alone.
+        self.listener: TableListener | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -98,6 +113,8 @@ class PersistenceTable:
         self._entries.move_to_end(key)
         entry.active += 1
         entry.released_at = None
+        if entry.active == 1 and self.listener is not None:
+            self.listener.changed(key, server, True)
 
     def release(self, key: str, server: str, now: float) -> None:
         """A connection of ``key`` to ``server`` ended. Connections to a node the key was since moved
@@ -108,10 +125,35 @@ class PersistenceTable:
         entry.active = max(0, entry.active - 1)
         if entry.active == 0:
             entry.released_at = now
+            if self.listener is not None:
+                self.listener.changed(key, server, False)
+
+    def peek(self, key: str) -> Entry | None:
+        """The entry of ``key`` as it is (expired or not), without making it the most recently used."""
+        return self._entries.get(key)
 
     def forget(self, key: str) -> None:
         """Drop one entry (its node can no longer serve the client)."""
-        self._entries.pop(key, None)
+        if self._entries.pop(key, None) is not None and self.listener is not None:
+            self.listener.changed(key, None, False)
+
+    def adopt(self, key: str, server: str | None, released_at: float) -> None:
+        """Apply a binding another balancer made (``server``; None: it forgot the client). An entry moved
+        to another node starts idle, released at ``released_at``: connections still open to its old node
+        no longer count (as after a move made here). The listener is not told (the change is not ours)."""
+        entry = self._entries.get(key)
+        if server is None:
+            if entry is not None:
+                del self._entries[key]
+            return
+        if entry is None:
+            self._entries[key] = Entry(server, 0, released_at)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        elif entry.server != server:
+            entry.server = server
+            entry.active = 0
+            entry.released_at = released_at
 
     def drop_server(self, server: str) -> int:
         """Drop every entry bound to ``server``; returns how many."""

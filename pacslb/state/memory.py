@@ -3,6 +3,8 @@ restart and are not shared with a peer (that is the Redis store's job)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pacslb.balance.persistence import PersistenceTable
 
 
@@ -24,5 +26,11 @@ class MemoryStore:
     def discard(self, service: str) -> None:
         self._tables.pop(service, None)
 
+    async def start(self) -> None:
+        pass
+
     async def close(self) -> None:
         self._tables.clear()
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": "memory", "connected": True, "synced": True}

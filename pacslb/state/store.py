@@ -10,9 +10,10 @@ clients' entries already in place, and the hot path never makes a round trip.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from pacslb.balance.persistence import PersistenceTable
+from pacslb.config.model import ClusterSpec
 
 
 class StateStore(Protocol):
@@ -26,6 +27,35 @@ class StateStore(Protocol):
         """Forget the table of a service that no longer exists."""
         ...
 
+    async def start(self) -> None:
+        """Begin sharing (a shared store connects and synchronises in the background; never waited on)."""
+        ...
+
     async def close(self) -> None:
         """Flush and release whatever the store holds."""
         ...
+
+    def status(self) -> dict[str, Any]:
+        """What the status, dashboard and metrics show of the store: at least ``kind``, ``connected`` and
+        ``synced``."""
+        ...
+
+
+def open_store(cluster: ClusterSpec) -> StateStore:
+    """The store ``cluster.store`` names.
+
+    Raises:
+        OSError: the password file cannot be read.
+    """
+    location = cluster.store
+    if location.kind == "memory":
+        from pacslb.state.memory import MemoryStore
+
+        return MemoryStore()
+    from pacslb.state.redis import RedisStore  # (redis is imported only by a balancer that uses it)
+
+    password = None
+    if cluster.password_file is not None:
+        with open(cluster.password_file, encoding="utf-8") as handle:
+            password = handle.readline().strip() or None
+    return RedisStore(location, cluster.node, password)

@@ -1,0 +1,482 @@
+"""The Redis state store: persistence tables shared by every balancer of a cluster.
+
+Theory of operation. The hot path never waits on Redis. Each service's :class:`PersistenceTable` stays
+local; the store listens to it (:class:`~pacslb.balance.persistence.TableListener`) and notes each change
+in a coalescing buffer. A background task writes what was noted every :data:`FLUSH_INTERVAL` in one
+pipeline, and applies what the other balancers publish. So a connection costs a dictionary insert or
+two here, whatever Redis is doing.
+
+In Redis, a binding is one key, ``pacslb:pin:<service>:<client key>``, whose value is
+``node <US> stamp <US> origin`` (US: the unit separator, 0x1f): the node, when the binding was made (wall
+clock, milliseconds) and by which balancer. It expires as the local entry does: :data:`ACTIVE_TTL` while a
+connection of the client is open here, the service's persistence timeout from the end of its last one.
+
+Writes go through a script (:data:`_WRITE`) that applies a binding only when it is at least as recent as
+the one in Redis, and then publishes it on :data:`CHANNEL`. Conflicts thus resolve the same way
+everywhere: the later stamp wins, and between equal stamps the greater balancer name. A change of
+expiry only (same binding) is written but not published. A balancer applies what a peer publishes when
+it is newer than what it knows of that client (its own changes come back to it and are skipped).
+
+A pin whose node one balancer saw fail: that balancer moves the client (a new binding, published), and
+the others follow it, even if they still see the old node up; a client is thus on one node everywhere.
+
+Starting or reconnecting, a balancer first writes what it changed while it was alone (through the same
+script: a newer binding in Redis wins), then reads every binding (SCAN), and only then counts as
+*synced*. Pub/sub messages are lost while disconnected; that full read makes up for them.
+
+Redis down, slow, or refusing the password: connections go on with the local tables (the store is
+soft state), ``store_down`` is logged once with the reason, the status and the metric say so, and the
+store reconnects with a growing pause (:data:`RECONNECT_MAX`); on return, ``store_up``, then the
+resynchronisation above.
+
+What it must not do: block the event loop, raise into the hot path, or hold an unbounded buffer (past
+:data:`MAX_PENDING` changes it keeps only a flag and writes every local entry on the next flush).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from pacslb.balance.persistence import Entry, PersistenceTable
+from pacslb.config.values import StoreLocation
+from pacslb.logs import log_event
+
+log = logging.getLogger("pacslb.store")
+
+#: Every binding's key starts with this, then the service name and ":".
+PREFIX = "pacslb:pin:"
+#: Where bindings are published.
+CHANNEL = "pacslb:pins"
+SEP = "\x1f"
+#: How long changes are gathered before one pipeline writes them: peers see a change within about this
+#: plus a round trip (the goal is 200 ms); shorter costs more writes under a high connection rate.
+FLUSH_INTERVAL = 0.02
+#: Changes held while Redis is away, at most; beyond, only "write everything" is remembered.
+MAX_PENDING = 100_000
+#: The expiry in Redis of a binding whose client has a connection open here: a day, so that a balancer that
+#: died with connections open leaves nothing behind for ever, and no study is long enough to outlast it.
+ACTIVE_TTL = 24 * 3600.0
+#: Connecting and each command: a Redis that does not answer within this is down for the store.
+SOCKET_TIMEOUT = 2.0
+#: Pause before reconnecting: doubles from RECONNECT_MIN up to RECONNECT_MAX.
+RECONNECT_MIN = 0.2
+RECONNECT_MAX = 5.0
+#: How often what is known of clients gone from their table is forgotten (bounds that memory).
+TRIM_INTERVAL = 30.0
+#: Keys read per SCAN step when loading.
+SCAN_COUNT = 1000
+
+# KEYS[1]: the binding's key. ARGV: value, stamp, origin, ttl in ms, whether to publish, the message.
+# Applies the binding unless the one in Redis is newer (stamp, then origin); deletes when the value is empty.
+_WRITE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local _, _, stamp, origin = string.find(current, '^[^\\31]*\\31([0-9]+)\\31(.*)$')
+  if stamp then
+    local theirs, ours = tonumber(stamp), tonumber(ARGV[2])
+    if theirs > ours or (theirs == ours and origin > ARGV[3]) then return 0 end
+  end
+end
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+end
+if ARGV[5] == '1' then redis.call('PUBLISH', KEYS[2], ARGV[6]) end
+return 1
+"""
+
+Stamp = tuple[int, str]  # (milliseconds, origin): the order of bindings
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Known:
+    """What the store last knew of one client: node (None: forgotten), stamp, and whether it is active here."""
+
+    __slots__ = ("active", "node", "stamp")
+
+    def __init__(self, node: str | None, stamp: Stamp, active: bool) -> None:
+        self.node = node
+        self.stamp = stamp
+        self.active = active
+
+
+class _ServiceListener:
+    """The listener of one service's table: notes changes for the flush."""
+
+    __slots__ = ("service", "store")
+
+    def __init__(self, store: RedisStore, service: str) -> None:
+        self.store = store
+        self.service = service
+
+    def changed(self, key: str, server: str | None, active: bool) -> None:
+        self.store._note(self.service, key, server, active)
+
+
+class RedisStore:
+    """Persistence tables kept here and shared through Redis (see the module's docstring)."""
+
+    def __init__(
+        self,
+        location: StoreLocation,
+        node: str,
+        password: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.location = location
+        self.node = node
+        self.password = password
+        # The tables' clock: the event loop's (taken at start() unless given), as the services use.
+        self.clock: Callable[[], float] = clock if clock is not None else time.monotonic
+        self._clock_from_loop = clock is None
+        self._tables: dict[str, PersistenceTable] = {}
+        self._known: dict[str, dict[str, _Known]] = {}
+        # (service, key) -> the node noted (None: forgotten): changed here, not yet written.
+        self._pending: dict[tuple[str, str], str | None] = {}
+        self._push_all = False  # the buffer overflowed (or Redis was never reached): write every entry
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._trimmed = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        # What the status and metrics show.
+        self.connected = False
+        self.synced = False
+        self.down_since: float | None = None
+        self.last_error = ""
+        self.counts = {"written": 0, "applied": 0, "published": 0, "conflicts_lost": 0, "reconnects": 0}
+
+    # -- the StateStore interface -------------------------------------------------------------------------
+
+    def persistence_table(self, service: str, timeout: float, max_entries: int) -> PersistenceTable:
+        table = self._tables.get(service)
+        if table is None:
+            table = self._tables[service] = PersistenceTable(timeout, max_entries)
+            table.listener = _ServiceListener(self, service)
+            self._known.setdefault(service, {})
+            if self.synced:
+                self.synced = False  # a new service's bindings are read on the next pass
+                self._push_all = True
+                self._wake.set()
+        else:
+            table.timeout = timeout
+            table.resize(max_entries)
+        return table
+
+    def discard(self, service: str) -> None:
+        table = self._tables.pop(service, None)
+        if table is not None:
+            table.listener = None
+        self._known.pop(service, None)
+        for pending in [p for p in self._pending if p[0] == service]:
+            del self._pending[pending]
+
+    async def start(self) -> None:
+        """Start the background task (it connects, synchronises, then writes and listens)."""
+        if self._task is None:
+            if self._clock_from_loop:
+                self.clock = asyncio.get_running_loop().time
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="pacslb-store")
+
+    async def close(self) -> None:
+        """Write what is pending (briefly, if Redis is there), then stop."""
+        self._closing = True
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            try:
+                async with asyncio.timeout(SOCKET_TIMEOUT):
+                    await asyncio.shield(self._task)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            finally:
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._task
+            self._task = None
+        for table in self._tables.values():
+            table.listener = None
+        self._tables.clear()
+
+    def status(self) -> dict[str, Any]:
+        """What ``pacslb status`` and the dashboard show of the store."""
+        return {
+            "kind": self.location.kind,
+            "url": str(self.location),
+            "node": self.node,
+            "connected": self.connected,
+            "synced": self.synced,
+            "down_since": self.down_since,
+            "last_error": self.last_error,
+            "pending": len(self._pending),
+            **self.counts,
+        }
+
+    # -- the hot path's side ---------------------------------------------------------------------------------
+
+    def _note(self, service: str, key: str, server: str | None, active: bool) -> None:
+        pending = self._pending
+        if len(pending) >= MAX_PENDING and (service, key) not in pending:
+            self._push_all = True
+        else:
+            pending[(service, key)] = server
+        if not self._wake.is_set():
+            self._wake.set()
+
+    # -- the background task ----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        pause = RECONNECT_MIN
+        first = True
+        while not self._closing:
+            client: aioredis.Redis | None = None
+            try:
+                client = await self._connect()
+                await self._session(client, first)
+                return  # closing
+            except (RedisError, OSError, TimeoutError) as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if self.connected or first or reason != self.last_error:
+                    log_event(log, "store_down", logging.WARNING, store=str(self.location), reason=reason)
+                self.last_error = reason
+                if self.connected or first:
+                    self.down_since = time.time()
+                self.connected = self.synced = False
+                self._push_all = self._push_all or first
+                first = False
+            finally:
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
+            if self._closing:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._stop.wait()
+            pause = min(RECONNECT_MAX, pause * 2)
+            self.counts["reconnects"] += 1
+
+    async def _connect(self) -> aioredis.Redis:
+        location = self.location
+        options: dict[str, Any] = {
+            "db": location.db,
+            "password": self.password,
+            "username": location.username,
+            "socket_timeout": SOCKET_TIMEOUT,
+            "socket_connect_timeout": SOCKET_TIMEOUT,
+            "decode_responses": True,
+            "health_check_interval": 1,
+        }
+        if location.kind == "sentinel":
+            assert location.master is not None
+            sentinel = Sentinel(
+                list(location.hosts),
+                socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=SOCKET_TIMEOUT,
+                sentinel_kwargs={"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": SOCKET_TIMEOUT},
+                **{k: v for k, v in options.items() if k not in ("socket_timeout", "socket_connect_timeout")},
+            )
+            client: aioredis.Redis = sentinel.master_for(location.master)
+        else:
+            host, port = location.hosts[0]
+            client = aioredis.Redis(host=host, port=port, ssl=location.kind == "rediss", **options)
+        await client.ping()
+        return client
+
+    async def _session(self, client: aioredis.Redis, first: bool) -> None:
+        """One connected period: resynchronise, then write and listen until Redis goes or the store closes."""
+        write = client.register_script(_WRITE)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(CHANNEL)
+        try:
+            if not first or self.down_since is not None:
+                log_event(log, "store_up", store=str(self.location))
+            self.connected = True
+            self.down_since = None
+            self.last_error = ""
+            await self._flush(client, write)  # what changed here while alone (all of it, at first)
+            loaded = await self._load(client)
+            self.synced = True
+            log_event(log, "store_synced", store=str(self.location), entries=loaded)
+            listener = asyncio.get_running_loop().create_task(self._listen(pubsub))
+            try:
+                while not self._closing:
+                    if listener.done():
+                        listener.result()  # raises what ended it
+                        raise ConnectionError("the subscription ended")
+                    if not self.synced:  # a service was added: read its bindings
+                        await self._flush(client, write)
+                        await self._load(client)
+                        self.synced = True
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self._wake.wait()
+                    self._wake.clear()
+                    if self.clock() - self._trimmed > TRIM_INTERVAL:
+                        self._trimmed = self.clock()
+                        self.trim()
+                    if self._pending or self._push_all:
+                        await asyncio.sleep(FLUSH_INTERVAL)  # gather what comes with it
+                        await self._flush(client, write)
+                await self._flush(client, write)
+            finally:
+                listener.cancel()
+                with contextlib.suppress(BaseException):
+                    await listener
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def _flush(self, client: aioredis.Redis, write: Any) -> None:
+        """Write every pending change (every entry, after an overflow or before the first sync)."""
+        if self._push_all:
+            self._push_all = False
+            for service, table in self._tables.items():
+                for key, held in table.items():
+                    self._pending[(service, key)] = held.server
+        if not self._pending:
+            return
+        pending = list(self._pending.items())
+        self._pending.clear()
+        now_ms = _now_ms()
+        pipe = client.pipeline(transaction=False)
+        published = 0
+        learned: list[tuple[dict[str, _Known], str, _Known]] = []  # known once written
+        for (service, key), noted in pending:
+            owner = self._tables.get(service)
+            if owner is None:
+                continue
+            known = self._known[service]
+            entry = owner.peek(key)
+            if noted is not None and entry is None:
+                continue  # bound, then dropped here for room or expired: nothing to share
+            node = entry.server if entry is not None else None
+            active = entry is not None and entry.active > 0
+            previous = known.get(key)
+            if previous is not None and previous.node == node:
+                stamp = previous.stamp  # the same binding (its expiry changed): keep who made it and when
+                publish = False
+            else:
+                stamp = (max(now_ms, previous.stamp[0] + 1) if previous is not None else now_ms, self.node)
+                publish = True
+            learned.append((known, key, _Known(node, stamp, active)))
+            if node is None:
+                value, ttl_ms = "", 1
+            else:
+                value = f"{node}{SEP}{stamp[0]}{SEP}{stamp[1]}"
+                ttl = ACTIVE_TTL if active else max(0.001, owner.timeout - self._idle_for(entry))
+                ttl_ms = max(1, int(ttl * 1000))
+            message = SEP.join((self.node, service, key, node or "", str(stamp[0]), stamp[1]))
+            keys = [f"{PREFIX}{service}:{key}", CHANNEL]
+            await write(
+                keys=keys, args=[value, stamp[0], stamp[1], ttl_ms, "1" if publish else "0", message], client=pipe
+            )
+            published += publish
+        try:
+            results = await pipe.execute()
+        except BaseException:
+            # Not written: noted again, to be written once Redis is back.
+            for item, noted in pending:
+                self._pending.setdefault(item, noted)
+            raise
+        for known, key, now_known in learned:
+            known[key] = now_known
+        self.counts["written"] += sum(1 for r in results if r == 1)
+        self.counts["conflicts_lost"] += sum(1 for r in results if r == 0)
+        self.counts["published"] += published
+
+    def _idle_for(self, entry: Entry | None) -> float:
+        if entry is None or entry.released_at is None:
+            return 0.0
+        return max(0.0, float(self.clock() - entry.released_at))
+
+    async def _load(self, client: aioredis.Redis) -> int:
+        """Read every binding of this balancer's services and apply those newer than what is known here."""
+        loaded = 0
+        for service in list(self._tables):
+            cursor = 0
+            pattern = f"{PREFIX}{_glob_escape(service)}:*"
+            while True:
+                cursor, keys = await client.scan(cursor, match=pattern, count=SCAN_COUNT)
+                if keys:
+                    pipe = client.pipeline(transaction=False)
+                    for name in keys:
+                        pipe.get(name)
+                        pipe.pttl(name)
+                    answers = await pipe.execute()
+                    for i, name in enumerate(keys):
+                        value, ttl_ms = answers[2 * i], answers[2 * i + 1]
+                        if value is None or ttl_ms is None or ttl_ms == -2:
+                            continue
+                        key = name[len(PREFIX) + len(service) + 1 :]
+                        ttl = ttl_ms / 1000.0 if ttl_ms > 0 else ACTIVE_TTL
+                        if self._apply(service, str(key), str(value), ttl):
+                            loaded += 1
+                if cursor == 0:
+                    break
+        return loaded
+
+    def _apply(self, service: str, key: str, value: str, ttl: float) -> bool:
+        """Apply one binding read from Redis (``ttl``: its remaining life there) when it is newer."""
+        node, _, rest = value.partition(SEP)
+        stamp_text, _, origin = rest.partition(SEP)
+        if not node or not stamp_text.isdigit():
+            return False
+        return self._adopt(service, key, node, (int(stamp_text), origin), ttl)
+
+    def _adopt(self, service: str, key: str, node: str | None, stamp: Stamp, ttl: float | None) -> bool:
+        table = self._tables.get(service)
+        if table is None:
+            return False
+        known = self._known[service]
+        previous = known.get(key)
+        if previous is not None and previous.stamp >= stamp:
+            return False
+        if (service, key) in self._pending:
+            return False  # changed here since, not yet written: ours is newer (the write settles it)
+        now = self.clock()
+        timeout = table.timeout
+        # Idle for as long as Redis's expiry says (a binding still active elsewhere starts idle now).
+        released_at = now if ttl is None or ttl >= timeout else now - (timeout - ttl)
+        table.adopt(key, node, released_at)
+        known[key] = _Known(node, stamp, False)
+        self.counts["applied"] += 1
+        return True
+
+    async def _listen(self, pubsub: Any) -> None:
+        """Apply what the other balancers publish."""
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None or message.get("type") != "message":
+                continue
+            fields = str(message["data"]).split(SEP)
+            if len(fields) != 6 or fields[0] == self.node or not fields[4].isdigit():
+                continue
+            _, service, key, node, stamp, origin = fields
+            self._adopt(service, key, node or None, (int(stamp), origin), None)
+
+    def trim(self) -> None:
+        """Forget what is known of clients no longer in their table (called with the periodic expiry)."""
+        for service, table in self._tables.items():
+            known = self._known[service]
+            if len(known) > len(table):
+                for key in [k for k in known if table.peek(k) is None]:
+                    del known[key]
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` with the characters SCAN's MATCH treats as a pattern escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,263 @@
+"""Balancers sharing their persistence tables through a real Redis (redis-server from Debian).
+
+Two pacslb processes (lb1, lb2) with the same services and the same store, as a pair behind a virtual IP
+or several balancers behind DNS would be. Clients are sockets bound to their own loopback addresses; the
+nodes are in-process TCP servers that say their name. What a user would check: a client reaches the same
+node whichever balancer it comes through; a Redis outage fails no connection, and sharing resumes when
+Redis is back, even empty; a wrong password is reported and fails nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import peers
+import pytest
+from peers import PacslbProcess
+
+pytestmark = pytest.mark.peers
+
+PacslbFactory = Callable[[str], PacslbProcess]
+REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
+#: Bounds of the waits below: a change reaches the other balancer in milliseconds (the goal is 200 ms);
+#: a machine busy with other work gets far more.
+WITHIN = 15.0
+
+
+class RedisServer:
+    """One redis-server on a loopback port, without persistence; restartable on the same port."""
+
+    def __init__(self, root: Path, password: str | None = None) -> None:
+        self.root = root
+        self.port = peers.free_port()
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        args = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.root)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = peers._popen(args, self.root / "redis.log")
+        peers.wait_for(lambda: self.command("PING") in ("PONG", "NOAUTH"), WITHIN, "redis-server to answer")
+        return self
+
+    def command(self, *args: str) -> str:
+        """One command through redis-cli's protocol, by hand (a RESP request on a socket)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as sock:
+                parts = ([("AUTH", self.password)] if self.password else []) + [args]
+                for part in parts:
+                    request = b"*%d\r\n" % len(part) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in part)
+                    sock.sendall(request)
+                answers = b""
+                while answers.count(b"\r\n") < len(parts):
+                    more = sock.recv(65536)
+                    if not more:
+                        break
+                    answers += more
+                last = answers.split(b"\r\n")[-2] if answers.count(b"\r\n") >= len(parts) else b""
+                return last.decode(errors="replace").lstrip("+-:$").split(" ")[0]
+        except OSError:
+            return ""
+
+    def keys(self, pattern: str = "pacslb:pin:*") -> int:
+        found = self.command("EVAL", f"return #redis.call('KEYS', '{pattern}')", "0")
+        return int(found) if found.isdigit() else -1
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            peers._stop_process(self.proc, 10.0)
+            self.proc = None
+
+
+class NamedNode:
+    """A TCP node that writes its name to every connection and closes it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                with conn:
+                    conn.sendall(self.name.encode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def visit(port: int, source_ip: str) -> str:
+    """One connection from ``source_ip`` through the balancer on ``port``: the name of the node reached."""
+    with socket.socket() as sock:
+        sock.bind((source_ip, 0))
+        sock.settimeout(WITHIN)
+        sock.connect(("127.0.0.1", port))
+        data = b""
+        while chunk := sock.recv(1024):
+            data += chunk
+    return data.decode()
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[NamedNode]]:
+    made = [NamedNode(f"pacs{i}") for i in (1, 2, 3)]
+    yield made
+    for node in made:
+        node.close()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def balancer_config(name: str, port: int, admin_port: int, nodes: list[NamedNode], store: str, **cluster: Any) -> str:
+    spec = peers.service(
+        port,
+        {node.name: node.address for node in nodes},
+        balance="roundrobin",
+        persistence={"type": "source_ip", "timeout": "5m"},
+        check={"type": "none"},
+    )
+    return peers.config_text(
+        {"dicom": spec},
+        workers=1,
+        shutdown_grace="1s",
+        admin=peers.admin_section(admin_port),
+        cluster={"node": name, "store": store, **cluster},
+    )
+
+
+def store_status(admin_port: int) -> dict[str, Any]:
+    status: dict[str, Any] = peers.admin_api(admin_port, "GET", "/api/v1/status", token="").json()
+    return status["cluster"]["store"]
+
+
+def wait_synced(admin_port: int) -> None:
+    peers.wait_for(lambda: store_status(admin_port)["synced"], WITHIN, f"the balancer on {admin_port} to sync")
+
+
+def wait_applied(admin_port: int, count: int) -> None:
+    peers.wait_for(lambda: store_status(admin_port)["applied"] >= count, WITHIN, f"{count} bindings applied")
+
+
+def start_pair(
+    pacslb: PacslbFactory, nodes: list[NamedNode], store: str, **cluster: Any
+) -> tuple[list[int], list[int], list[PacslbProcess]]:
+    ports = [peers.free_port(), peers.free_port()]
+    admins = [peers.free_port(), peers.free_port()]
+    lbs = [pacslb(balancer_config(f"lb{i + 1}", ports[i], admins[i], nodes, store, **cluster)) for i in range(2)]
+    return ports, admins, lbs
+
+
+def test_a_client_reaches_the_same_node_through_either_balancer(
+    pacslb: PacslbFactory, nodes: list[NamedNode], redis: RedisServer
+) -> None:
+    ports, admins, lbs = start_pair(pacslb, nodes, redis.url)
+    for admin in admins:
+        wait_synced(admin)
+    clients = [f"127.0.2.{i}" for i in range(1, 21)]
+    first: dict[str, str] = {}
+    for i, ip in enumerate(clients):
+        # Each client starts on one balancer or the other; the other learns of it in the background.
+        here, there = (0, 1) if i % 2 == 0 else (1, 0)
+        first[ip] = visit(ports[here], ip)
+        wait_applied(admins[there], sum(1 for j in range(i + 1) if (j % 2 == 0) == (here == 0)))
+    assert len(set(first.values())) == 3, f"the scheduler left a node out: {first}"
+    for ip in clients:
+        for port in ports:  # alternating between the balancers, the client stays where it started
+            assert visit(port, ip) == first[ip], f"{ip} moved"
+    lines = [e for lb in lbs for e in lb.events("conn") if e.get("rule") == "persistence"]
+    assert len(lines) == 40, f"every later connection should be decided by persistence: {len(lines)}"
+    assert redis.keys() == 20
+
+
+def test_a_restarted_balancer_loads_the_table_before_it_counts_as_synced(
+    pacslb: PacslbFactory, nodes: list[NamedNode], redis: RedisServer
+) -> None:
+    port, admin = peers.free_port(), peers.free_port()
+    config = balancer_config("lb1", port, admin, nodes, redis.url)
+    lb = pacslb(config)
+    wait_synced(admin)
+    clients = [f"127.0.3.{i}" for i in range(1, 13)]
+    before = {ip: visit(port, ip) for ip in clients}
+    peers.wait_for(lambda: redis.keys() == len(clients), WITHIN, "every binding written to Redis")
+    lb.stop()
+    again = pacslb(config)
+    wait_synced(admin)
+    assert {ip: visit(port, ip) for ip in clients} == before
+    assert again.events("store_synced")[-1].get("entries") == str(len(clients))
+
+
+def test_losing_redis_fails_no_connection_and_sharing_resumes_when_it_returns_empty(
+    pacslb: PacslbFactory, nodes: list[NamedNode], redis: RedisServer
+) -> None:
+    ports, admins, lbs = start_pair(pacslb, nodes, redis.url)
+    for admin in admins:
+        wait_synced(admin)
+    redis.stop()
+    for lb in lbs:
+        lb.wait_event("store_down", WITHIN)
+    assert not store_status(admins[0])["connected"]
+    # Alone, each balancer still serves, and keeps its own clients where they started.
+    alone = {f"127.0.4.{i}": visit(ports[0], f"127.0.4.{i}") for i in range(1, 9)}
+    assert all(alone.values())
+    assert {ip: visit(ports[0], ip) for ip in alone} == alone
+    # Redis comes back empty (a restart without persistence): the balancers write their tables again.
+    redis.start()
+    for lb in lbs:
+        lb.wait_event("store_up", WITHIN)
+    for admin in admins:
+        wait_synced(admin)
+    peers.wait_for(lambda: redis.keys() == len(alone), WITHIN, "lb1's bindings written again")
+    wait_applied(admins[1], len(alone))
+    assert {ip: visit(ports[1], ip) for ip in alone} == alone
+    assert not [
+        e for lb in lbs for e in lb.events("conn") if e.get("end") not in ("ok", "client_closed", "server_closed")
+    ]
+
+
+def test_a_wrong_password_is_reported_and_fails_nothing(
+    pacslb: PacslbFactory, nodes: list[NamedNode], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis-auth", password="right-password-123").start()
+    try:
+        wrong = tmp_path / "wrong.password"
+        wrong.write_text("not-the-password\n")
+        port, admin = peers.free_port(), peers.free_port()
+        lb = pacslb(balancer_config("lb1", port, admin, nodes, server.url, password_file=str(wrong)))
+        down = lb.wait_event("store_down", WITHIN)
+        assert "password" in down.get("reason").lower() or "auth" in down.get("reason").lower(), down.line
+        assert visit(port, "127.0.5.1") in {"pacs1", "pacs2", "pacs3"}
+        assert store_status(admin)["synced"] is False
+        right = tmp_path / "right.password"
+        right.write_text("right-password-123\n")
+        port2, admin2 = peers.free_port(), peers.free_port()
+        pacslb(balancer_config("lb2", port2, admin2, nodes, server.url, password_file=str(right)))
+        wait_synced(admin2)
+    finally:
+        server.stop()
