@@ -107,6 +107,44 @@ class AdminStates:
         else:
             table[key] = setting
 
+    # -- sharing with the other balancers (pacslb/state/redis.py) ---------------------------------------
+
+    def fields(self) -> dict[str, dict[str, Any]]:
+        """Every setting as a flat mapping: ``nodes/NODE`` or ``servers/SERVICE/NODE`` -> its values."""
+        document = self.to_json()
+        out = {f"nodes/{node}": value for node, value in document["nodes"].items()}
+        out.update({f"servers/{name}": value for name, value in document["servers"].items()})
+        return out
+
+    @staticmethod
+    def changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """What differs from ``before`` to ``after`` (a setting gone: ``{}``)."""
+        out = {name: value for name, value in after.items() if before.get(name) != value}
+        out.update({name: {} for name in before if name not in after})
+        return out
+
+    def apply_fields(self, changes: dict[str, dict[str, Any]]) -> None:
+        """Take settings made elsewhere (as :meth:`fields` gives them; ``{}`` clears one), then save.
+
+        Raises:
+            ValueError: a name or a value that is not a setting (nothing is changed then).
+        """
+        parsed: list[tuple[str, Any, Setting]] = []
+        for name, value in changes.items():
+            kind, sep, rest = name.partition("/")
+            setting = _setting(value)
+            if kind == "nodes" and sep and rest:
+                parsed.append(("nodes", rest, setting))
+            elif kind == "servers" and "/" in rest:
+                service, _, node = rest.partition("/")
+                parsed.append(("servers", (service, node), setting))
+            else:
+                raise ValueError(f"not a setting: {name!r}")
+        for kind, key, setting in parsed:
+            table: dict[Any, Setting] = self.nodes if kind == "nodes" else self.servers
+            self._set(table, key, admin=setting.admin, weight=setting.weight)
+        self.save()
+
     # -- the file ---------------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:

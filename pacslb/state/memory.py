@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pacslb.balance.persistence import PersistenceTable
+from pacslb.state.store import AdminListener
 
 
 class MemoryStore:
@@ -13,6 +14,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._tables: dict[str, PersistenceTable] = {}
+        self.on_admin: AdminListener | None = None  # (nobody else makes settings)
 
     def persistence_table(self, service: str, timeout: float, max_entries: int) -> PersistenceTable:
         table = self._tables.get(service)
@@ -25,6 +27,9 @@ class MemoryStore:
 
     def discard(self, service: str) -> None:
         self._tables.pop(service, None)
+
+    def admin_changed(self, changes: dict[str, dict[str, Any]]) -> None:
+        pass  # the admin state file keeps them across restarts; nobody else needs them
 
     async def start(self) -> None:
         pass

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from redis.exceptions import RedisError
 from pacslb.balance.persistence import Entry, PersistenceTable
 from pacslb.config.values import StoreLocation
 from pacslb.logs import log_event
+from pacslb.state.store import AdminListener
 
 log = logging.getLogger("pacslb.store")
 
@@ -56,6 +58,9 @@ log = logging.getLogger("pacslb.store")
 PREFIX = "pacslb:pin:"
 #: Where bindings are published.
 CHANNEL = "pacslb:pins"
+#: The admin settings (drain, halt, run-time weights): one hash, a field per setting, and their channel.
+ADMIN_KEY = "pacslb:admin"
+ADMIN_CHANNEL = "pacslb:admin"
 SEP = "\x1f"
 #: How long changes are gathered before one pipeline writes them: peers see a change within about this
 #: plus a round trip (the goal is 200 ms); shorter costs more writes under a high connection rate.
@@ -92,6 +97,22 @@ else
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
 end
 if ARGV[5] == '1' then redis.call('PUBLISH', KEYS[2], ARGV[6]) end
+return 1
+"""
+
+# KEYS: the admin hash, its channel. ARGV: field, value (stamp US origin US json), stamp, origin, message.
+# Sets the field unless the hash holds a newer one; publishes what it set.
+_ADMIN_WRITE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local _, _, stamp, origin = string.find(current, '^([0-9]+)\31([^\31]*)\31')
+  if stamp then
+    local theirs, ours = tonumber(stamp), tonumber(ARGV[3])
+    if theirs > ours or (theirs == ours and origin > ARGV[4]) then return 0 end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[5])
 return 1
 """
 
@@ -147,6 +168,10 @@ class RedisStore:
         # (service, key) -> the node noted (None: forgotten): changed here, not yet written.
         self._pending: dict[tuple[str, str], str | None] = {}
         self._push_all = False  # the buffer overflowed (or Redis was never reached): write every entry
+        # Admin settings: what was changed here and not yet written, and the stamp of each setting known.
+        self.on_admin: AdminListener | None = None
+        self._admin_pending: dict[str, tuple[str, Stamp]] = {}
+        self._admin_known: dict[str, Stamp] = {}
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._trimmed = 0.0
@@ -183,6 +208,16 @@ class RedisStore:
         self._known.pop(service, None)
         for pending in [p for p in self._pending if p[0] == service]:
             del self._pending[pending]
+
+    def admin_changed(self, changes: dict[str, dict[str, Any]]) -> None:
+        now = _now_ms()
+        for name, value in changes.items():
+            previous = self._admin_known.get(name)
+            stamp = (max(now, previous[0] + 1) if previous is not None else now, self.node)
+            self._admin_known[name] = stamp
+            self._admin_pending[name] = (json.dumps(value, sort_keys=True), stamp)
+        if changes:
+            self._wake.set()
 
     async def start(self) -> None:
         """Start the background task (it connects, synchronises, then writes and listens)."""
@@ -300,7 +335,8 @@ class RedisStore:
         """One connected period: resynchronise, then write and listen until Redis goes or the store closes."""
         write = client.register_script(_WRITE)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(CHANNEL)
+        await pubsub.subscribe(CHANNEL, ADMIN_CHANNEL)
+        admin_write = client.register_script(_ADMIN_WRITE)
         try:
             if not first or self.down_since is not None:
                 log_event(log, "store_up", store=str(self.location))
@@ -308,6 +344,7 @@ class RedisStore:
             self.down_since = None
             self.last_error = ""
             await self._flush(client, write)  # what changed here while alone (all of it, at first)
+            await self._load_admin(client, admin_write)
             loaded = await self._load(client)
             self.synced = True
             log_event(log, "store_synced", store=str(self.location), entries=loaded)
@@ -328,9 +365,12 @@ class RedisStore:
                     if self.clock() - self._trimmed > TRIM_INTERVAL:
                         self._trimmed = self.clock()
                         self.trim()
+                    if self._admin_pending:
+                        await self._flush_admin(client, admin_write)
                     if self._pending or self._push_all:
                         await asyncio.sleep(FLUSH_INTERVAL)  # gather what comes with it
                         await self._flush(client, write)
+                await self._flush_admin(client, admin_write)
                 await self._flush(client, write)
             finally:
                 listener.cancel()
@@ -456,11 +496,74 @@ class RedisStore:
         self.counts["applied"] += 1
         return True
 
+    # -- admin settings -----------------------------------------------------------------------------------
+
+    async def _flush_admin(self, client: aioredis.Redis, write: Any) -> None:
+        """Write the admin settings changed here (a newer one in Redis wins, and comes back to us)."""
+        if not self._admin_pending:
+            return
+        pending = list(self._admin_pending.items())
+        self._admin_pending.clear()
+        pipe = client.pipeline(transaction=False)
+        for name, (value, stamp) in pending:
+            stored = f"{stamp[0]}{SEP}{stamp[1]}{SEP}{value}"
+            message = SEP.join((self.node, name, str(stamp[0]), stamp[1], value))
+            await write(keys=[ADMIN_KEY, ADMIN_CHANNEL], args=[name, stored, stamp[0], stamp[1], message], client=pipe)
+        try:
+            await pipe.execute()
+        except BaseException:
+            for name, item in pending:
+                self._admin_pending.setdefault(name, item)
+            raise
+
+    async def _load_admin(self, client: aioredis.Redis, write: Any) -> None:
+        """At (re)connection: take every setting newer in Redis than here; write those Redis lacks."""
+        stored = {str(k): str(v) for k, v in (await client.hgetall(ADMIN_KEY)).items()}
+        changes: dict[str, dict[str, Any]] = {}
+        origin = "store"
+        for name, text in stored.items():
+            stamp_text, _, rest = text.partition(SEP)
+            maker, _, value = rest.partition(SEP)
+            if not stamp_text.isdigit() or name in self._admin_pending:
+                continue
+            stamp = (int(stamp_text), maker)
+            known = self._admin_known.get(name)
+            if known is None or known < stamp:
+                try:
+                    changes[name] = dict(json.loads(value))
+                except (ValueError, TypeError):
+                    continue
+                self._admin_known[name] = stamp
+                origin = maker
+        if changes and self.on_admin is not None:
+            self.on_admin(changes, origin)
+        await self._flush_admin(client, write)
+
+    def _admin_message(self, data: str) -> None:
+        fields = data.split(SEP, 4)
+        if len(fields) != 5 or fields[0] == self.node or not fields[2].isdigit():
+            return
+        _, name, stamp_text, maker, value = fields
+        stamp = (int(stamp_text), maker)
+        known = self._admin_known.get(name)
+        if (known is not None and known >= stamp) or name in self._admin_pending:
+            return
+        try:
+            change = dict(json.loads(value))
+        except (ValueError, TypeError):
+            return
+        self._admin_known[name] = stamp
+        if self.on_admin is not None:
+            self.on_admin({name: change}, maker)
+
     async def _listen(self, pubsub: Any) -> None:
         """Apply what the other balancers publish."""
         while True:
             message = await pubsub.get_message(timeout=1.0)
             if message is None or message.get("type") != "message":
+                continue
+            if message.get("channel") == ADMIN_CHANNEL:
+                self._admin_message(str(message["data"]))
                 continue
             fields = str(message["data"]).split(SEP)
             if len(fields) != 6 or fields[0] == self.node or not fields[4].isdigit():

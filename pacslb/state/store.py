@@ -10,14 +10,21 @@ clients' entries already in place, and the hot path never makes a round trip.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pacslb.balance.persistence import PersistenceTable
 from pacslb.config.model import ClusterSpec
 
+#: Told of admin settings made by another balancer: (changes as AdminStates.fields() gives them, origin).
+AdminListener = Callable[[dict[str, dict[str, Any]], str], None]
+
 
 class StateStore(Protocol):
-    """Hands out the persistence table of each service and lives as long as the engine."""
+    """Hands out the persistence table of each service, shares admin settings, lives as long as the engine."""
+
+    #: Set by the engine before start(): applies admin settings another balancer made.
+    on_admin: AdminListener | None
 
     def persistence_table(self, service: str, timeout: float, max_entries: int) -> PersistenceTable:
         """The table of ``service``; the same object across reloads, with new limits applied."""
@@ -25,6 +32,10 @@ class StateStore(Protocol):
 
     def discard(self, service: str) -> None:
         """Forget the table of a service that no longer exists."""
+        ...
+
+    def admin_changed(self, changes: dict[str, dict[str, Any]]) -> None:
+        """Admin settings changed here (``{}``: cleared): shared with the other balancers, in the background."""
         ...
 
     async def start(self) -> None:

@@ -191,6 +191,8 @@ def test_a_client_reaches_the_same_node_through_either_balancer(
     for ip in clients:
         for port in ports:  # alternating between the balancers, the client stays where it started
             assert visit(port, ip) == first[ip], f"{ip} moved"
+    # (A connection's line is written as it ends, which may be just after the client saw it end.)
+    peers.wait_for(lambda: sum(len(lb.events("conn")) for lb in lbs) == 60, WITHIN, "60 connection lines")
     lines = [e for lb in lbs for e in lb.events("conn") if e.get("rule") == "persistence"]
     assert len(lines) == 40, f"every later connection should be decided by persistence: {len(lines)}"
     assert redis.keys() == 20
@@ -236,6 +238,7 @@ def test_losing_redis_fails_no_connection_and_sharing_resumes_when_it_returns_em
     peers.wait_for(lambda: redis.keys() == len(alone), WITHIN, "lb1's bindings written again")
     wait_applied(admins[1], len(alone))
     assert {ip: visit(ports[1], ip) for ip in alone} == alone
+    peers.wait_for(lambda: sum(len(lb.events("conn")) for lb in lbs) == 3 * len(alone), WITHIN, "every line")
     assert not [
         e for lb in lbs for e in lb.events("conn") if e.get("end") not in ("ok", "client_closed", "server_closed")
     ]
@@ -261,3 +264,32 @@ def test_a_wrong_password_is_reported_and_fails_nothing(
         wait_synced(admin2)
     finally:
         server.stop()
+
+
+def server_admin(admin_port: int, node: str) -> str:
+    return str(peers.admin_server(admin_port, "dicom", node)["admin"])
+
+
+def test_a_drain_or_halt_made_on_one_balancer_holds_on_all_and_survives_a_restart(
+    pacslb: PacslbFactory, nodes: list[NamedNode], redis: RedisServer
+) -> None:
+    ports, admins, lbs = start_pair(pacslb, nodes, redis.url)
+    for admin in admins:
+        wait_synced(admin)
+    assert peers.admin_api(admins[0], "POST", "/api/v1/nodes/pacs2/halt").status_code == 200
+    peers.wait_for(lambda: server_admin(admins[1], "pacs2") == "halt", WITHIN, "lb2 to halt pacs2")
+    halted = lbs[1].wait_event("admin", WITHIN, server="pacs2", new="halt")
+    assert halted.get("by") == "peer:lb1", halted.line
+    assert peers.admin_api(admins[1], "POST", "/api/v1/nodes/pacs3/drain").status_code == 200
+    peers.wait_for(lambda: server_admin(admins[0], "pacs3") == "drain", WITHIN, "lb1 to drain pacs3")
+    # New clients now go to pacs1 only, through either balancer.
+    assert {visit(ports[i % 2], f"127.0.6.{i}") for i in range(1, 7)} == {"pacs1"}
+    # lb2 restarts: it takes the settings from the store, not from a state file it does not have.
+    lbs[1].stop()
+    again = pacslb(lbs[1].config_path.read_text())
+    wait_synced(admins[1])
+    assert server_admin(admins[1], "pacs2") == "halt" and server_admin(admins[1], "pacs3") == "drain"
+    # Back online from the restarted one: on all.
+    assert peers.admin_api(admins[1], "POST", "/api/v1/nodes/pacs2/online").status_code == 200
+    peers.wait_for(lambda: server_admin(admins[0], "pacs2") == "online", WITHIN, "lb1 to put pacs2 online")
+    assert again.events("admin", server="pacs2", new="online")
