@@ -12,6 +12,8 @@ then take a working balancer for a dead one) for as long as they are held. So:
 - *Idle* means no request in progress: nothing received yet, only part of a request head, or the last
   answer sent. A connection may be idle for ADMIN_IDLE_TIMEOUT at most, counted from its opening or its
   last answer; bytes that trickle in without completing a head do not extend it.
+- A request's body must be received within ADMIN_IDLE_TIMEOUT of its head, or the connection is closed:
+  a body sent slowly would otherwise keep a request in progress, which nothing below closes.
 - Past ADMIN_IDLE_MARK open connections, each new one closes the connections idle the longest until
   ADMIN_IDLE_MARK are open again (never one with a request in progress). Idle connections therefore
   cannot keep a new request from being served; only ADMIN_MAX_CONNECTIONS - ADMIN_IDLE_MARK requests in
@@ -46,6 +48,7 @@ class AdminProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
 
     @property
     def idle(self) -> bool:
@@ -59,11 +62,19 @@ class AdminProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_idle()
+        self._stop_body()
         super().connection_lost(exc)
 
     def on_headers_complete(self) -> None:
         self._stop_idle()
+        # The body (often none: then on_message_complete comes at once and stops this) has the same bound.
+        self._stop_body()
+        self._body_timer = self.loop.call_later(ADMIN_IDLE_TIMEOUT, self._body_expired)
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._stop_body()
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -85,6 +96,16 @@ class AdminProtocol(HttpToolsProtocol):
         if self.idle and not self.transport.is_closing():
             self.transport.close()
 
+    def _stop_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_expired(self) -> None:
+        self._body_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
     def _make_room(self) -> None:
         """Close the connections idle the longest while more than ADMIN_IDLE_MARK are open."""
         excess = len(self.connections) - ADMIN_IDLE_MARK
@@ -98,6 +119,7 @@ class AdminProtocol(HttpToolsProtocol):
     def close_idle(self) -> None:
         """Close this idle connection now, and stop counting it (its connection_lost comes later)."""
         self._stop_idle()
+        self._stop_body()
         self.connections.discard(self)
         if not self.transport.is_closing():
             self.transport.close()

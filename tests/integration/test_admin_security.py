@@ -172,17 +172,39 @@ def test_idle_connections_cannot_make_healthz_fail(pacslb: PacslbFactory, tmp_pa
         # Then every idle one is closed by the idle timeout, also one that keeps trickling a head.
         trickle = socket.create_connection(("127.0.0.1", admin), timeout=10)
         held.append(trickle)
-        started = time.monotonic()
-        while not _closed(trickle) and time.monotonic() - started < CLOSE_BOUND:
-            try:
-                trickle.sendall(b"X-Slow: 1\r\n" if time.monotonic() - started > 0.1 else b"GET / HTTP/1.1\r\n")
-            except OSError:
-                break
-            time.sleep(0.5)
-        assert _closed(trickle) or not _wait_closed([trickle], 1.0), "a trickled head kept its connection open"
-        assert ADMIN_IDLE_TIMEOUT - 0.5 <= time.monotonic() - started < CLOSE_BOUND
+        took = _trickle_until_closed(trickle, b"GET / HTTP/1.1\r\n", b"X-Slow: 1\r\n")
+        assert ADMIN_IDLE_TIMEOUT - 0.5 <= took < CLOSE_BOUND
         assert not _wait_closed(open_now, CLOSE_BOUND), "idle connections outlived the idle timeout"
         assert get(admin, "/healthz").status_code == 200
     finally:
         for sock in held:
             sock.close()
+
+
+def _trickle_until_closed(sock: socket.socket, first: bytes, more: bytes) -> float:
+    """Send ``first``, then ``more`` every half second until the balancer closes ``sock`` (bounded);
+    returns how long that took."""
+    started = time.monotonic()
+    sock.sendall(first)
+    while not _closed(sock) and time.monotonic() - started < CLOSE_BOUND:
+        time.sleep(0.5)
+        try:
+            sock.sendall(more)
+        except OSError:
+            break
+    assert not _wait_closed([sock], 1.0), "trickled bytes kept the connection open"
+    return time.monotonic() - started
+
+
+def test_a_request_body_sent_slowly_is_cut_after_the_idle_timeout(
+    pacslb: PacslbFactory, tmp_path: Path, node: EchoSCP
+) -> None:
+    _, admin, _ = start(pacslb, tmp_path, node, token=True)
+    head = (
+        f"PUT /api/v1/nodes/pacs1/weight HTTP/1.1\r\nHost: 127.0.0.1:{admin}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100000\r\n\r\n{"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", admin), timeout=10) as sock:
+        took = _trickle_until_closed(sock, head, b" ")
+    assert ADMIN_IDLE_TIMEOUT - 0.5 <= took < CLOSE_BOUND
+    assert get(admin, "/healthz").status_code == 200
