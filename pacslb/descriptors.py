@@ -80,7 +80,16 @@ def reserve(soft: int | None = None) -> int:
 
 def in_reserve(fd: int) -> bool:
     """Whether descriptor number ``fd`` is in the reserve (every number below it is in use)."""
+    if fd < _reserve_from:
+        return False
+    _refresh()  # rarely here: make sure the limit was not raised since by other means than raise_limit()
     return fd >= _reserve_from
+
+
+def _refresh() -> None:
+    global _limit, _reserve_from
+    _limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    _reserve_from = _limit - reserve(_limit)
 
 
 _reserve_from: int = _limit - reserve()

@@ -205,3 +205,16 @@ def test_the_soft_limit_is_raised_to_the_hard_one(soft: int, hard: int) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.split("\n")[0] == f"({soft}, {hard}) ({hard}, {hard}) {hard}"
+
+
+def test_a_limit_raised_behind_our_back_moves_the_reserve_with_it() -> None:
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024))\n"
+        "from pacslb import descriptors\n"
+        "before = descriptors.in_reserve(230)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))\n"
+        "print(before, descriptors.in_reserve(230), descriptors.in_reserve(1000), descriptors.limit())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split("\n")[0] == "True False True 1024"
