@@ -65,5 +65,5 @@ def choose(
         candidates = [s for s in servers if s.schedulable and s not in exclude]
     else:
         candidates = [s for s in servers if s.schedulable]
-    picked = scheduler.pick(candidates)
+    picked = scheduler.pick(candidates, key)
     return Decision(picked, "balance") if picked is not None else None

@@ -19,7 +19,7 @@ class LeastConnections:
     def __init__(self) -> None:
         self._turn = 0
 
-    def pick(self, candidates: Sequence[ServerState]) -> ServerState | None:
+    def pick(self, candidates: Sequence[ServerState], key: str | None = None) -> ServerState | None:
         """Return the least loaded server among ``candidates`` (weight 0 never), or None."""
         best: list[ServerState] = []
         best_load = 0.0

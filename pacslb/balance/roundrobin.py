@@ -19,7 +19,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._current: dict[str, int] = {}
 
-    def pick(self, candidates: Sequence[ServerState]) -> ServerState | None:
+    def pick(self, candidates: Sequence[ServerState], key: str | None = None) -> ServerState | None:
         """Return the next server among ``candidates`` (weight 0 never), or None when there is none."""
         best: ServerState | None = None
         best_current = 0

@@ -305,7 +305,9 @@ class ServiceSpec(_Frozen):
 
     listen: Address
     mode: Mode = "tcp"
-    balance: Literal["leastconn", "roundrobin"] = "leastconn"
+    # consistent: rendezvous hashing of the client's persistence key, the same node on every balancer
+    # with no shared state (balance/consistent.py); round robin without persistence.
+    balance: Literal["leastconn", "roundrobin", "consistent"] = "leastconn"
     persistence: PersistenceSpec = PersistenceSpec()
     check: CheckSpec = CheckSpec()
     servers: Annotated[

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from pacslb.balance.consistent import Consistent
 from pacslb.balance.leastconn import LeastConnections
 from pacslb.balance.roundrobin import RoundRobin
 from pacslb.balance.scheduler import make_scheduler
@@ -13,7 +14,9 @@ from pacslb.balance.server import ServerState
 # --- make_scheduler ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "kind"), [("roundrobin", RoundRobin), ("leastconn", LeastConnections)])
+@pytest.mark.parametrize(
+    ("name", "kind"), [("roundrobin", RoundRobin), ("leastconn", LeastConnections), ("consistent", Consistent)]
+)
 def test_make_scheduler_by_config_name(name: str, kind: type) -> None:
     scheduler = make_scheduler(name)
     assert isinstance(scheduler, kind)
@@ -43,7 +46,7 @@ def test_every_config_balance_value_has_a_scheduler() -> None:
     from pacslb.config.model import ServiceSpec
 
     values = get_args(ServiceSpec.model_fields["balance"].annotation)
-    assert set(values) == {"leastconn", "roundrobin"}
+    assert set(values) == {"leastconn", "roundrobin", "consistent"}
     for value in values:
         assert make_scheduler(value).name == value
 

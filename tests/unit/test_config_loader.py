@@ -339,7 +339,7 @@ def test_config_mappings_cannot_be_changed(config: Config) -> None:
         ("persistence: {timeout: 0ms}", 5, "services.a.persistence.timeout", "greater than 0"),
         # enumerations and ranges
         ("mode: udp", 5, "services.a.mode", "'tcp', 'dicom' or 'http'"),
-        ("balance: random", 5, "services.a.balance", "'leastconn' or 'roundrobin'"),
+        ("balance: random", 5, "services.a.balance", "'leastconn', 'roundrobin' or 'consistent'"),
         ("persistence: {type: sticky}", 5, "services.a.persistence.type", "Input should be"),
         ("persistence: {netmask: 33}", 5, "services.a.persistence.netmask", "0..32"),
         ("persistence: {netmask: 255.0.255.0}", 5, "services.a.persistence.netmask", "not a netmask"),
