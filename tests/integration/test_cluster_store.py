@@ -293,3 +293,24 @@ def test_a_drain_or_halt_made_on_one_balancer_holds_on_all_and_survives_a_restar
     assert peers.admin_api(admins[1], "POST", "/api/v1/nodes/pacs2/online").status_code == 200
     peers.wait_for(lambda: server_admin(admins[0], "pacs2") == "online", WITHIN, "lb1 to put pacs2 online")
     assert again.events("admin", server="pacs2", new="online")
+
+
+def test_with_balance_consistent_balancers_agree_with_no_store_at_all(
+    pacslb: PacslbFactory, nodes: list[NamedNode]
+) -> None:
+    """First contact, no shared state: two balancers with ``balance: consistent`` choose alike."""
+    ports = [peers.free_port(), peers.free_port()]
+    for port in ports:
+        spec = peers.service(
+            port,
+            {node.name: node.address for node in nodes},
+            balance="consistent",
+            persistence={"type": "source_ip", "timeout": "5m"},
+            check={"type": "none"},
+        )
+        pacslb(peers.config_text({"dicom": spec}, workers=1, shutdown_grace="1s"))
+    clients = [f"127.0.7.{i}" for i in range(1, 31)]
+    through_one = {ip: visit(ports[0], ip) for ip in clients}
+    through_other = {ip: visit(ports[1], ip) for ip in reversed(clients)}
+    assert through_one == through_other
+    assert set(through_one.values()) == {"pacs1", "pacs2", "pacs3"}
