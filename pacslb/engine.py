@@ -37,6 +37,7 @@ from pacslb.balance.server import AdminState, Health, ServerState
 from pacslb.checks.base import CheckResult
 from pacslb.checks.http import close_clients as close_http_clients
 from pacslb.checks.monitor import Monitor
+from pacslb.cluster.role import ClusterRole
 from pacslb.config import Config, ServiceSpec, load_config
 from pacslb.config.values import HostPort
 from pacslb.errors import ConfigError, PacslbError
@@ -114,6 +115,7 @@ class Engine:
         self.web_pool: WebPool | None = None  # http served in worker processes too (started with one)
         # Operations (pacslb/admin).
         self.events = EventLog()
+        self.role = ClusterRole(self.events)  # what keepalived last reported (pacslb/cluster/role.py)
         self.admin_states = AdminStates.load(config.admin.state_file if config.admin is not None else None)
         self.admin_server: AdminServer | None = None
         self.alerter: Alerter | None = None

@@ -14,6 +14,7 @@ Endpoints (JSON unless said otherwise; the OpenAPI document is at /openapi.json)
     PUT  /api/v1/nodes/{node}/weight                  {"weight": N or null}; also per service
     GET|DELETE /api/v1/services/{service}/persistence list / clear persistence entries
     POST /api/v1/reload                               reload the config file
+    POST /api/v1/cluster/role                         {"role": "master"}: keepalived's report (pacslb role)
     GET  /api/v1/events, /api/v1/history              recent events; throughput samples for the graphs
     GET  /metrics                                     Prometheus text format
     GET  /healthz                                     "the balancer's loop answers and is not degraded" (keepalived)
@@ -56,6 +57,7 @@ from pacslb.admin.history import History
 from pacslb.admin.metrics import CONTENT_TYPE_LATEST, make_registry, render
 from pacslb.admin.state import ADMIN_STATES, NotFound
 from pacslb.admin.status import build_status
+from pacslb.cluster.role import ReportedRole, Role
 from pacslb.config.model import MAX_WEIGHT, AdminSpec
 from pacslb.logs import log_event
 
@@ -137,6 +139,9 @@ class Status(BaseModel):
     fate_sharing: bool
     halt_grace: float
     token_required: bool
+    role: Role = Field(description="what keepalived last reported: unknown until it does (pacslb role)")
+    role_since: float | None = Field(description="when the role last changed (seconds since the epoch)")
+    vrrp: bool = Field(description="cluster.vrrp is configured: keepalived is expected to report a role")
     services: list[ServiceStatus]
     nodes: list[NodeStatus]
     last_event: int
@@ -174,6 +179,16 @@ class PersistenceList(BaseModel):
 
 class Removed(BaseModel):
     removed: int
+
+
+class RoleBody(BaseModel):
+    role: ReportedRole
+
+
+class RoleResult(BaseModel):
+    node: str
+    role: ReportedRole
+    changed: bool = Field(description="false: keepalived reported the role this balancer already had")
 
 
 class ReloadResult(BaseModel):
@@ -488,6 +503,15 @@ def create_app(server: AdminServer) -> FastAPI:
         log_event(log, "persistence_cleared", service=service, server=server_name or "-", key=key or "-",
                   removed=removed)  # fmt: skip
         return Removed(removed=removed)
+
+    @app.post("/api/v1/cluster/role", response_model=RoleResult, responses=ERRORS, dependencies=writes,
+              tags=["cluster"])  # fmt: skip
+    async def cluster_role(body: RoleBody) -> RoleResult:
+        """Tell this balancer its role, as keepalived's notify hooks do (``pacslb role CONFIG ROLE``): shown in
+        the status, the dashboard and the metrics, logged (``role``) when it changes. Traffic is unaffected."""
+        node = engine.config.cluster.node
+        changed = engine.role.set(body.role, node, by="api")
+        return RoleResult(node=node, role=body.role, changed=changed)
 
     @app.post("/api/v1/reload", response_model=ReloadResult, dependencies=writes, tags=["admin"],
               responses={409: {"model": ReloadResult}, 422: {"model": ReloadResult}})  # fmt: skip

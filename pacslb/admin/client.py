@@ -39,8 +39,8 @@ def _token(args: argparse.Namespace) -> str | None:
     return os.environ.get("PACSLB_TOKEN") or None
 
 
-def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    """One API request; returns the JSON answer.
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = CLI_TIMEOUT) -> Any:
+    """One API request; returns the JSON answer. ``timeout`` bounds the connect and each read.
 
     Raises:
         ApiError: not reachable, or an answer other than 2xx (with the API's own message).
@@ -55,7 +55,7 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
-        response = httpx.request(method, url, headers=headers, json=body, timeout=CLI_TIMEOUT, trust_env=False)
+        response = httpx.request(method, url, headers=headers, json=body, timeout=timeout, trust_env=False)
     except httpx.HTTPError as exc:
         raise ApiError(
             f"cannot reach the admin API at {args.admin}: {exc} (is pacslb running with an `admin:` section? "
@@ -89,12 +89,22 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
+def _role(status: dict[str, Any], now: float) -> str:
+    """``, role master (since 2 min ago)`` where keepalived reports (or is expected to report) a role."""
+    role = status.get("role", "unknown")
+    if role == "unknown" and not status.get("vrrp"):
+        return ""
+    since = status.get("role_since")
+    return f", role {role}" + (f" (since {_ago(since, now)})" if since else "")
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The status document as a person reads it: a header line and one table row per server."""
     now = time.time()
     lines = [
         f"pacslb {status['version']}, config {status['config'] or '(demo)'}, started {_ago(status['started_at'], now)}"
         + (f", reloaded {_ago(status['reloaded_at'], now)}" if status.get("reloaded_at") else "")
+        + _role(status, now)
     ]
     rows = [["SERVICE", "NODE", "ADDRESS", "HEALTH", "ADMIN", "WEIGHT", "ACTIVE/TOTAL", "LAST CHECK"]]
     for service in status["services"]:

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from pacslb import __version__
 from pacslb.admin.status import effective_health
 from pacslb.balance.server import AdminState
+from pacslb.cluster.role import ROLES
 from pacslb.descriptors import EXHAUSTION, RECENT, reserve
 
 if TYPE_CHECKING:
@@ -52,6 +53,14 @@ class PacslbCollector(Collector):
         for result, count in engine.reload_counts.items():
             reloads.add_metric([result], count)
         yield reloads
+        role = GaugeMetricFamily(
+            "pacslb_cluster_role",
+            "The role keepalived last reported for this balancer (1 for the current one; unknown until it reports)",
+            labels=["role"],
+        )
+        for reported in ROLES:
+            role.add_metric([reported], 1.0 if engine.role.role == reported else 0.0)
+        yield role
 
         s_labels = ["service"]
         sv_labels = ["service", "server"]

@@ -114,6 +114,10 @@ def build_status(engine: Engine) -> dict[str, Any]:
         "fate_sharing": engine.config.fate_sharing,
         "halt_grace": engine.config.halt_grace,
         "token_required": admin is not None and admin.token_file is not None,
+        # What keepalived last reported (pacslb/cluster/role.py); vrrp: cluster.vrrp is configured (a role is due).
+        "role": engine.role.role,
+        "role_since": engine.role.since,
+        "vrrp": engine.config.cluster.vrrp is not None,
         "services": services,
         "nodes": node_status(services),
         "last_event": engine.events.events[-1].id if engine.events.events else 0,

@@ -241,3 +241,35 @@ def test_out_of_descriptors_the_log_stays_small_nodes_stay_up_and_service_resume
         for s in held:
             s.close()
         lb.stop()
+
+
+def test_a_node_socket_pacslb_cannot_afford_is_its_own_failure_not_the_node_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path of the dicom and http modes (connect_to): no socket for the node is a local ConnectFailed,
+    counted once, that neither wakes the node's check nor writes a connect_failed line."""
+    from inproc import run
+
+    from pacslb import descriptors
+    from pacslb.balance.server import ServerState
+    from pacslb.config import load_config_text
+    from pacslb.errors import ConnectFailed
+    from pacslb.proxy import tcp
+
+    monkeypatch.setattr(tcp, "in_reserve", lambda fd: True)  # every new descriptor is in the reserve
+    spec = load_config_text("services:\n  svc:\n    listen: 127.0.0.1:1\n    servers: {a: 127.0.0.1:1}\n")
+    woken: list[str] = []
+
+    async def scenario() -> ConnectFailed:
+        service = tcp.TcpService("svc", spec.services["svc"], [ServerState("a", "127.0.0.1", 1, 1)], None)
+        service.on_connect_failed = lambda name, server: woken.append(server.name)
+        try:
+            await tcp.connect_to(service.servers[0], 1.0)
+        except ConnectFailed as exc:
+            service.connect_failed(("127.0.0.1", 5), service.servers[0], exc.reason, 1)
+            return exc
+        raise AssertionError("connect_to should have failed")
+
+    before = descriptors.EXHAUSTION.by_place["reserve"]
+    failed = run(scenario)
+    assert failed.reason.startswith(tcp.LOCAL_FAILURE), failed.reason
+    assert descriptors.EXHAUSTION.by_place["reserve"] == before + 1
+    assert woken == []  # the node is not checked for pacslb's own shortage

@@ -135,7 +135,27 @@ function drawSummary() {
       el("div", { class: "label" }, "Throughput"),
       el("div", { class: "value" }, `${bytes(rate)}/s`),
       el("div", { class: "detail" }, "both ways, last 5 s, ended connections")),
+    ...[roleCard()].filter(Boolean),
   );
+}
+
+// The role keepalived last reported (a clustered pair, docs/high-availability.md); no card for a balancer
+// that is on its own and was never told one.
+const ROLE_MEANING = {
+  master: "holds the virtual IP",
+  backup: "stands by: the peer holds the virtual IP",
+  fault: "cannot hold the virtual IP: a check failed",
+  stopped: "keepalived stopped on this balancer",
+  unknown: "keepalived has not reported yet",
+};
+
+function roleCard() {
+  const role = status.role || "unknown";
+  if (role === "unknown" && !status.vrrp) return null;
+  return el("div", { class: "card" + (role === "fault" || role === "stopped" ? " bad" : ""), "data-testid": "summary-role" },
+    el("div", { class: "label" }, "Cluster role"),
+    el("div", { class: "value" }, role),
+    el("div", { class: "detail" }, ROLE_MEANING[role] + (status.role_since ? `, since ${ago(status.role_since)}` : "")));
 }
 
 function actionButtons(node, service, current) {
