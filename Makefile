@@ -1,6 +1,6 @@
 # pacslb: `make demo` runs the embedded demo, `make test` runs the whole test suite.
 # Both set up a virtual environment in .venv first; `make test` also installs the real peers the
-# integration tests drive (dcmtk, Orthanc) and the browser the dashboard tests drive (Chromium; needs root
+# integration tests drive (dcmtk, Orthanc, nginx, keepalived, redis-server) and the browser the dashboard tests drive (Chromium; needs root
 # and Debian's apt).
 
 PYTHON ?= python3
@@ -13,7 +13,7 @@ HOT      := pacslb/protocols/http1.py pacslb/proxy/http.py pacslb/balance/cookie
             pacslb/balance/persistence.py pacslb/balance/server.py pacslb/compiled.py
 COMPILED := $(VENV)/.compiled
 
-.PHONY: demo run test peers browser lint unit integration clean compile
+.PHONY: demo run test peers ha browser lint unit integration clean compile
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ run: $(COMPILED)
 peers:
 	sh tests/peers/install.sh
 
+# keepalived (its --config-test judges `pacslb keepalived`) and redis-server, for a clustered pair.
+ha:
+	sh tests/ha/install.sh
+
 # Debian's Chromium for the dashboard tests (tests/browser); Playwright itself comes with the test extra.
 browser:
 	sh tests/browser/install.sh
@@ -49,10 +53,10 @@ lint: $(STAMP)
 unit: $(COMPILED)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(COMPILED) peers
+integration: $(COMPILED) peers ha
 	$(BIN)/python -m pytest -q tests/integration
 
-test: $(COMPILED) peers browser lint
+test: $(COMPILED) peers ha browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:
