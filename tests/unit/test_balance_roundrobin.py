@@ -115,5 +115,7 @@ def test_weight_zero_never_picked_and_share_is_fair(weights: list[int], n: int) 
         if s.weight == 0:
             assert counts[s.name] == 0
         else:
-            # smooth WRR never strays more than one turn from the exact share
-            assert abs(counts[s.name] - n * s.weight / total) < 1 + 1e-9
+            # Smooth WRR stays close to the exact share at every point, not only over a whole cycle (where it
+            # is exact, above); close, not within one turn: weights 1,1,1,1,1,4,4,16 after 196 picks are 1.03
+            # turns off, and the worst of 3,000 random pools of up to 10 servers over 300 picks was 1.30.
+            assert abs(counts[s.name] - n * s.weight / total) < 2
