@@ -47,8 +47,7 @@ from pacslb.proxy.pool import RelayPool
 from pacslb.proxy.relay import DEFAULT_METHOD
 from pacslb.proxy.tcp import TcpService
 from pacslb.proxy.webpool import WebPool
-from pacslb.state.memory import MemoryStore
-from pacslb.state.store import StateStore
+from pacslb.state.store import StateStore, open_store, snapshot_path
 from pacslb.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -105,7 +104,10 @@ class Engine:
     def __init__(self, config: Config, config_path: str | None = None, store: StateStore | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.store: StateStore = store if store is not None else MemoryStore()
+        # The persistence tables: this process's own (memory), or shared with the other balancers (redis).
+        # (The memory store keeps a snapshot beside the admin state file, so a restart keeps the pins.)
+        snapshot = snapshot_path(config.admin.state_file if config.admin is not None else None)
+        self.store: StateStore = store if store is not None else open_store(config.cluster, snapshot)
         self.services: dict[str, TcpService] = {}
         self.retired: list[TcpService] = []
         self.monitors: dict[tuple[str, str], Monitor] = {}
@@ -143,6 +145,8 @@ class Engine:
             self.pool.start()
         self.events.watch_clock_skew()
         self._apply(self.config, bound)
+        self.store.on_admin = self._admin_from_peer
+        await self.store.start()  # connects and synchronises in the background; connections never wait
         await self._configure_operations(self.config, admin_sock)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         log_event(log, "workers", processes=workers, relay=DEFAULT_METHOD, descriptors=descriptors.limit())
@@ -425,7 +429,9 @@ class Engine:
             NotFound: no such node or service.
         """
         targets = self._targets(node, service)
+        before = self.admin_states.fields()
         self.admin_states.set_admin(node, state, service)
+        self.store.admin_changed(self.admin_states.changes(before, self.admin_states.fields()))
         changed = [name for name, server in targets if self._set_server_admin(name, server, state, by)]
         if changed:
             level = "info" if state == "online" else "warning"
@@ -443,7 +449,9 @@ class Engine:
             NotFound: no such node or service.
         """
         targets = self._targets(node, service)
+        before = self.admin_states.fields()
         self.admin_states.set_weight(node, weight, service)
+        self.store.admin_changed(self.admin_states.changes(before, self.admin_states.fields()))
         for name, server in targets:
             old = server.weight
             self._apply_weight(name, server)
@@ -455,6 +463,29 @@ class Engine:
         )  # fmt: skip
         self._check_services()
         return [name for name, _ in targets]
+
+    def _admin_from_peer(self, changes: dict[str, dict[str, Any]], origin: str) -> None:
+        """Settings another balancer made (or the shared store held at start): applied as if made here."""
+        try:
+            self.admin_states.apply_fields(changes)
+        except ValueError as exc:
+            log_event(log, "store_admin_ignored", logging.WARNING, origin=origin, reason=str(exc))
+            return
+        by = f"peer:{origin}"
+        for name, service in self.services.items():
+            for server in service.servers:
+                old_weight = server.weight
+                self._apply_weight(name, server)
+                if server.weight != old_weight:
+                    log_event(log, "weight", service=name, server=server.name, old=old_weight, new=server.weight, by=by)
+                wanted = self.admin_states.admin(name, server.name)
+                if self._set_server_admin(name, server, wanted, by):
+                    level = "info" if wanted == "online" else "warning"
+                    self.events.add(
+                        "admin", level, f"{server.name} set to {wanted} in {name} (by {origin})",
+                        server=server.name, state=wanted, services=[name], by=by,
+                    )  # fmt: skip
+        self._check_services()
 
     def _apply_weight(self, service: str, server: ServerState) -> None:
         wanted = self.admin_states.weight(service, server.name)
@@ -566,6 +597,8 @@ class Engine:
         setup_logging(config.log.format, config.log.level)
         if config.worker_count != self.config.worker_count:
             log_event(log, "restart_needed", logging.WARNING, reason="a change of workers applies at restart")
+        if config.cluster != self.config.cluster:
+            log_event(log, "restart_needed", logging.WARNING, reason="a change of cluster applies at restart")
         self._apply(config, bound)
         await self._configure_operations(config, admin_sock)
         log_event(log, "reloaded", file=self.config_path, services=len(self.services))

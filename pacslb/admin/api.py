@@ -130,6 +130,26 @@ class NodeStatus(BaseModel):
     clock_skew: float | None
 
 
+class StoreStatus(BaseModel):
+    kind: str = Field(description="memory, redis, rediss or sentinel")
+    connected: bool
+    synced: bool = Field(description="every binding in the store has been read since the last (re)connection")
+    url: str | None = None
+    down_since: float | None = None
+    last_error: str = ""
+    pending: int = 0
+    written: int = 0
+    applied: int = Field(0, description="bindings made by other balancers applied here")
+    published: int = 0
+    conflicts_lost: int = 0
+    reconnects: int = 0
+
+
+class ClusterStatus(BaseModel):
+    node: str = Field(description="this balancer's name in the cluster")
+    store: StoreStatus
+
+
 class Status(BaseModel):
     version: str
     now: float
@@ -144,6 +164,7 @@ class Status(BaseModel):
     vrrp: bool = Field(description="cluster.vrrp is configured: keepalived is expected to report a role")
     services: list[ServiceStatus]
     nodes: list[NodeStatus]
+    cluster: ClusterStatus
     last_event: int
 
 

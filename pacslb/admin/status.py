@@ -120,5 +120,6 @@ def build_status(engine: Engine) -> dict[str, Any]:
         "vrrp": engine.config.cluster.vrrp is not None,
         "services": services,
         "nodes": node_status(services),
+        "cluster": {"node": engine.config.cluster.node, "store": engine.store.status()},
         "last_event": engine.events.events[-1].id if engine.events.events else 0,
     }

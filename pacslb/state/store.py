@@ -10,6 +10,7 @@ clients' entries already in place, and the hot path never makes a round trip.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -52,8 +53,16 @@ class StateStore(Protocol):
         ...
 
 
-def open_store(cluster: ClusterSpec) -> StateStore:
-    """The store ``cluster.store`` names.
+def snapshot_path(state_file: str | None) -> str | None:
+    """Where the memory store keeps its snapshot: beside the admin state file (``state.json`` ->
+    ``state.persistence.json``); None without a state file."""
+    if state_file is None:
+        return None
+    return os.path.splitext(state_file)[0] + ".persistence.json"
+
+
+def open_store(cluster: ClusterSpec, snapshot: str | None = None) -> StateStore:
+    """The store ``cluster.store`` names (``snapshot``: the memory store's file, see :func:`snapshot_path`).
 
     Raises:
         OSError: the password file cannot be read.
@@ -62,7 +71,7 @@ def open_store(cluster: ClusterSpec) -> StateStore:
     if location.kind == "memory":
         from pacslb.state.memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(snapshot)
     from pacslb.state.redis import RedisStore  # (redis is imported only by a balancer that uses it)
 
     password = None

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
+
+import pytest
 
 from pacslb.balance.persistence import PersistenceTable
 from pacslb.state.memory import MemoryStore
@@ -77,3 +81,58 @@ def test_close_releases_every_table() -> None:
     old.acquire("10.0.0.5", "pacs1", 0.0)
     asyncio.run(store.close())
     assert store.persistence_table("dicom", 1800.0, 100) is not old
+
+
+def test_the_snapshot_brings_the_tables_back_with_their_expiry(tmp_path: Path) -> None:
+    """Written at stop, read at start: bindings come back; an idle entry keeps what remained of its timeout,
+    one whose client was still connected starts idle, one that expired meanwhile stays gone."""
+    path = str(tmp_path / "state.persistence.json")
+
+    async def first_life() -> None:
+        store = MemoryStore(path)
+        table = store.persistence_table("dicom", 60.0, 100)
+        await store.start()
+        now = asyncio.get_running_loop().time()
+        table.acquire("10.0.0.5", "pacs1", now - 50)  # idle for 50 s of its 60
+        table.release("10.0.0.5", "pacs1", now - 50)
+        table.acquire("10.0.0.6", "pacs2", now)  # connected when pacslb stops
+        table.acquire("10.0.0.7", "pacs3", now - 100)  # expired already
+        table.release("10.0.0.7", "pacs3", now - 100)
+        await store.close()
+
+    async def second_life() -> tuple[dict[str, str | None], dict[str, str | None], int]:
+        store = MemoryStore(path)
+        table = store.persistence_table("dicom", 60.0, 100)
+        store.persistence_table("web", 60.0, 100)
+        await store.start()
+        now = asyncio.get_running_loop().time()
+        at_start = {k: table.lookup(k, now) for k in ("10.0.0.5", "10.0.0.6", "10.0.0.7")}
+        later = {k: table.lookup(k, now + 30) for k in ("10.0.0.5", "10.0.0.6")}
+        loaded = store.loaded
+        await store.close()
+        return at_start, later, loaded
+
+    asyncio.run(first_life())
+    document = json.loads(Path(path).read_text())
+    assert document["version"] == 1 and len(document["services"]["dicom"]) == 3
+    at_start, later, loaded = asyncio.run(second_life())
+    assert at_start == {"10.0.0.5": "pacs1", "10.0.0.6": "pacs2", "10.0.0.7": None}
+    assert later == {"10.0.0.5": None, "10.0.0.6": "pacs2"}  # 50 + 30 > 60; the other started idle at start
+    assert loaded == 2
+
+
+def test_an_unreadable_snapshot_is_ignored_with_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "state.persistence.json"
+    path.write_text("{not json")
+
+    async def start() -> int:
+        store = MemoryStore(str(path))
+        store.persistence_table("dicom", 60.0, 100)
+        await store.start()
+        await store.close()
+        return store.loaded
+
+    with caplog.at_level("ERROR"):
+        assert asyncio.run(start()) == 0
+    assert "persistence_ignored" in caplog.text
+    assert json.loads(path.read_text())["version"] == 1  # replaced by a good one at stop
