@@ -314,3 +314,31 @@ def test_with_balance_consistent_balancers_agree_with_no_store_at_all(
     through_other = {ip: visit(ports[1], ip) for ip in reversed(clients)}
     assert through_one == through_other
     assert set(through_one.values()) == {"pacs1", "pacs2", "pacs3"}
+
+
+def test_a_single_balancer_keeps_its_pins_across_a_restart(
+    pacslb: PacslbFactory, nodes: list[NamedNode], tmp_path: Path
+) -> None:
+    """The memory store: the table is written beside the admin state file and read at start."""
+    port, admin = peers.free_port(), peers.free_port()
+    spec = peers.service(
+        port,
+        {node.name: node.address for node in nodes},
+        balance="roundrobin",
+        persistence={"type": "source_ip", "timeout": "5m"},
+        check={"type": "none"},
+    )
+    state_file = tmp_path / "state" / "state.json"
+    state_file.parent.mkdir()
+    config = peers.config_text(
+        {"dicom": spec}, workers=1, shutdown_grace="1s", admin=peers.admin_section(admin, state_file=str(state_file))
+    )
+    lb = pacslb(config)
+    clients = [f"127.0.8.{i}" for i in range(1, 13)]
+    before = {ip: visit(port, ip) for ip in clients}
+    assert len(set(before.values())) == 3
+    lb.stop()
+    assert (tmp_path / "state" / "state.persistence.json").exists()
+    again = pacslb(config)
+    assert again.wait_event("persistence_loaded", WITHIN).get("entries") == str(len(clients))
+    assert {ip: visit(port, ip) for ip in reversed(clients)} == before
