@@ -217,7 +217,9 @@ def cmd_role(args: argparse.Namespace) -> int:
     try:
         answer = client.call(target, "POST", "/api/v1/cluster/role", {"role": args.role}, timeout=ROLE_TIMEOUT)
     except client.ApiError as exc:
-        print(f"pacslb role: {exc}", file=sys.stderr)
+        cause = exc.__cause__
+        reason = f"cannot reach the admin API at {url} (admin.listen of {args.config}): {cause}" if cause else exc
+        print(f"pacslb role: {reason}", file=sys.stderr)
         return 1
     print(f"{answer['node']}: {answer['role']}" + ("" if answer.get("changed") else " (unchanged)"))
     return 0
