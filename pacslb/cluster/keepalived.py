@@ -189,14 +189,24 @@ def render(config: Config, config_path: str, command: Sequence[str]) -> str:
         "    init_fail",
         "}",
         "",
-        f"# The main process of `pacslb run` is named {PROCESS_NAME}: when it exits (kill -9 included) the",
-        "# kernel tells keepalived at once.",
-        f"vrrp_track_process {TRACKED_PROCESS} {{",
-        f"    process {PROCESS_NAME}",
-        "    quorum 1",
-        "    weight 0",
-        "}",
-        "",
+    ]
+    if vrrp.track_process:
+        out += [
+            f"# The main process of `pacslb run` is named {PROCESS_NAME}: when it exits (kill -9 included) the",
+            "# kernel tells keepalived at once.",
+            f"vrrp_track_process {TRACKED_PROCESS} {{",
+            f"    process {PROCESS_NAME}",
+            "    quorum 1",
+            "    weight 0",
+            "}",
+            "",
+        ]
+    else:
+        out += [
+            "# cluster.vrrp.track_process is false: a dead pacslb is noticed by the health check alone.",
+            "",
+        ]
+    out += [
         f"vrrp_instance {INSTANCE} {{",
         "    state BACKUP",
         f"    interface {dev}",
@@ -226,9 +236,7 @@ def render(config: Config, config_path: str, command: Sequence[str]) -> str:
         "    track_script {",
         f"        {HEALTH_SCRIPT}",
         "    }",
-        "    track_process {",
-        f"        {TRACKED_PROCESS}",
-        "    }",
+        *(["    track_process {", f"        {TRACKED_PROCESS}", "    }"] if vrrp.track_process else []),
         "    # pacslb shows its role in `pacslb status`, the dashboard and the metrics.",
         *(f"    {hook} {_script(command, 'role', config_path, role)}" for hook, role in NOTIFY_ROLES),
         "}",

@@ -59,7 +59,13 @@ def command_line() -> list[str]:
         found = probe.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         found = False
-    if found:
-        return [python, "-m", "pacslb"]
-    root = Path(__file__).resolve().parents[2]
-    return [shutil.which("env") or "/usr/bin/env", f"PYTHONPATH={root}", python, "-m", "pacslb"]
+    env = shutil.which("env") or "/usr/bin/env"
+    if not found:
+        root = Path(__file__).resolve().parents[2]
+        return [env, f"PYTHONPATH={root}", python, "-m", "pacslb"]
+    if os.path.realpath(python) != python:
+        # keepalived (enable_script_security) runs a script by the resolved path of its first word: the
+        # interpreter behind a virtual environment's symlink, outside the environment, without pacslb.
+        # Through env, the interpreter is run by the path given here.
+        return [env, python, "-m", "pacslb"]
+    return [python, "-m", "pacslb"]

@@ -28,10 +28,12 @@ from pacslb.config.values import (
     HostPort,
     StoreLocation,
     format_duration,
+    format_rate,
     parse_ae_title,
     parse_duration,
     parse_host_port,
     parse_prefix,
+    parse_rate,
     parse_store_location,
 )
 
@@ -41,6 +43,7 @@ Address = Annotated[HostPort, BeforeValidator(parse_host_port), PlainSerializer(
 AETitle = Annotated[str, BeforeValidator(parse_ae_title)]
 Prefix4 = Annotated[int, BeforeValidator(lambda v: parse_prefix(v, bits=32))]
 Prefix6 = Annotated[int, BeforeValidator(lambda v: parse_prefix(v, bits=128))]
+Rate = Annotated[float, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
 
 Mode = Literal["tcp", "dicom", "http"]
 #: Modes this version can run; the others are part of the contract and refused with a clear reason.
@@ -293,6 +296,56 @@ class HttpSpec(_Frozen):
     pool_size: Annotated[int, Field(ge=0, le=10_000)] = 32
 
 
+def _none_is_off(value: Any) -> Any:
+    """``none`` (or an empty value) turns a limit off."""
+    return None if value is None or (isinstance(value, str) and value.strip().lower() == "none") else value
+
+
+#: A per-client limit: a count from 1 up, or ``none`` for no limit.
+ClientCount = Annotated[Annotated[int, Field(ge=1, le=1_000_000)] | None, BeforeValidator(_none_is_off)]
+#: Fields of ``limits`` that only mode dicom can apply (it alone reads the calling AE title).
+DICOM_LIMIT_FIELDS = frozenset({"calling_ae_maxconn", "client_ae_titles"})
+
+
+class LimitsSpec(_Frozen):
+    """Per-client bounds of one service, so that one client cannot take every slot of ``maxconn`` (or the
+    balancer's time, or the persistence table) from all the others. A *client* is a source network:
+    addresses in one network of ``netmask`` (IPv4) or ``netmask6`` (IPv6) bits count as one. Each bound is
+    far above what a hospital's busiest single address needs (a router, a PACS moving studies, a terminal
+    server with dozens of viewer sessions) and far below what a client stuck in a loop takes."""
+
+    # Connections one client may hold open at once. A modality holds 1-4 associations, a PACS or a DICOM
+    # router moving studies 8-32, a browser 6 per site, a terminal server with 40 viewer sessions about 250.
+    # 256 is a sixteenth of the default maxconn: 16 greedy clients are needed to fill the service.
+    client_maxconn: ClientCount = 256
+    # New connections a client may open per second, on average (a token bucket refilled at this rate).
+    # A hospital's whole day peaks at tens a second from one address (a modality that opens an association
+    # per image); a client in a retry loop, or a script, opens thousands.
+    client_rate: Annotated[Rate | None, BeforeValidator(_none_is_off)] = 100.0
+    # ... and at once, after a quiet spell (the bucket's size): a NAT or terminal server whose users all
+    # log in at 8:00, a router flushing its queue after an outage. It refills in client_burst/client_rate s.
+    client_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    # Which addresses count as one client. 32: each IPv4 address on its own. IPv6: 128 as well, because on a
+    # hospital LAN a /64 is a whole VLAN of workstations, and a host uses one address at a time for new
+    # connections (use 64 where a single host may rotate through its /64).
+    netmask: Prefix4 = 32
+    netmask6: Prefix6 = 128
+    # mode dicom: associations open at once with one calling AE title, from any address. A modality uses
+    # 1-4, a PACS or a router moving studies up to 32; 64 stops an AE title (a default title that a
+    # runaway script shares) from holding the service while leaving room for a busy archive.
+    calling_ae_maxconn: ClientCount = 64
+    # mode dicom with persistence by calling AE: distinct calling AE titles one client may have in the
+    # persistence table at once (an AE title counts until its entry would expire, persistence.timeout
+    # after its last association ended). A DICOM router that keeps its modalities' titles sends a few dozen;
+    # a client inventing titles would otherwise fill the table and push every other client's entry out.
+    client_ae_titles: ClientCount = 256
+
+    @property
+    def per_client(self) -> bool:
+        """Whether any limit applies at accept (concurrent connections or rate)."""
+        return self.client_maxconn is not None or self.client_rate is not None
+
+
 def _server_shorthand(value: Any) -> Any:
     """Allow ``pacs1: 10.0.0.11:104`` as shorthand for ``pacs1: {address: 10.0.0.11:104}``."""
     if isinstance(value, dict):
@@ -321,6 +374,8 @@ class ServiceSpec(_Frozen):
     maxconn: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
     # Other nodes tried after a failed connect, each at most once.
     retries: Annotated[int, Field(ge=0, le=16)] = 3
+    # Per-client bounds (connections, rate, and in mode dicom AE titles); see LimitsSpec.
+    limits: LimitsSpec = LimitsSpec()
 
 
 class LogSpec(_Frozen):
@@ -503,6 +558,10 @@ class VrrpSpec(_Frozen):
     # in a row the address leaves this host.
     check_interval: Annotated[Duration, Field(ge=1.0, le=60.0)] = 1.0
     check_fall: Annotated[int, Field(ge=1, le=10)] = 2
+    # keepalived also watches pacslb's main process, so that its exit (kill -9 included) moves the address at
+    # once. It hears of it through the kernel's process events, which only the host's own network namespace
+    # receives: false where pacslb and keepalived run in another one (a container), leaving the health check.
+    track_process: bool = True
 
 
 class ClusterSpec(_Frozen):
@@ -604,6 +663,11 @@ def semantic_issues(
         issues.append(((*here, "dicom"), f"only applies to mode dicom (this service is {service.mode})"))
     if "http" in given and service.mode != "http":
         issues.append(((*here, "http"), f"only applies to mode http (this service is {service.mode})"))
+    limits_given = given.get("limits") if isinstance(given.get("limits"), dict) else {}
+    assert isinstance(limits_given, dict)
+    for key in sorted(set(limits_given) & DICOM_LIMIT_FIELDS):
+        if service.mode != "dicom":
+            issues.append(((*here, "limits", key), f"only applies to mode dicom (this service is {service.mode})"))
     http_given = given.get("http") if isinstance(given.get("http"), dict) else {}
     assert isinstance(http_given, dict)
     cookie_types = ("cookie", "cookie+source_ip")

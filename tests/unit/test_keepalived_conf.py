@@ -193,6 +193,14 @@ def test_track_process_watches_the_named_main_process() -> None:
     assert conf.blocks[f"vrrp_instance {INSTANCE}"].words("track_process") == [TRACKED_PROCESS]
 
 
+def test_without_track_process_only_the_health_check_watches_pacslb() -> None:
+    """Process events reach only the host's initial network namespace: in a container, track_process: false."""
+    conf = generated("{interface: eth0, router_id: 51, virtual_ips: [10.0.0.100/24], track_process: false}")
+    assert f"vrrp_track_process {TRACKED_PROCESS}" not in conf.blocks
+    instance = conf.blocks[f"vrrp_instance {INSTANCE}"]
+    assert "track_process" not in instance.blocks and instance.words("track_script") == [HEALTH_SCRIPT]
+
+
 def test_notify_hooks_report_each_role() -> None:
     instance = generated("{interface: eth0, router_id: 51, virtual_ips: [10.0.0.100/24]}").blocks[
         f"vrrp_instance {INSTANCE}"
