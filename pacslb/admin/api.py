@@ -134,6 +134,7 @@ class StoreStatus(BaseModel):
     kind: str = Field(description="memory, redis, rediss or sentinel")
     connected: bool
     synced: bool = Field(description="every binding in the store has been read since the last (re)connection")
+    starting: bool = Field(False, description="just started, not synced yet: /healthz answers 503 meanwhile")
     url: str | None = None
     down_since: float | None = None
     last_error: str = ""
@@ -434,6 +435,10 @@ def create_app(server: AdminServer) -> FastAPI:
         from pacslb.descriptors import health
 
         body = health()
+        if body["ok"] and engine.store.status().get("starting"):
+            # Just started, the shared table not read yet (for at most a few seconds): not ready to take
+            # the virtual IP (pacslb/state/redis.py, SYNC_GRACE).
+            body = {"ok": False, "reason": "store_not_synced", "detail": "reading the shared table"}
         return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
     @app.get("/api/v1/status", response_model=Status, dependencies=reads, tags=["status"])

@@ -152,6 +152,7 @@ class PacslbCollector(Collector):
         yield from (up, admin, weight, active, total, sent, check_ok, check_duration, check_time)
         yield from (ae_assoc, ae_rejected, ae_bytes)
         yield from _descriptor_metrics()
+        yield from _store_metrics(engine)
 
 
 def _descriptor_metrics() -> Iterable[Metric]:
@@ -175,6 +176,30 @@ def _descriptor_metrics() -> Iterable[Metric]:
         "Descriptors below the limit kept for the admin API and health checks (not for client or node sockets)",
         value=reserve(),
     )
+
+
+def _store_metrics(engine: Engine) -> Iterable[Metric]:
+    """The state store (pacslb/state/): connected and synced (always 1 for the memory store), and what a
+    shared store has moved."""
+    status = engine.store.status()
+    kind = str(status.get("kind", "memory"))
+    connected = GaugeMetricFamily(
+        "pacslb_store_connected", "1 while the state store is reachable (memory: always)", labels=["kind"]
+    )
+    connected.add_metric([kind], 1.0 if status.get("connected") else 0.0)
+    synced = GaugeMetricFamily(
+        "pacslb_store_synced", "1 once the shared table was read since the last (re)connection", labels=["kind"]
+    )
+    synced.add_metric([kind], 1.0 if status.get("synced") else 0.0)
+    yield from (connected, synced)
+    moved = CounterMetricFamily(
+        "pacslb_store_operations", "Bindings written, applied from peers, published, lost to newer ones; reconnects",
+        labels=["operation"],
+    )  # fmt: skip
+    for operation in ("written", "applied", "published", "conflicts_lost", "reconnects"):
+        if operation in status:
+            moved.add_metric([operation], float(status[operation]))
+    yield moved
 
 
 def make_registry(engine: Engine) -> CollectorRegistry:

@@ -75,6 +75,10 @@ SOCKET_TIMEOUT = 2.0
 #: Pause before reconnecting: doubles from RECONNECT_MIN up to RECONNECT_MAX.
 RECONNECT_MIN = 0.2
 RECONNECT_MAX = 5.0
+#: A balancer that has just started answers /healthz 503 ("store_not_synced") until it has read the shared
+#: table, for at most this long: a freshly started backup should not take the virtual IP without its
+#: clients' pins; but the store is soft state, and a Redis that stays away must not keep a pair from serving.
+SYNC_GRACE = 10.0
 #: How often what is known of clients gone from their table is forgotten (bounds that memory).
 TRIM_INTERVAL = 30.0
 #: Keys read per SCAN step when loading.
@@ -180,6 +184,8 @@ class RedisStore:
         # What the status and metrics show.
         self.connected = False
         self.synced = False
+        self.ever_synced = False
+        self.started_at: float | None = None  # (the tables' clock)
         self.down_since: float | None = None
         self.last_error = ""
         self.counts = {"written": 0, "applied": 0, "published": 0, "conflicts_lost": 0, "reconnects": 0}
@@ -224,6 +230,7 @@ class RedisStore:
         if self._task is None:
             if self._clock_from_loop:
                 self.clock = asyncio.get_running_loop().time
+            self.started_at = self.clock()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="pacslb-store")
 
     async def close(self) -> None:
@@ -246,6 +253,12 @@ class RedisStore:
             table.listener = None
         self._tables.clear()
 
+    def starting(self) -> bool:
+        """Just started and not synced yet (within :data:`SYNC_GRACE`): /healthz says so."""
+        if self.ever_synced or self.started_at is None:
+            return False
+        return self.clock() - self.started_at < SYNC_GRACE
+
     def status(self) -> dict[str, Any]:
         """What ``pacslb status`` and the dashboard show of the store."""
         return {
@@ -254,6 +267,7 @@ class RedisStore:
             "node": self.node,
             "connected": self.connected,
             "synced": self.synced,
+            "starting": self.starting(),
             "down_since": self.down_since,
             "last_error": self.last_error,
             "pending": len(self._pending),
@@ -346,7 +360,7 @@ class RedisStore:
             await self._flush(client, write)  # what changed here while alone (all of it, at first)
             await self._load_admin(client, admin_write)
             loaded = await self._load(client)
-            self.synced = True
+            self.synced = self.ever_synced = True
             log_event(log, "store_synced", store=str(self.location), entries=loaded)
             listener = asyncio.get_running_loop().create_task(self._listen(pubsub))
             try:

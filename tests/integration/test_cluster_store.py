@@ -256,7 +256,18 @@ def test_a_wrong_password_is_reported_and_fails_nothing(
         down = lb.wait_event("store_down", WITHIN)
         assert "password" in down.get("reason").lower() or "auth" in down.get("reason").lower(), down.line
         assert visit(port, "127.0.5.1") in {"pacs1", "pacs2", "pacs3"}
+        # Just started and never synced: /healthz keeps keepalived from giving it the address, for a while.
+        health = peers.admin_api(admin, "GET", "/healthz", token="")
+        if store_status(admin)["starting"]:  # (it only goes from true to false: healthz was asked first)
+            assert health.status_code == 503 and health.json()["reason"] == "store_not_synced", health.text
+        peers.wait_for(
+            lambda: peers.admin_api(admin, "GET", "/healthz", token="").status_code == 200,
+            WITHIN + 10,
+            "healthz to answer 200 once the grace is over (a Redis that stays away must not keep it down)",
+        )
         assert store_status(admin)["synced"] is False
+        metrics = peers.admin_api(admin, "GET", "/metrics", token="").text
+        assert 'pacslb_store_connected{kind="redis"} 0.0' in metrics
         right = tmp_path / "right.password"
         right.write_text("right-password-123\n")
         port2, admin2 = peers.free_port(), peers.free_port()
