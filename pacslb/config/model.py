@@ -119,6 +119,8 @@ class CheckSpec(_Frozen):
 
     type: CheckType = "tcp"
     interval: PositiveDuration = 2.0
+    # Not given: 2s, or the interval when that is shorter (a check must end before the next one starts; a
+    # timeout the user never set must not fight the interval they did).
     timeout: PositiveDuration = 2.0
     rise: Annotated[int, Field(ge=1, le=100)] = 2
     fall: Annotated[int, Field(ge=1, le=100)] = 3
@@ -133,6 +135,12 @@ class CheckSpec(_Frozen):
     max_clock_skew: Annotated[Duration, Field(ge=1)] = 5.0
     calling_ae: AETitle = "PACSLB"
     called_ae: AETitle = "ANY-SCP"
+
+    @model_validator(mode="after")
+    def _timeout_follows_a_shorter_interval(self) -> CheckSpec:
+        if "timeout" not in self.model_fields_set and self.interval < self.timeout:
+            object.__setattr__(self, "timeout", self.interval)
+        return self
 
     @field_validator("path")
     @classmethod

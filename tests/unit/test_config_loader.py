@@ -396,7 +396,7 @@ def test_config_mappings_cannot_be_changed(config: Config) -> None:
             "services.a.check.timeout",
             "not be longer than check.interval",
         ),
-        ("check:\n  interval: 1s", 5, "services.a.check.timeout", "not be longer than check.interval"),
+        ("check:\n  interval: 1s\n  timeout: 2s", 7, "services.a.check.timeout", "not be longer than check.interval"),
     ],
 )
 def test_single_error_is_located(extra: str, line: int, field: str, reason: str) -> None:
@@ -809,3 +809,13 @@ def test_weights_are_checked_against_0_to_256(weights: list[int]) -> None:
 def test_every_unknown_key_is_reported_with_its_line(keys: list[str]) -> None:
     text = service("\n".join(f"{k}: 1" for k in keys))
     assert located(text) == sorted((5 + n, f"services.a.{k}") for n, k in enumerate(keys))
+
+
+def test_an_unset_check_timeout_follows_a_shorter_interval() -> None:
+    """Only interval given: the timeout the user never set is not longer than it (and not an error)."""
+    check = load(service("check: {interval: 500ms}")).services["a"].check
+    assert (check.interval, check.timeout) == (0.5, 0.5)
+    check = load(service("check: {interval: 5s}")).services["a"].check
+    assert (check.interval, check.timeout) == (5.0, 2.0)
+    issue = one_issue(service("check: {interval: 500ms, timeout: 1s}"))
+    assert issue.field == "services.a.check.timeout" and "longer than check.interval" in issue.reason
