@@ -1,4 +1,4 @@
-"""Parsing of the config's scalar value types: durations, host:port addresses, netmasks, AE titles.
+"""Parsing of the config's scalar value types: durations, rates, host:port addresses, netmasks, AE titles.
 
 Each parser takes what YAML produced and returns a plain Python value or raises ``ValueError`` with a
 message meant for the person editing the file (pydantic turns it into a located config error).
@@ -42,6 +42,36 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{round(seconds * 1000)}ms"
+
+
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|m|h)")
+
+
+def parse_rate(value: Any) -> float:
+    """Parse a rate such as ``100/s``, ``600/m`` or ``3600/h`` into events per second.
+
+    Like a duration, a rate needs its unit: a bare ``100`` could mean per second or per minute.
+    """
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f"a rate needs a unit, e.g. '100/s' or '600/m' (got {value!r})")
+    match = _RATE.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"not a rate: {value!r} (use e.g. 100/s, 600/m, 3600/h)")
+    rate = float(match.group(1)) / _UNIT_SECONDS[match.group(2)]
+    if rate <= 0:
+        raise ValueError(f"a rate must be above 0 (got {value!r})")
+    return rate
+
+
+def format_rate(per_second: float) -> str:
+    """The config spelling of a rate in events per second (inverse of :func:`parse_rate`)."""
+    if per_second == int(per_second):
+        return f"{int(per_second)}/s"
+    for unit in ("m", "h"):
+        count = per_second * _UNIT_SECONDS[unit]
+        if abs(count - round(count)) < 1e-9:
+            return f"{round(count)}/{unit}"
+    return f"{per_second:g}/s"
 
 
 @dataclass(frozen=True, slots=True)
