@@ -5,7 +5,10 @@ Theory of operation (PS3.8 section 9 for the PDUs, reference/dicom-ul.md for the
    malformed, oversized or wrong first PDU gets an A-ABORT (or the A-ASSOCIATE-RJ PS3.8 prescribes);
    silence gets an A-ABORT; both are logged, and nothing else is affected.
 2. The edge decides: maxconn reached -> A-ASSOCIATE-RJ (2, 3, 2); calling or called AE title not allowed
-   -> (1, 1, 3) / (1, 1, 7). Routing rules narrow the servers; persistence may key on the calling AE.
+   -> (1, 1, 3) / (1, 1, 7); a per-client limit (``limits``: connections or rate of the client, decided at
+   accept in tcp.py; associations of the calling AE title, AE titles of the client, decided here) ->
+   (2, 3, 2), logged rate-limited as ``client_limited``. Routing rules narrow the servers; persistence
+   may key on the calling AE.
 3. The RQ is held and offered to one node after another: a failed connect, a transient A-ASSOCIATE-RJ, an
    A-ABORT, a close or silence before the node answers all move it to the next node (at most ``retries``
    more). A permanent rejection from a node goes to the client unchanged. When no node is left, the client
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 from pacslb.balance.decision import choose
 from pacslb.balance.dicom_policy import AT_LIMIT, NO_NODE, check_access, persistence_key, route
+from pacslb.balance.limits import Limit, client_key
 from pacslb.balance.server import ServerState
 from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
@@ -137,6 +141,10 @@ class DicomService(TcpService):
     def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         self._spawn(self._handle(sock, peer))  # a task per connection: it reads from the client first
 
+    def limit_answer(self) -> tuple[bytes, bool] | None:
+        # Local limit exceeded, transient (PS3.8 9.3.4): the modality retries later, as it does on maxconn.
+        return _rj(AT_LIMIT), True
+
     async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
         loop = self._loop
         started = loop.time()
@@ -186,7 +194,20 @@ class DicomService(TcpService):
                 await _send_and_close(client, _rj(rejection))
                 record.done("rejected", str(rejection), "balancer")
                 return
-            await self._associate(client, peer, rq, bytes(early), stats, record)
+            key = client_key(peer[0], spec.limits)
+            limit = self.limits.admit_association(key, rq.calling_ae, loop.time())
+            if limit is not None:
+                # Counted and logged rate-limited (client_limited), not as an assoc line each: a client
+                # looping on a limit must not flood the log.
+                stats.rejected += 1
+                self.rejections["limit_" + limit.value] += 1
+                self.refused(rq.calling_ae if limit is Limit.CALLING_AE_MAXCONN else key, limit)
+                await _send_and_close(client, _rj(AT_LIMIT))
+                return
+            try:
+                await self._associate(client, peer, rq, bytes(early), stats, record)
+            finally:
+                self.limits.release_association(key, rq.calling_ae, loop.time())
         except BaseException:
             client.close()
             raise

@@ -13,6 +13,12 @@ The modes that read the client first (dicom, http) run a task per connection ins
 
 A service object lives across reloads: ``apply()`` swaps its spec, servers and scheduler in place, and
 connections already relaying keep the server objects they were given.
+
+Per-client limits (``limits``, decided by pacslb/balance/limits.py) are applied here, at accept, for every
+mode: a connection over a limit never reaches the mode's handler. tcp mode closes it at once; dicom and
+http mode tell it why first when they can (:class:`_Answer`: an A-ASSOCIATE-RJ, a 429), within a bounded
+number of sockets held for that. The connection admitted is released when it ends, however it ends
+(``client_of`` maps it to its client). Refusals are logged rate-limited (``client_limited`` lines).
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pacslb.balance.decision import choose
+from pacslb.balance.limits import ClientLimits, Limit, RefusalLog, client_key, retry_after
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
 from pacslb.balance.scheduler import Scheduler, make_scheduler
 from pacslb.balance.server import ServerState
-from pacslb.config.model import ServiceSpec
+from pacslb.config.model import LimitsSpec, ServiceSpec
+from pacslb.config.values import format_rate
 from pacslb.descriptors import EXHAUSTION, LOCAL_ERRNOS, in_reserve
 from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
@@ -41,6 +49,16 @@ if TYPE_CHECKING:
     from pacslb.proxy.pumps import Abortable
 
 log = logging.getLogger("pacslb.conn")
+limits_log = logging.getLogger("pacslb.limits")
+
+#: A client over a limit that is told so: how long pacslb waits for its first bytes (dicom: the
+#: A-ASSOCIATE-RQ the rejection answers; a modality sends it within milliseconds of connecting), then how
+#: long it lets the client read the answer and close before closing itself (PS3.8's ARTIM, http's linger:
+#: closing with the client's bytes unread would reset the connection before the answer is read).
+ANSWER_WAIT = 1.0
+ANSWER_LINGER = 1.0
+#: Persistence types that make an entry per calling AE title (whose count per client ``limits`` bounds).
+AE_PERSISTENCE = frozenset({"calling_ae", "calling_ae+source_ip"})
 
 #: How a :class:`ConnectFailed` reason starts when the failure was pacslb's own (out of descriptors or
 #: socket memory), not the node's: such a failure neither wakes the node's check nor is logged per
@@ -153,6 +171,13 @@ class TcpService:
         self.relayer: Relayer = relay
         self.starter: RelayStarter = start_relay
         self._loop = asyncio.get_running_loop()
+        # Per-client limits: the counts (kept across reloads), each admitted connection's client, the
+        # client of the connection being started (see _admitted), and the rate-limited log of refusals.
+        self.limits = ClientLimits(spec.limits, *_title_bounds(spec))
+        self.client_of: dict[object, str] = {}
+        self._admitting: str | None = None
+        self.refusals = RefusalLog()
+        self._refusal_timer: asyncio.TimerHandle | None = None
 
     # -- configuration -------------------------------------------------------------------------------
 
@@ -163,6 +188,7 @@ class TcpService:
         self.spec = spec
         self.servers = servers
         self.table = table
+        self.limits.configure(spec.limits, *_title_bounds(spec))
         self._update_accepting()
 
     def attach(self, listener: Listener) -> None:
@@ -193,15 +219,96 @@ class TcpService:
 
     def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Called by the listener for each new connection."""
+        limits = self.spec.limits
+        if limits.client_maxconn is not None or limits.client_rate is not None:
+            key = client_key(peer[0], limits)
+            limit = self.limits.admit(key, self._loop.time())
+            if limit is not None:
+                self._over_limit(sock, key, limit)
+                return
+            self._admitting = key
         self.active += 1
         self.total += 1
         if self.active >= self.accept_limit and self.listener is not None:
             self.listener.pause()
-        self._start(sock, peer)
+        try:
+            self._start(sock, peer)
+        finally:
+            if self._admitting is not None:  # no connection took it (a bug): let it go at once
+                self.limits.release(self._admitting, self._loop.time())
+                self._admitting = None
+
+    def _admitted(self, item: object) -> None:
+        """``item`` (a task, a tcp-mode connection, a connection handed to a web worker) is the connection
+        being accepted: its end releases what the limits admitted."""
+        key = self._admitting
+        if key is not None:
+            self._admitting = None
+            self.client_of[item] = key
+
+    def _release_client(self, item: object) -> None:
+        if self.client_of:
+            key = self.client_of.pop(item, None)
+            if key is not None:
+                self.limits.release(key, self._loop.time())
+
+    # -- per-client limits -------------------------------------------------------------------------------
+
+    def limit_answer(self) -> tuple[bytes, bool] | None:
+        """What a client over a limit is told before its connection closes, and whether its first bytes are
+        awaited first; None: closed at once (tcp mode has nothing to say; http over TLS cannot say it
+        without a handshake)."""
+        if self.spec.mode == "http" and (self.spec.http is None or self.spec.http.tls is None):
+            return _http_too_many(retry_after(self.spec.limits)), False
+        return None
+
+    def _over_limit(self, sock: socket.socket, key: str, limit: Limit) -> None:
+        """A new connection of client ``key`` is over ``limit``: answer it (bounded) or close it."""
+        self.rejections["limit_" + limit.value] += 1
+        answer = self.limit_answer()
+        now = self._loop.time()
+        self.refused(key, limit)
+        if answer is None or not self.limits.answering(key, now):
+            sock.close()
+            return
+        _Answer(self, sock, key, answer[0], answer[1]).start()
+
+    def refused(self, who: str, limit: Limit) -> None:
+        """Log a refusal, rate-limited: the first of ``who`` (a client, or for calling_ae_maxconn a calling
+        AE title) for ``limit`` now, the next ones as counts (see :class:`RefusalLog`)."""
+        now = self._loop.time()
+        if self.refusals.note(who, limit, now):
+            self._log_refused(who, limit, 1)
+        elif self._refusal_timer is None:
+            delay = self.refusals.next_due(now)
+            if delay is not None:
+                self._refusal_timer = self._loop.call_later(delay, self._flush_refused)
+
+    def _flush_refused(self) -> None:
+        self._refusal_timer = None
+        now = self._loop.time()
+        for who, limit, count in self.refusals.due(now):
+            self._log_refused(who, limit, count)
+        delay = self.refusals.next_due(now)
+        if delay is not None:
+            self._refusal_timer = self._loop.call_later(delay, self._flush_refused)
+
+    def _log_refused(self, who: str, limit: Limit, count: int) -> None:
+        limits = self.spec.limits
+        fields: dict[str, object] = {"service": self.name}
+        if limit is Limit.CALLING_AE_MAXCONN:
+            fields["calling"] = who
+        else:
+            fields["client"] = _client_text(who, limits)
+        answer = self.limit_answer()
+        said = "closed" if answer is None else ("429" if self.spec.mode == "http" else "A-ASSOCIATE-RJ")
+        fields.update(limit=limit.value, max=_limit_value(limits, limit), count=count, answer=said)
+        log_event(limits_log, "client_limited", logging.WARNING, **fields)
 
     def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         conn = _TcpConn(self, sock, peer)
         self.conns.add(conn)
+        self._admitted(conn)
         try:
             conn.start()
         except Exception:  # a bug: this client is lost, the service goes on
@@ -213,15 +320,18 @@ class TcpService:
         connecting)."""
         task = self._loop.create_task(handler)
         self.tasks.add(task)
+        self._admitted(task)
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self._release_client(task)
         self._left()
 
     def _conn_finished(self, conn: _TcpConn) -> None:
         if conn in self.conns:  # once per connection, whatever ended it
             self.conns.remove(conn)
+            self._release_client(conn)
             self._left()
 
     def _left(self) -> None:
@@ -355,6 +465,116 @@ class TcpService:
             rule=rule or "-", duration=self._loop.time() - started,
             bytes_up=up, bytes_down=down, end=end.value, retries=retries,
         )  # fmt: skip
+
+
+def _title_bounds(spec: ServiceSpec) -> tuple[float | None, int]:
+    """How long a calling AE title counts for ``limits.client_ae_titles`` after its last association (the
+    persistence timeout, when persistence makes an entry per AE title; else None: not counted), and the
+    bound on the titles kept (the persistence table's)."""
+    persistence = spec.persistence
+    if spec.mode == "dicom" and persistence.type in AE_PERSISTENCE:
+        return persistence.timeout, persistence.max_entries
+    return None, persistence.max_entries
+
+
+def _http_too_many(retry: int) -> bytes:
+    """429 Too Many Requests (RFC 6585 section 4) with Retry-After, and the connection closes."""
+    body = b"429 Too Many Requests\n"
+    return (
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nCache-Control: no-store\r\nRetry-After: %d\r\nConnection: close\r\n\r\n%s"
+        % (len(body), retry, body)
+    )
+
+
+def _client_text(key: str, limits: LimitsSpec) -> str:
+    """A client key as the log names it: the address, or the network when several addresses share it."""
+    if key == "others":
+        return key
+    prefix = limits.netmask6 if ":" in key else limits.netmask
+    return key if prefix == (128 if ":" in key else 32) else f"{key}/{prefix}"
+
+
+def _limit_value(limits: LimitsSpec, limit: Limit) -> str:
+    if limit is Limit.CLIENT_RATE:
+        rate = limits.client_rate
+        return f"{format_rate(rate)},burst={limits.client_burst}" if rate is not None else "-"
+    value = getattr(limits, limit.value, None)
+    return "-" if value is None else str(value)
+
+
+class _Answer:
+    """A connection over a client limit, told why (an A-ASSOCIATE-RJ, a 429) and closed, by callbacks (no
+    task: a flood must cost little). When the answer waits for the client's first bytes, it goes once they
+    came (within :data:`ANSWER_WAIT`; a silent client is closed unanswered); then the write side is shut and
+    what the client still sends is read and dropped until it closes, at most :data:`ANSWER_LINGER`."""
+
+    __slots__ = ("answer", "fd", "key", "service", "sock", "timer", "waiting")
+
+    def __init__(self, service: TcpService, sock: socket.socket, key: str, answer: bytes, wait: bool) -> None:
+        self.service = service
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.key = key
+        self.answer = answer
+        self.waiting = wait
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = self.service._loop
+        try:
+            loop.add_reader(self.fd, self._readable)
+        except Exception:
+            self.close()
+            raise
+        if self.waiting:
+            self.timer = loop.call_later(ANSWER_WAIT, self.close)
+        else:
+            self._send()
+
+    def _send(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        self.waiting = False
+        if self.timer is not None:
+            self.timer.cancel()
+        try:
+            sock.send(self.answer)  # a few bytes into an empty socket buffer: sent whole
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.timer = self.service._loop.call_later(ANSWER_LINGER, self.close)
+
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+        elif self.waiting:
+            self._send()
+
+    def close(self) -> None:
+        sock = self.sock
+        if sock is None:  # once
+            return
+        self.sock = None
+        service = self.service
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        service._loop.remove_reader(self.fd)
+        sock.close()
+        service.limits.answered(self.key, service._loop.time())
 
 
 class _TcpConn:

@@ -220,6 +220,7 @@ class WebPool:
         conn = _Handed(self, worker, service, self._next_id, key, node)
         worker.conns[conn.conn_id] = conn
         service.conns.add(conn)  # type: ignore[arg-type]  # counted, cancelled and drained as a connection
+        service._admitted(conn)  # its end releases what the per-client limits admitted
         try:
             self._send(worker, ("conn", conn.conn_id, service.name, peer, node, fresh), [sock.fileno()])
         finally:
