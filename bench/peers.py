@@ -109,6 +109,9 @@ def pacslb_config(
         "check": {"type": "none"},
         "maxconn": maxconn,
         "timeouts": {"connect": "5s", "client_idle": "12h", "server_idle": "12h"},
+        # Every load generator connects from one address, faster than any hospital client: the per-client
+        # limits would measure themselves, and HAProxy's config has none.
+        "limits": {"client_maxconn": "none", "client_rate": "none"},
         "servers": {node.name: f"127.0.0.1:{node.port}" for node in nodes},
     }
     # No connection log lines (HAProxy's config has no log either); a short grace so stopping is quick.
