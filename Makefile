@@ -70,3 +70,11 @@ clean:
 bench: $(COMPILED)
 	sh bench/install.sh
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# `make fuzz` runs the fuzz campaign (docs/fuzzing.md): 1,000,000 DICOM first PDUs and HTTP request heads,
+# in-process through the parsers (coverage-guided with atheris) and through a running pacslb. Options go in
+# FUZZ_ARGS, e.g. `make fuzz FUZZ_ARGS="--total 100000 --seed 7"`. Seeds, corpus, crashes and figures: .fuzz/
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install -q atheris || echo "fuzz: atheris not installed; the seeded mutator is used"
+	$(BIN)/python tests/fuzz/campaign.py $(FUZZ_ARGS)
