@@ -579,12 +579,22 @@ class ClusterSpec(_Frozen):
     store: Store = StoreLocation("memory")
     # The store's password, first line of this file (never in the YAML, which many can read).
     password_file: ReadableFile | None = None
+    # redis+sentinel://: the Sentinels' own password (their requirepass), first line of this file. Absent: the
+    # Sentinels are asked without one (password_file is the Redis servers' password; Sentinels do not take it).
+    sentinel_password_file: ReadableFile | None = None
+    # rediss://: the CA certificates (PEM) that the Redis server's certificate must chain to. Absent: the
+    # system's CAs (a private CA, the usual case for Redis, needs this).
+    ca_file: ReadableFile | None = None
     vrrp: VrrpSpec | None = None
 
     @model_validator(mode="after")
     def _password_needs_redis(self) -> ClusterSpec:
         if self.password_file is not None and self.store.kind == "memory":
             raise ValueError("password_file is for a Redis store (store: redis://...)")
+        if self.sentinel_password_file is not None and self.store.kind != "sentinel":
+            raise ValueError("sentinel_password_file is for a store behind Sentinels (store: redis+sentinel://...)")
+        if self.ca_file is not None and self.store.kind != "rediss":
+            raise ValueError("ca_file is for a Redis store over TLS (store: rediss://...)")
         return self
 
 

@@ -39,12 +39,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from pacslb.balance.persistence import Entry, PersistenceTable
@@ -160,10 +163,14 @@ class RedisStore:
         node: str,
         password: str | None = None,
         clock: Callable[[], float] | None = None,
+        sentinel_password: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.location = location
         self.node = node
         self.password = password
+        self.sentinel_password = sentinel_password  # redis+sentinel://: the Sentinels' own password
+        self.ca_file = ca_file  # rediss://: the CAs to trust (None: the system's)
         # The tables' clock: the event loop's (taken at start() unless given), as the services use.
         self.clock: Callable[[], float] = clock if clock is not None else time.monotonic
         self._clock_from_loop = clock is None
@@ -292,15 +299,21 @@ class RedisStore:
         first = True
         while not self._closing:
             client: aioredis.Redis | None = None
+            sentinel: Sentinel | None = None
             try:
-                client = await self._connect()
+                client, sentinel = await self._connect()
                 await self._session(client, first)
                 return  # closing
-            except (RedisError, OSError, TimeoutError) as exc:
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except Exception as exc:
+                if not isinstance(exc, RedisError | OSError | TimeoutError):
+                    # A bug, not Redis: said with its traceback; the store carries on as if Redis were down.
+                    log.error("store task failed unexpectedly", exc_info=exc)
+                reason = _reason(exc)
                 if self.connected or first or reason != self.last_error:
                     log_event(log, "store_down", logging.WARNING, store=str(self.location), reason=reason)
                 self.last_error = reason
+                if self.connected:
+                    pause = RECONNECT_MIN  # a new outage: try again soon (a Sentinel failover takes seconds)
                 if self.connected or first:
                     self.down_since = time.time()
                 self.connected = self.synced = False
@@ -310,6 +323,9 @@ class RedisStore:
                 if client is not None:
                     with contextlib.suppress(Exception):
                         await client.aclose()
+                if sentinel is not None:  # its links to the Sentinels (master_for's client does not own them)
+                    with contextlib.suppress(Exception):
+                        await sentinel.aclose()
             if self._closing:
                 return
             with contextlib.suppress(TimeoutError):
@@ -318,7 +334,12 @@ class RedisStore:
             pause = min(RECONNECT_MAX, pause * 2)
             self.counts["reconnects"] += 1
 
-    async def _connect(self) -> aioredis.Redis:
+    async def _connect(self) -> tuple[aioredis.Redis, Sentinel | None]:
+        """A client of the Redis server, or of the master the Sentinels name (and those Sentinels' client).
+
+        redis-py's own retries are off: it would reconnect the subscription quietly, and what is published
+        in between would be lost with no resynchronisation; a lost link must end the session instead.
+        """
         location = self.location
         options: dict[str, Any] = {
             "db": location.db,
@@ -328,22 +349,36 @@ class RedisStore:
             "socket_connect_timeout": SOCKET_TIMEOUT,
             "decode_responses": True,
             "health_check_interval": 1,
+            "retry": Retry(NoBackoff(), 0),
         }
+        sentinel = None
         if location.kind == "sentinel":
             assert location.master is not None
             sentinel = Sentinel(
                 list(location.hosts),
-                socket_timeout=SOCKET_TIMEOUT,
-                socket_connect_timeout=SOCKET_TIMEOUT,
-                sentinel_kwargs={"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": SOCKET_TIMEOUT},
-                **{k: v for k, v in options.items() if k not in ("socket_timeout", "socket_connect_timeout")},
+                sentinel_kwargs={
+                    "socket_timeout": SOCKET_TIMEOUT,
+                    "socket_connect_timeout": SOCKET_TIMEOUT,
+                    "password": self.sentinel_password,  # the Sentinels' own (requirepass), if they have one
+                    "retry": Retry(NoBackoff(), 0),  # (discovery moves on to the next Sentinel)
+                },
+                **options,
             )
             client: aioredis.Redis = sentinel.master_for(location.master)
         else:
             host, port = location.hosts[0]
-            client = aioredis.Redis(host=host, port=port, ssl=location.kind == "rediss", **options)
-        await client.ping()
-        return client
+            tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": self.ca_file} if location.kind == "rediss" else {}
+            client = aioredis.Redis(host=host, port=port, **tls, **options)
+        try:
+            await client.ping()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+            if sentinel is not None:
+                with contextlib.suppress(Exception):
+                    await sentinel.aclose()
+            raise
+        return client, sentinel
 
     async def _session(self, client: aioredis.Redis, first: bool) -> None:
         """One connected period: resynchronise, then write and listen until Redis goes or the store closes."""
@@ -592,6 +627,19 @@ class RedisStore:
             if len(known) > len(table):
                 for key in [k for k in known if table.peek(k) is None]:
                     del known[key]
+
+
+#: A client's repr (redis-py puts one per Sentinel in MasterNotFoundError's text, each a line long).
+_CLIENT_REPR = re.compile(r"<redis\.asyncio\.client\.Redis\(.*?,host=([^,]*),port=([0-9]+),.*?\)>\)>\)>")
+#: A store_down line's reason is cut past this many characters.
+MAX_REASON = 500
+
+
+def _reason(exc: BaseException) -> str:
+    """What ``store_down`` says of ``exc``: its class and text, a Sentinel named by its address only."""
+    text = _CLIENT_REPR.sub(r"Sentinel \1:\2", str(exc))
+    reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
 def _glob_escape(text: str) -> str:

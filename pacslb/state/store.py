@@ -74,8 +74,18 @@ def open_store(cluster: ClusterSpec, snapshot: str | None = None) -> StateStore:
         return MemoryStore(snapshot)
     from pacslb.state.redis import RedisStore  # (redis is imported only by a balancer that uses it)
 
-    password = None
-    if cluster.password_file is not None:
-        with open(cluster.password_file, encoding="utf-8") as handle:
-            password = handle.readline().strip() or None
-    return RedisStore(location, cluster.node, password)
+    return RedisStore(
+        location,
+        cluster.node,
+        _first_line(cluster.password_file),
+        sentinel_password=_first_line(cluster.sentinel_password_file),
+        ca_file=cluster.ca_file,
+    )
+
+
+def _first_line(path: str | None) -> str | None:
+    """A password file's first line (None: no file, or an empty line)."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return handle.readline().strip() or None

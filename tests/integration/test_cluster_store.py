@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,11 @@ WITHIN = 15.0
 class RedisServer:
     """One redis-server on a loopback port, without persistence; restartable on the same port."""
 
-    def __init__(self, root: Path, password: str | None = None) -> None:
+    def __init__(self, root: Path, password: str | None = None, extra: Sequence[str] = ()) -> None:
         self.root = root
         self.port = peers.free_port()
         self.password = password
+        self.extra = list(extra)  # more redis-server options (replication, TLS)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -50,7 +51,7 @@ class RedisServer:
         args += ["--dir", str(self.root)]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = peers._popen(args, self.root / "redis.log")
+        self.proc = peers._popen(args + self.extra, self.root / "redis.log")
         peers.wait_for(lambda: self.command("PING") in ("PONG", "NOAUTH"), WITHIN, "redis-server to answer")
         return self
 
@@ -242,6 +243,26 @@ def test_losing_redis_fails_no_connection_and_sharing_resumes_when_it_returns_em
     assert not [
         e for lb in lbs for e in lb.events("conn") if e.get("end") not in ("ok", "client_closed", "server_closed")
     ]
+
+
+def test_a_subscription_cut_alone_is_noticed_and_the_balancer_reads_everything_again(
+    pacslb: PacslbFactory, nodes: list[NamedNode], redis: RedisServer
+) -> None:
+    """Redis closes a balancer's subscription and nothing else (CLIENT KILL, or a Sentinel demoting the
+    master). Subscribing again quietly would lose what is published meanwhile: the store must count that
+    as down, then read every binding again."""
+    ports, admins, lbs = start_pair(pacslb, nodes, redis.url)
+    for admin in admins:
+        wait_synced(admin)
+    marks = [lb.mark() for lb in lbs]
+    assert redis.command("CLIENT", "KILL", "TYPE", "pubsub") == "2"
+    for lb, mark in zip(lbs, marks, strict=True):
+        lb.wait_event("store_down", WITHIN, since=mark)
+        lb.wait_event("store_synced", WITHIN, since=mark)
+    before = store_status(admins[1])["applied"]
+    node = visit(ports[0], "127.0.5.9")
+    wait_applied(admins[1], before + 1)
+    assert visit(ports[1], "127.0.5.9") == node
 
 
 def test_a_wrong_password_is_reported_and_fails_nothing(

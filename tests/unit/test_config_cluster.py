@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from pacslb.config import load_config_text
 from pacslb.config.values import StoreLocation, parse_store_location
 from pacslb.errors import ConfigError
+from pacslb.state.redis import RedisStore
+from pacslb.state.store import open_store
 
 SERVICES = """\
 services:
@@ -97,3 +100,39 @@ def test_cluster_errors_name_line_and_field() -> None:
     assert (4, "cluster.node") in found
     assert (6, "cluster.vrrp.router_id") in found
     assert (6, "cluster.vrrp.virtual_ips.0") in found
+
+
+@pytest.mark.parametrize(
+    ("store", "key", "reason"),
+    [
+        ("redis://10.0.0.5/0", "sentinel_password_file", "sentinel_password_file is for a store behind Sentinels"),
+        ("redis+sentinel://h1,h2,h3/mymaster", "ca_file", "ca_file is for a Redis store over TLS"),
+        ("redis://10.0.0.5/0", "ca_file", "ca_file is for a Redis store over TLS"),
+    ],
+)
+def test_the_sentinel_password_and_the_ca_file_go_with_their_kind_of_store(
+    store: str, key: str, reason: str, tmp_path: Path
+) -> None:
+    secret = tmp_path / "file"
+    secret.write_text("x\n")
+    text = SERVICES + f"cluster: {{store: '{store}', {key}: '{secret}'}}\n"
+    with pytest.raises(ConfigError, match=reason):
+        load_config_text(text, "pacslb.yaml")
+
+
+def test_the_sentinel_password_and_the_ca_file_reach_the_store(tmp_path: Path) -> None:
+    (tmp_path / "redis.password").write_text("for-redis\n")
+    (tmp_path / "sentinel.password").write_text("for-sentinel\n")
+    text = SERVICES + textwrap.dedent(f"""\
+        cluster:
+          store: redis+sentinel://h1,h2,h3/mymaster/0
+          password_file: {tmp_path / "redis.password"}
+          sentinel_password_file: {tmp_path / "sentinel.password"}
+        """)
+    store = open_store(load_config_text(text, "pacslb.yaml").cluster)
+    assert isinstance(store, RedisStore)
+    assert (store.password, store.sentinel_password, store.ca_file) == ("for-redis", "for-sentinel", None)
+    (tmp_path / "ca.pem").write_text("(a CA)\n")
+    text = SERVICES + f"cluster: {{store: 'rediss://h/0', ca_file: '{tmp_path / 'ca.pem'}'}}\n"
+    store = open_store(load_config_text(text, "pacslb.yaml").cluster)
+    assert isinstance(store, RedisStore) and store.ca_file == str(tmp_path / "ca.pem")
