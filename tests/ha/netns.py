@@ -14,11 +14,10 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Every namespace of a lab is called pacslb-ha-<tag>-<name>.
+#: Every namespace of a lab is called pacslb-ha-<pid>-<n>-<name>.
 PREFIX = "pacslb-ha-"
 IP = "/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else "ip"
 
@@ -41,13 +40,31 @@ def available() -> str | None:
 
 
 def sweep() -> None:
-    """Delete the namespaces of labs whose test run died before cleaning up (their processes go with them)."""
+    """Delete the namespaces of labs whose process died before cleaning up (their processes go with them).
+    A lab's namespaces carry the PID of the process that made it: those of a living one are left alone."""
     listing = _ip("netns", "list", check=False).stdout
     for line in listing.splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith(PREFIX):
-            _kill_namespace_processes(name)
-            _ip("netns", "del", name, check=False)
+        if not name.startswith(PREFIX):
+            continue
+        owner = name[len(PREFIX) :].split("-")[0]
+        if owner.isdigit() and _alive(int(owner)):
+            continue
+        _kill_namespace_processes(name)
+        _ip("netns", "del", name, check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_labs = 0
 
 
 def _kill_namespace_processes(namespace: str) -> None:
@@ -106,8 +123,11 @@ class Lab:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.tag = f"{os.getpid() % 100000}{int(time.monotonic() * 1000) % 1000}"
-        self.prefix = f"{PREFIX}{self.tag}-"
+        global _labs
+        _labs += 1
+        # Namespaces: pacslb-ha-<pid>-<n>-<host>; interfaces (15 characters at most): a short tag.
+        self.prefix = f"{PREFIX}{os.getpid()}-{_labs}-"
+        self.tag = f"{os.getpid() % 10000:04d}{_labs % 100:02d}"
         self.hosts: list[Host] = []
         self.switch = f"{self.prefix}sw"
         _ip("netns", "add", self.switch)
