@@ -4,7 +4,9 @@ Owns the command line and the order of a run: raise the file descriptor limit, a
 this pacslb accepts, record the machine, run each chosen case in its own process registry (so whatever
 a case started is stopped when it ends, even when it fails or the run is interrupted), print the table,
 save the raw figures under bench/results/, and with ``--write-docs`` put the table into
-docs/performance.md. Cases: bulk (a), dicom (b), conn and echo (c), http (d), memory (e).
+docs/performance.md. Cases: bulk (a), dicom (b), conn and echo (c), http (d), memory (e), and the clustered
+pair (f, bench/ha.py): ha (failover in network namespaces, needs root; --repeat failovers per pair) and store
+(the Redis store's cost on new connections).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from types import FrameType
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import machine, peers, report
+from bench import ha, machine, peers, report
 from bench.cases import bulk, connrate, dicom_store, http, memory
 from bench.cases.common import Context
 from bench.procs import BenchError, Ports, Processes, file_max, raise_nofile
@@ -41,6 +43,8 @@ CASES: dict[str, tuple[str, Callable[[Context], report.CaseResult], tuple[str, .
     "echo": ("c", connrate.run_echo, (peers.ECHOSCU, peers.HAPROXY)),
     "http": ("d", http.run, (peers.WRK, peers.NGINX, peers.HAPROXY)),
     "memory": ("e", memory.run, (peers.NGINX, peers.HAPROXY)),
+    "ha": ("f", ha.run_failover, (peers.NGINX, peers.HAPROXY, ha.KEEPALIVED, ha.REDIS)),
+    "store": ("f", ha.run_store, (peers.NGINX, ha.REDIS)),
 }
 
 
@@ -49,7 +53,7 @@ def parse_cases(text: str) -> list[str]:
     for item in (part.strip() for part in text.split(",") if part.strip()):
         names = [name for name, (letter, _, _) in CASES.items() if item in (name, letter)]
         if not names:
-            raise argparse.ArgumentTypeError(f"unknown case {item!r} (known: {', '.join(CASES)} or a-e)")
+            raise argparse.ArgumentTypeError(f"unknown case {item!r} (known: {', '.join(CASES)} or a-f)")
         chosen += [name for name in names if name not in chosen]
     return chosen
 
@@ -63,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cases",
         type=parse_cases,
         default=list(CASES),
-        help=f"comma-separated: {', '.join(CASES)} (or the issue's letters a-e); default: all",
+        help=f"comma-separated: {', '.join(CASES)} (or the letters a-f); default: all",
     )
     parser.add_argument("--repeat", type=int, default=3, help="rounds per case; the median is reported (default 3)")
     parser.add_argument("--quick", action="store_true", help="short durations (2 s instead of 5 s per run)")
