@@ -22,7 +22,16 @@ the others follow it, even if they still see the old node up; a client is thus o
 
 Starting or reconnecting, a balancer first writes what it changed while it was alone (through the same
 script: a newer binding in Redis wins), then reads every binding (SCAN), and only then counts as
-*synced*. Pub/sub messages are lost while disconnected; that full read makes up for them.
+*synced*. Pub/sub messages are lost while disconnected; that full read makes up for them. When the server
+is another process than last time (its ``run_id``: Redis restarted, or a replica promoted), it writes
+every entry it knows instead: the new one may lack what the last one had (restarted empty; replication is
+asynchronous). Any lost link ends the session this way (redis-py's own retries are off: a subscription it
+renewed quietly would lose what was published meanwhile).
+
+Behind Sentinels (``redis+sentinel://``), the master is the one they name at connection, and they are
+asked again every :data:`MASTER_CHECK`: after a failover the old master, if it lives, keeps taking writes
+until Sentinel turns it into a replica (and empties it), so the store leaves it as soon as they name
+another.
 
 Redis down, slow, or refusing the password: connections go on with the local tables (the store is
 soft state), ``store_down`` is logged once with the reason, the status and the metric say so, and the
@@ -48,7 +57,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from pacslb.balance.persistence import Entry, PersistenceTable
 from pacslb.config.values import StoreLocation
@@ -82,6 +91,8 @@ RECONNECT_MAX = 5.0
 #: table, for at most this long: a freshly started backup should not take the virtual IP without its
 #: clients' pins; but the store is soft state, and a Redis that stays away must not keep a pair from serving.
 SYNC_GRACE = 10.0
+#: redis+sentinel://: how often the Sentinels are asked which master is the master (see _check_master).
+MASTER_CHECK = 1.0
 #: How often what is known of clients gone from their table is forgotten (bounds that memory).
 TRIM_INTERVAL = 30.0
 #: Keys read per SCAN step when loading.
@@ -187,6 +198,7 @@ class RedisStore:
         self._stop = asyncio.Event()
         self._trimmed = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._server: str | None = None  # the run_id of the Redis server of the last session
         self._closing = False
         # What the status and metrics show.
         self.connected = False
@@ -302,7 +314,7 @@ class RedisStore:
             sentinel: Sentinel | None = None
             try:
                 client, sentinel = await self._connect()
-                await self._session(client, first)
+                await self._session(client, first, sentinel)
                 return  # closing
             except Exception as exc:
                 if not isinstance(exc, RedisError | OSError | TimeoutError):
@@ -380,13 +392,20 @@ class RedisStore:
             raise
         return client, sentinel
 
-    async def _session(self, client: aioredis.Redis, first: bool) -> None:
+    async def _session(self, client: aioredis.Redis, first: bool, sentinel: Sentinel | None = None) -> None:
         """One connected period: resynchronise, then write and listen until Redis goes or the store closes."""
         write = client.register_script(_WRITE)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(CHANNEL, ADMIN_CHANNEL)
         admin_write = client.register_script(_ADMIN_WRITE)
         try:
+            server = await self._server_id(client)
+            if server is None or server != self._server:
+                # Another server (a replica promoted) or the same one restarted: it may lack what was written
+                # to the last one (replication is asynchronous; an old master may have taken writes after the
+                # switch), so write every entry known here (a newer binding there still wins).
+                self._push_all = True
+            self._server = server
             if not first or self.down_since is not None:
                 log_event(log, "store_up", store=str(self.location))
             self.connected = True
@@ -398,8 +417,12 @@ class RedisStore:
             self.synced = self.ever_synced = True
             log_event(log, "store_synced", store=str(self.location), entries=loaded)
             listener = asyncio.get_running_loop().create_task(self._listen(pubsub))
+            checked = self.clock()
             try:
                 while not self._closing:
+                    if sentinel is not None and self.clock() - checked >= MASTER_CHECK:
+                        checked = self.clock()
+                        await self._check_master(client, sentinel)
                     if listener.done():
                         listener.result()  # raises what ended it
                         raise ConnectionError("the subscription ended")
@@ -428,6 +451,32 @@ class RedisStore:
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+    @staticmethod
+    async def _server_id(client: aioredis.Redis) -> str | None:
+        """The Redis server's run_id (another process, another id), or None when INFO is refused."""
+        try:
+            info = await client.info("server")
+        except ResponseError:
+            return None
+        run_id = info.get("run_id")
+        return str(run_id) if run_id else None
+
+    async def _check_master(self, client: aioredis.Redis, sentinel: Sentinel) -> None:
+        """End the session when the Sentinels name another master than the one connected to.
+
+        After a failover the old master, if it lives, is still a writable master until Sentinel turns it
+        into a replica (seconds later), and that throws away what it took meanwhile. A Sentinel that does
+        not answer is no reason to leave a master that does.
+        """
+        assert self.location.master is not None
+        connected = getattr(client.connection_pool, "master_address", None)
+        try:
+            named = await sentinel.discover_master(self.location.master)
+        except RedisError:
+            return
+        if connected is not None and tuple(named) != tuple(connected):
+            raise ConnectionError(f"the Sentinels name another master, {named[0]}:{named[1]}")
 
     async def _flush(self, client: aioredis.Redis, write: Any) -> None:
         """Write every pending change (every entry, after an overflow or before the first sync)."""

@@ -265,6 +265,31 @@ def test_a_subscription_cut_alone_is_noticed_and_the_balancer_reads_everything_a
     assert visit(ports[1], "127.0.5.9") == node
 
 
+def test_a_redis_restarted_empty_is_refilled_with_every_binding_the_balancers_know(
+    pacslb: PacslbFactory, nodes: list[NamedNode], redis: RedisServer
+) -> None:
+    """Another Redis process (restarted without persistence, or a replica promoted) may lack what the last one
+    had: a balancer that finds a new run_id writes every entry it knows, not only what it changed alone."""
+    ports, admins, lbs = start_pair(pacslb, nodes, redis.url)
+    for admin in admins:
+        wait_synced(admin)
+    clients = {f"127.0.5.{i}": visit(ports[i % 2], f"127.0.5.{i}") for i in range(20, 26)}
+    peers.wait_for(lambda: redis.keys() == len(clients), WITHIN, "every binding in Redis")
+    # A first reconnection to the same Redis (the links cut, nothing lost): it writes what changed alone.
+    marks = [lb.mark() for lb in lbs]
+    assert int(redis.command("CLIENT", "KILL", "TYPE", "pubsub")) == 2
+    for lb, mark in zip(lbs, marks, strict=True):
+        lb.wait_event("store_synced", WITHIN, since=mark)
+    # Then Redis restarts empty.
+    marks = [lb.mark() for lb in lbs]
+    redis.stop()
+    redis.start()
+    for lb, mark in zip(lbs, marks, strict=True):
+        lb.wait_event("store_synced", WITHIN, since=mark)
+    peers.wait_for(lambda: redis.keys() == len(clients), WITHIN, "every binding written again")
+    assert {ip: visit(ports[1 - i % 2], ip) for i, ip in enumerate(clients, start=20)} == clients
+
+
 def test_a_wrong_password_is_reported_and_fails_nothing(
     pacslb: PacslbFactory, nodes: list[NamedNode], tmp_path: Path
 ) -> None:
