@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +41,21 @@ def test_a_role_keepalived_does_not_report_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown role"):
         role.set("unknown", "lb1")  # type: ignore[arg-type]
     assert role.role == "unknown"
+
+
+def test_health_and_role_as_keepalived_runs_them_load_neither_pydantic_nor_asyncio(tmp_path: Path) -> None:
+    """keepalived runs `python -m pacslb health` every second with a timeout of its own: the shortcut
+    (pacslb/cluster/quick.py) must stay light, or a loaded balancer's check times out and the pair flaps."""
+    config = tmp_path / "pacslb.yaml"
+    config.write_text('services: {}\nadmin: {listen: "127.0.0.1:9"}\n')  # nothing listens on port 9
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['pacslb', 'health', {str(config)!r}, '--timeout', '0.2']\n"
+        "try:\n"
+        "    runpy.run_module('pacslb', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, 'pydantic' in sys.modules, 'asyncio' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.split() == ["1", "False", "False"], (done.stdout, done.stderr)
+    assert "127.0.0.1:9/healthz" in done.stderr
