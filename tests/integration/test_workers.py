@@ -25,6 +25,8 @@ def config(port: int, backend: int, workers: int = 3) -> str:
     return (
         f"workers: {workers}\nshutdown_grace: 300ms\nservices:\n  svc:\n    listen: 127.0.0.1:{port}\n"
         f"    check: {{type: none}}\n    servers: {{a: 127.0.0.1:{backend}}}\n"
+        # Thousands of connections from one address: the per-client limits (test_client_limits.py) are off.
+        "    limits: {client_maxconn: none, client_rate: none}\n"
     )
 
 
