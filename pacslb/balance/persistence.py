@@ -140,7 +140,8 @@ class PersistenceTable:
     def adopt(self, key: str, server: str | None, released_at: float) -> None:
         """Apply a binding another balancer made (``server``; None: it forgot the client). An entry moved
         to another node starts idle, released at ``released_at``: connections still open to its old node
-        no longer count (as after a move made here). The listener is not told (the change is not ours)."""
+        no longer count (as after a move made here); an idle entry of the same node takes the later
+        ``released_at`` (the client was seen since, elsewhere). The listener is not told (not our change)."""
         entry = self._entries.get(key)
         if server is None:
             if entry is not None:
@@ -154,6 +155,8 @@ class PersistenceTable:
             entry.server = server
             entry.active = 0
             entry.released_at = released_at
+        elif entry.active == 0 and entry.released_at is not None and released_at > entry.released_at:
+            entry.released_at = released_at  # the client was seen since, elsewhere: its expiry moves on
 
     def drop_server(self, server: str) -> int:
         """Drop every entry bound to ``server``; returns how many."""

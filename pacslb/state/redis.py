@@ -8,8 +8,17 @@ two here, whatever Redis is doing.
 
 In Redis, a binding is one key, ``pacslb:pin:<service>:<client key>``, whose value is
 ``node <US> stamp <US> origin`` (US: the unit separator, 0x1f): the node, when the binding was made (wall
-clock, milliseconds) and by which balancer. It expires as the local entry does: :data:`ACTIVE_TTL` while a
-connection of the client is open here, the service's persistence timeout from the end of its last one.
+clock, milliseconds) and by which balancer.
+
+Expiry, without a write per connection. Locally an entry expires ``timeout`` after the end of the client's
+last connection. What the other balancers and Redis believe is the *announced* expiry: the time of the last
+write of the binding plus ``timeout``. A new, moved or forgotten binding is written and published at once;
+for the same binding, a write (a *touch*: Redis's expiry renewed, the peers' idle time restarted) is made
+only when the local expiry has moved past the announced one by more than :data:`TOUCH_SLACK` of the
+timeout, or, for a client with a connection open, before the announced expiry comes within that slack
+(checked every :data:`ACTIVE_SWEEP`). A client that comes back every few seconds thus costs a write every
+quarter of the timeout, not two per connection; a twelve-hour association keeps its pin alive everywhere;
+and what the others believe is never more than the slack too early.
 
 Writes go through a script (:data:`_WRITE`) that applies a binding only when it is at least as recent as
 the one in Redis, and then publishes it on :data:`CHANNEL`. Conflicts thus resolve the same way
@@ -59,7 +68,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from pacslb.balance.persistence import Entry, PersistenceTable
+from pacslb.balance.persistence import PersistenceTable
 from pacslb.config.values import StoreLocation
 from pacslb.logs import log_event
 from pacslb.state.store import AdminListener
@@ -79,9 +88,13 @@ SEP = "\x1f"
 FLUSH_INTERVAL = 0.02
 #: Changes held while Redis is away, at most; beyond, only "write everything" is remembered.
 MAX_PENDING = 100_000
-#: The expiry in Redis of a binding whose client has a connection open here: a day, so that a balancer that
-#: died with connections open leaves nothing behind for ever, and no study is long enough to outlast it.
-ACTIVE_TTL = 24 * 3600.0
+#: How far (a share of the persistence timeout) what Redis and the peers believe of a binding's expiry may
+#: lag behind the local one before a touch renews it. Smaller: more writes; larger: a client idle for most of
+#: its timeout may find a peer (after a failover) that has just forgotten it.
+TOUCH_SLACK = 0.25
+#: How often the bindings of clients with a connection open are checked for a touch (their expiry moves on
+#: while no connection starts or ends, during a long association).
+ACTIVE_SWEEP = 10.0
 #: Connecting and each command: a Redis that does not answer within this is down for the store.
 SOCKET_TIMEOUT = 2.0
 #: Pause before reconnecting: doubles from RECONNECT_MIN up to RECONNECT_MAX.
@@ -142,14 +155,15 @@ def _now_ms() -> int:
 
 
 class _Known:
-    """What the store last knew of one client: node (None: forgotten), stamp, and whether it is active here."""
+    """What the store last knew of one client: node (None: forgotten), stamp, and the announced expiry (the
+    tables' clock: when Redis and the peers will let the binding go unless touched)."""
 
-    __slots__ = ("active", "node", "stamp")
+    __slots__ = ("expires", "node", "stamp")
 
-    def __init__(self, node: str | None, stamp: Stamp, active: bool) -> None:
+    def __init__(self, node: str | None, stamp: Stamp, expires: float) -> None:
         self.node = node
         self.stamp = stamp
-        self.active = active
+        self.expires = expires
 
 
 class _ServiceListener:
@@ -197,6 +211,8 @@ class RedisStore:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._trimmed = 0.0
+        self._swept = 0.0
+        self._forced: set[tuple[str, str]] = set()  # pending items to write even if nothing changed
         self._task: asyncio.Task[None] | None = None
         self._server: str | None = None  # the run_id of the Redis server of the last session
         self._closing = False
@@ -431,12 +447,15 @@ class RedisStore:
                         await self._load(client)
                         self.synced = True
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(1.0):
+                        async with asyncio.timeout(min(1.0, self._sweep_interval())):
                             await self._wake.wait()
                     self._wake.clear()
                     if self.clock() - self._trimmed > TRIM_INTERVAL:
                         self._trimmed = self.clock()
                         self.trim()
+                    if self.clock() - self._swept > self._sweep_interval():
+                        self._swept = self.clock()
+                        self._sweep_active()
                     if self._admin_pending:
                         await self._flush_admin(client, admin_write)
                     if self._pending or self._push_all:
@@ -479,17 +498,21 @@ class RedisStore:
             raise ConnectionError(f"the Sentinels name another master, {named[0]}:{named[1]}")
 
     async def _flush(self, client: aioredis.Redis, write: Any) -> None:
-        """Write every pending change (every entry, after an overflow or before the first sync)."""
+        """Write every pending change that needs it (every entry, after an overflow or before a sync)."""
         if self._push_all:
             self._push_all = False
             for service, table in self._tables.items():
                 for key, held in table.items():
+                    # Written even when Redis should have it (a new Redis, or one that lost what it had),
+                    # with the stamp it was made with: a newer decision elsewhere still wins.
                     self._pending[(service, key)] = held.server
+                    self._forced.add((service, key))
         if not self._pending:
             return
         pending = list(self._pending.items())
         self._pending.clear()
         now_ms = _now_ms()
+        now = self.clock()
         pipe = client.pipeline(transaction=False)
         published = 0
         learned: list[tuple[dict[str, _Known], str, _Known]] = []  # known once written
@@ -502,27 +525,37 @@ class RedisStore:
             if noted is not None and entry is None:
                 continue  # bound, then dropped here for room or expired: nothing to share
             node = entry.server if entry is not None else None
-            active = entry is not None and entry.active > 0
+            timeout = owner.timeout
             previous = known.get(key)
-            if previous is not None and previous.node == node:
-                stamp = previous.stamp  # the same binding (its expiry changed): keep who made it and when
-                publish = False
-            else:
-                stamp = (max(now_ms, previous.stamp[0] + 1) if previous is not None else now_ms, self.node)
-                publish = True
-            learned.append((known, key, _Known(node, stamp, active)))
             if node is None:
-                value, ttl_ms = "", 1
-            else:
+                if previous is None or previous.node is None:
+                    continue  # never shared, or forgotten already
+                stamp = (max(now_ms, previous.stamp[0] + 1), self.node)
+                kind, value, ttl_ms, expires = "b", "", 1, now
+            elif previous is not None and previous.node == node:
+                # The same binding: a touch, when what the others believe would end too early.
+                assert entry is not None
+                wanted = now + timeout if entry.active or entry.released_at is None else entry.released_at + timeout
+                if wanted - previous.expires <= TOUCH_SLACK * timeout and (service, key) not in self._forced:
+                    continue
+                wanted = max(wanted, now + 0.001)
+                stamp, kind, expires = previous.stamp, "t", wanted
                 value = f"{node}{SEP}{stamp[0]}{SEP}{stamp[1]}"
-                ttl = ACTIVE_TTL if active else max(0.001, owner.timeout - self._idle_for(entry))
-                ttl_ms = max(1, int(ttl * 1000))
-            message = SEP.join((self.node, service, key, node or "", str(stamp[0]), stamp[1]))
+                ttl_ms = max(1, int((wanted - now) * 1000))
+            else:
+                assert entry is not None
+                stamp = (max(now_ms, previous.stamp[0] + 1) if previous is not None else now_ms, self.node)
+                kind, expires = "b", now + timeout
+                value = f"{node}{SEP}{stamp[0]}{SEP}{stamp[1]}"
+                ttl_ms = max(1, int(timeout * 1000))
+            learned.append((known, key, _Known(node, stamp, expires)))
+            message = SEP.join((self.node, service, key, node or "", str(stamp[0]), stamp[1], kind))
             keys = [f"{PREFIX}{service}:{key}", CHANNEL]
-            await write(
-                keys=keys, args=[value, stamp[0], stamp[1], ttl_ms, "1" if publish else "0", message], client=pipe
-            )
-            published += publish
+            await write(keys=keys, args=[value, stamp[0], stamp[1], ttl_ms, "1", message], client=pipe)
+            published += 1
+        self._forced.clear()
+        if not learned:
+            return
         try:
             results = await pipe.execute()
         except BaseException:
@@ -536,10 +569,22 @@ class RedisStore:
         self.counts["conflicts_lost"] += sum(1 for r in results if r == 0)
         self.counts["published"] += published
 
-    def _idle_for(self, entry: Entry | None) -> float:
-        if entry is None or entry.released_at is None:
-            return 0.0
-        return max(0.0, float(self.clock() - entry.released_at))
+    def _sweep_interval(self) -> float:
+        """:data:`ACTIVE_SWEEP`, or less when a timeout is so short that its slack would pass in between."""
+        shortest = min((table.timeout for table in self._tables.values()), default=ACTIVE_SWEEP)
+        return max(0.05, min(ACTIVE_SWEEP, TOUCH_SLACK * shortest / 2))
+
+    def _sweep_active(self) -> None:
+        """Note the bindings of clients with a connection open whose announced expiry comes near."""
+        now = self.clock()
+        for service, table in self._tables.items():
+            known = self._known[service]
+            horizon = now + TOUCH_SLACK * table.timeout
+            for key, entry in table.items():
+                if entry.active:
+                    previous = known.get(key)
+                    if previous is not None and previous.node == entry.server and previous.expires < horizon:
+                        self._pending.setdefault((service, key), entry.server)
 
     async def _load(self, client: aioredis.Redis) -> int:
         """Read every binding of this balancer's services and apply those newer than what is known here."""
@@ -560,14 +605,14 @@ class RedisStore:
                         if value is None or ttl_ms is None or ttl_ms == -2:
                             continue
                         key = name[len(PREFIX) + len(service) + 1 :]
-                        ttl = ttl_ms / 1000.0 if ttl_ms > 0 else ACTIVE_TTL
+                        ttl = ttl_ms / 1000.0 if ttl_ms > 0 else None  # (no expiry: written by hand)
                         if self._apply(service, str(key), str(value), ttl):
                             loaded += 1
                 if cursor == 0:
                     break
         return loaded
 
-    def _apply(self, service: str, key: str, value: str, ttl: float) -> bool:
+    def _apply(self, service: str, key: str, value: str, ttl: float | None) -> bool:
         """Apply one binding read from Redis (``ttl``: its remaining life there) when it is newer."""
         node, _, rest = value.partition(SEP)
         stamp_text, _, origin = rest.partition(SEP)
@@ -575,22 +620,31 @@ class RedisStore:
             return False
         return self._adopt(service, key, node, (int(stamp_text), origin), ttl)
 
-    def _adopt(self, service: str, key: str, node: str | None, stamp: Stamp, ttl: float | None) -> bool:
+    def _adopt(
+        self, service: str, key: str, node: str | None, stamp: Stamp, ttl: float | None, touch: bool = False
+    ) -> bool:
+        """Apply a binding another balancer made (from its message, ``ttl`` None, or read from Redis with the
+        life it has left there). A *touch* of the binding known here restarts its idle time."""
         table = self._tables.get(service)
         if table is None:
             return False
         known = self._known[service]
         previous = known.get(key)
+        now = self.clock()
+        timeout = table.timeout
+        # Idle for as long as Redis's expiry says; a binding just written or touched elsewhere starts idle now.
+        remaining = timeout if ttl is None else min(ttl, timeout)
+        released_at = now - (timeout - remaining)
+        if previous is not None and previous.stamp == stamp and touch and node is not None:
+            table.adopt(key, node, released_at)  # (an idle entry's expiry moves on; a missing one comes back)
+            previous.expires = max(previous.expires, now + remaining)
+            return True
         if previous is not None and previous.stamp >= stamp:
             return False
         if (service, key) in self._pending:
             return False  # changed here since, not yet written: ours is newer (the write settles it)
-        now = self.clock()
-        timeout = table.timeout
-        # Idle for as long as Redis's expiry says (a binding still active elsewhere starts idle now).
-        released_at = now if ttl is None or ttl >= timeout else now - (timeout - ttl)
         table.adopt(key, node, released_at)
-        known[key] = _Known(node, stamp, False)
+        known[key] = _Known(node, stamp, now + remaining)
         self.counts["applied"] += 1
         return True
 
@@ -664,10 +718,10 @@ class RedisStore:
                 self._admin_message(str(message["data"]))
                 continue
             fields = str(message["data"]).split(SEP)
-            if len(fields) != 6 or fields[0] == self.node or not fields[4].isdigit():
+            if len(fields) != 7 or fields[0] == self.node or not fields[4].isdigit():
                 continue
-            _, service, key, node, stamp, origin = fields
-            self._adopt(service, key, node or None, (int(stamp), origin), None)
+            _, service, key, node, stamp, origin, kind = fields
+            self._adopt(service, key, node or None, (int(stamp), origin), None, touch=kind == "t")
 
     def trim(self) -> None:
         """Forget what is known of clients no longer in their table (called with the periodic expiry)."""

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,11 @@ class RedisServer:
 
 
 class NamedNode:
-    """A TCP node that writes its name to every connection and closes it."""
+    """A TCP node that writes its name to every connection and closes it (``hold``: once the client has)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, hold: bool = False) -> None:
         self.name = name
+        self.hold = hold
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
@@ -102,11 +104,29 @@ class NamedNode:
         with contextlib.suppress(OSError):
             while True:
                 conn, _ = self.sock.accept()
+                if self.hold:
+                    threading.Thread(target=self._held, args=(conn,), daemon=True).start()
+                    continue
                 with conn:
                     conn.sendall(self.name.encode())
 
+    def _held(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(self.name.encode())
+            while conn.recv(1024):
+                pass
+
     def close(self) -> None:
         self.sock.close()
+
+
+def visit_held(port: int, source_ip: str) -> str:
+    """One connection to a node that holds it: the node's name, read as soon as it is sent; then closed."""
+    with socket.socket() as sock:
+        sock.bind((source_ip, 0))
+        sock.settimeout(WITHIN)
+        sock.connect(("127.0.0.1", port))
+        return sock.recv(64).decode()
 
 
 def visit(port: int, source_ip: str) -> str:
@@ -399,3 +419,51 @@ def test_a_single_balancer_keeps_its_pins_across_a_restart(
     again = pacslb(config)
     assert again.wait_event("persistence_loaded", WITHIN).get("entries") == str(len(clients))
     assert {ip: visit(port, ip) for ip in reversed(clients)} == before
+
+
+def test_a_client_seen_on_one_balancer_longer_than_the_timeout_keeps_its_pin_on_the_other(
+    pacslb: PacslbFactory, redis: RedisServer
+) -> None:
+    """Expiry without a write per connection: the other balancer's copy is renewed (touched) while the
+    client keeps coming back, or keeps a connection open, for longer than the persistence timeout."""
+    held = [NamedNode(f"pacs{i}", hold=True) for i in (1, 2, 3)]
+    lbs: list[PacslbProcess] = []
+    try:
+        ports, admins = [peers.free_port(), peers.free_port()], [peers.free_port(), peers.free_port()]
+        for i in range(2):
+            spec = peers.service(
+                ports[i],
+                {node.name: node.address for node in held},
+                balance="roundrobin",
+                persistence={"type": "source_ip", "timeout": "2s"},
+                check={"type": "none"},
+            )
+            cluster = {"node": f"lb{i + 1}", "store": redis.url}
+            text = peers.config_text(
+                {"dicom": spec}, workers=1, shutdown_grace="1s", admin=peers.admin_section(admins[i]), cluster=cluster
+            )
+            lbs.append(pacslb(text))
+        for admin in admins:
+            wait_synced(admin)
+        # A client that keeps a connection open through lb1 for three timeouts...
+        with socket.socket() as long_lived:
+            long_lived.bind(("127.0.9.1", 0))
+            long_lived.settimeout(WITHIN)
+            long_lived.connect(("127.0.0.1", ports[0]))
+            node = long_lived.recv(64).decode()
+            wait_applied(admins[1], 1)
+            # ... and one that comes back through lb1 every quarter of a second for as long.
+            other = visit_held(ports[0], "127.0.9.2")
+            deadline = time.monotonic() + 6.0  # three timeouts: bounded, and no assertion on time
+            while time.monotonic() < deadline:
+                assert visit_held(ports[0], "127.0.9.2") == other
+                time.sleep(0.25)
+            # Through lb2 now: both are still pinned there (persistence decides, not the scheduler).
+            assert visit_held(ports[1], "127.0.9.1") == node
+            assert visit_held(ports[1], "127.0.9.2") == other
+        lines = lbs[1].wait_events("conn", 2, timeout=WITHIN)
+        rules = {e.get("client").rsplit(":", 1)[0]: e.get("rule") for e in lines}
+        assert rules == {"127.0.9.1": "persistence", "127.0.9.2": "persistence"}, rules
+    finally:
+        for n in held:
+            n.close()

@@ -362,3 +362,17 @@ def test_entry_with_open_connections_never_expires(
     survivors = {k for k, (_, count) in open_.items() if count > 0}
     table.expire(now + later)
     assert survivors <= {k for k, _ in table.items()}
+
+
+def test_adopting_the_same_binding_later_moves_an_idle_entrys_expiry_on() -> None:
+    """A touch from another balancer: the client was seen there since; an open connection here is unaffected."""
+    table = PersistenceTable(timeout=10.0, max_entries=10)
+    table.adopt("10.0.0.5", "pacs1", released_at=0.0)
+    table.adopt("10.0.0.5", "pacs1", released_at=8.0)
+    assert table.lookup("10.0.0.5", 15.0) == "pacs1"  # expired at 10 without the touch
+    table.adopt("10.0.0.5", "pacs1", released_at=2.0)  # an older one changes nothing
+    assert table.lookup("10.0.0.5", 17.0) == "pacs1" and table.lookup("10.0.0.5", 18.5) is None
+    table.acquire("10.0.0.6", "pacs2", 0.0)
+    table.adopt("10.0.0.6", "pacs2", released_at=5.0)
+    entry = table.peek("10.0.0.6")
+    assert entry is not None and entry.active == 1 and entry.released_at is None
