@@ -47,6 +47,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     names = ", ".join(f"{n} ({s.mode} {s.listen}, {len(s.servers)} servers)" for n, s in config.services.items())
     print(f"{args.config}: OK: {names}")
+    from pacslb import compiled
+
+    print(f"per-request path: {compiled.status()}")  # pip install . compiles it where it can (setup.py)
     return 0
 
 
@@ -237,9 +240,14 @@ def _seconds(value: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pacslb", description="A load balancer for PACS clusters that understands DICOM."
+        prog="pacslb",
+        description="A load balancer for PACS clusters that understands DICOM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # --version on one line, however long
     )
-    parser.add_argument("--version", action="version", version=f"pacslb {__version__}")
+    from pacslb import compiled
+
+    version = f"pacslb {__version__} (per-request path: {compiled.status()})"
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the balancer in the foreground (SIGHUP reloads, SIGTERM stops)")
