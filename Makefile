@@ -6,17 +6,29 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# What the demo needs: pacslb (editable) and its dependencies, nothing else, so that a fresh clone's
+# `make demo` is up in seconds. The rest (test tools, mypy) comes with STAMP, for every other target.
+BASE   := $(VENV)/.base
 STAMP  := $(VENV)/.installed
 # The per-request path compiled with mypyc, next to its sources (pacslb/compiled.py); rebuilt when one of
-# them changes. PACSLB_COMPILE=0 runs it as Python; so does a machine without a C compiler.
+# them changes. PACSLB_COMPILE=0 runs it as Python; so does a machine without a C compiler. The demo runs
+# without it (it would wait about a minute for the C compiler); `pip install .` compiles it into the wheel.
 HOT      := pacslb/protocols/http1.py pacslb/proxy/http.py pacslb/balance/cookie.py pacslb/balance/decision.py \
             pacslb/balance/persistence.py pacslb/balance/server.py pacslb/compiled.py
 COMPILED := $(VENV)/.compiled
+# Compiled modules older than their sources would run the code before an edit: the targets that do not wait
+# for the compiler (demo, check) drop them, and the stamp, so that the next target compiles again.
+DROP_STALE = @$(BIN)/python -m pacslb.compiled check > /dev/null 2>&1 || { $(BIN)/python -m pacslb.compiled clean; rm -f $(COMPILED); }
 
-.PHONY: demo run test peers ha browser lint unit integration clean compile
+.PHONY: demo run test peers ha browser lint unit integration clean compile check
 
-$(STAMP): pyproject.toml
+# An editable install never compiles (setup.py); --no-compile: no .pyc written ahead for every dependency.
+$(BASE): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --no-compile -e .
+	touch $(BASE)
+
+$(STAMP): $(BASE)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
@@ -27,7 +39,8 @@ $(COMPILED): $(STAMP) $(HOT)
 
 compile: $(COMPILED)
 
-demo: $(COMPILED)
+demo: $(BASE)
+	$(DROP_STALE)
 	$(BIN)/pacslb demo
 
 # `make run CONFIG=examples/infinitt.yaml`; without CONFIG, the embedded demo.
@@ -52,6 +65,12 @@ lint: $(STAMP)
 
 unit: $(COMPILED)
 	$(BIN)/python -m pytest -q tests/unit
+
+# The quick lane while developing (well under a minute): lint, format, types and the unit tests, on the
+# sources as they are (no compile step: an edit is tested at once).
+check: lint
+	$(DROP_STALE)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -x tests/unit
 
 integration: $(COMPILED) peers ha
 	$(BIN)/python -m pytest -q tests/integration
