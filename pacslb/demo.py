@@ -752,11 +752,44 @@ def build_config_text(ports: DemoPorts, persistence: str) -> str:
 # -- the banner --------------------------------------------------------------------------------------
 
 
+def _shown(path: Path) -> str:
+    """``path`` as typed in a shell in the current directory: relative below it, absolute elsewhere."""
+    try:
+        text = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return shlex.quote(str(path))
+    return shlex.quote(text if "/" in text else f"./{text}")
+
+
+def own_commands() -> tuple[str, str]:
+    """How to run this pacslb and the Python that has pynetdicom, as typed in a *new* shell in the current
+    directory, where no virtual environment is active: ``.venv/bin/pacslb`` and ``.venv/bin/python`` after
+    ``make demo``; plain ``pacslb`` only where that name on PATH is this very command, outside a venv."""
+    python = Path(sys.executable)
+    script = python.parent / "pacslb"
+    in_venv = sys.prefix != sys.base_prefix
+    on_path = shutil.which("pacslb")
+    if not in_venv and on_path and script.exists() and Path(on_path).resolve() == script.resolve():
+        pacslb = "pacslb"
+    elif script.exists():
+        pacslb = _shown(script)
+    else:
+        pacslb = f"{_shown(python)} -m pacslb"
+    return pacslb, _shown(python)
+
+
 def banner(ports: DemoPorts, nodes: Iterable[SimulatedNode], study_dir: Path, persistence: str) -> str:
-    """What the user reads once the balancer listens. The first line says "ready" (tests wait for it)."""
+    """What the user reads once the balancer listens. The first line says "ready" (tests wait for it).
+
+    Every indented line that starts with a command works as printed when pasted into a new shell in the
+    directory the demo was started from (tests/integration/test_demo.py pastes them); dcmtk's tools get
+    ``-v`` so that a success shows something.
+    """
     web, dicom, query, mwl = (ports.service(n) for n in ("web", "dicom", "query", "mwl"))
     files = f"{shlex.quote(str(study_dir))}/*.dcm"
     sticky = f"source_ip, {PERSISTENCE_TIMEOUT}" if persistence != "none" else "none"
+    pacslb, python = own_commands()
+    admin = f"http://{HOST}:{ports.admin()}"
     lines = [
         f"pacslb demo ready: 4 services in front of {NODE_COUNT} simulated PACS nodes. Ctrl-C stops it.",
         "",
@@ -765,21 +798,23 @@ def banner(ports: DemoPorts, nodes: Iterable[SimulatedNode], study_dir: Path, pe
         f"  dicom  {HOST}:{dicom:<6} mode dicom: C-ECHO, C-STORE (check: C-ECHO)",
         f"  query  {HOST}:{query:<6} mode dicom: C-FIND          (check: C-ECHO)",
         f"  mwl    {HOST}:{mwl:<6} mode dicom: worklist C-FIND (check: C-ECHO)",
-        f"Dashboard: http://{HOST}:{ports.admin()}/   (status: pacslb status --admin http://{HOST}:{ports.admin()})",
+        f"Dashboard: {admin}/",
         "Nodes (one shared archive, as in a real cluster):",
         *(f"  {n.name}  AE {n.ae_title}  DICOM {HOST}:{n.dicom_port}  web http://{HOST}:{n.http_port}/" for n in nodes),
         f"Demo study: {DEMO_STUDY_INSTANCES} CT images in {study_dir}",
         "",
-        f"Try (dcmtk's tools: apt install dcmtk; any called AE title works, {BALANCER_AE} here):",
-        f"  echoscu -aec {BALANCER_AE} {HOST} {dicom}",
-        f"  storescu -aec {BALANCER_AE} {HOST} {dicom} {files}",
-        f"  findscu -S -aec {BALANCER_AE} -k QueryRetrieveLevel=STUDY -k StudyInstanceUID -k PatientName "
+        f"Try, in another shell in this directory (dcmtk: apt install dcmtk; any called AE title works, {BALANCER_AE}"
+        " here):",
+        f"  echoscu -v -aec {BALANCER_AE} {HOST} {dicom}",
+        f"  storescu -v -aec {BALANCER_AE} {HOST} {dicom} {files}",
+        f"  findscu -v -S -aec {BALANCER_AE} -k QueryRetrieveLevel=STUDY -k StudyInstanceUID -k PatientName "
         f"{HOST} {query}",
-        f'  findscu -W -aec {BALANCER_AE} -k PatientName -k "ScheduledProcedureStepSequence[0].Modality=CT" '
+        f'  findscu -v -W -aec {BALANCER_AE} -k PatientName -k "ScheduledProcedureStepSequence[0].Modality=CT" '
         f"{HOST} {mwl}",
-        f"  curl http://{HOST}:{web}/",
+        f"  curl -i http://{HOST}:{web}/",
+        f"  {pacslb} status --admin {admin}",
         "Without dcmtk, pynetdicom's apps take the same options, e.g.",
-        f"  python -m pynetdicom echoscu -aec {BALANCER_AE} {HOST} {dicom}",
+        f"  {python} -m pynetdicom echoscu -v -aec {BALANCER_AE} {HOST} {dicom}",
         "",
     ]
     if persistence != "none":
@@ -787,7 +822,8 @@ def banner(ports: DemoPorts, nodes: Iterable[SimulatedNode], study_dir: Path, pe
             "Persistence is source_ip (the web service: a cookie, then source_ip): every connection from this",
             "machine lands on the node it reached first, per service. The log below names the node that",
             "answered each request, as does the page.",
-            "To watch leastconn spread connections over the nodes instead: pacslb demo --no-persistence",
+            "To watch leastconn spread connections over the nodes instead, stop this one (Ctrl-C), then:",
+            f"  {pacslb} demo --no-persistence",
         ]
     else:
         lines += [

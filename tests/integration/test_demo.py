@@ -222,7 +222,7 @@ def test_demo_serves_the_four_services(start_demo: Any, tmp_path: Path) -> None:
     files = sorted(study_dir.glob("*.dcm"))
     assert len(files) == 4
     study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
-    assert f"echoscu -aec {AE} 127.0.0.1 {ports.service('dicom')}" in demo.banner
+    assert f"echoscu -v -aec {AE} 127.0.0.1 {ports.service('dicom')}" in demo.banner
 
     # C-ECHO through the dicom and mwl services.
     for _ in range(3):
@@ -281,6 +281,55 @@ def test_demo_serves_the_four_services(start_demo: Any, tmp_path: Path) -> None:
         assert status == 200 and json.loads(body)["node"] == node
 
     _assert_clean_exit(demo, study_dir)
+
+
+def _new_shell_env() -> dict[str, str]:
+    """The environment of a new shell: no virtual environment active, nothing of this test's Python on PATH."""
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    return env
+
+
+#: The programs the banner's indented command lines start with (the pacslb and Python paths vary).
+BANNER_PROGRAMS = ("echoscu", "storescu", "findscu", "curl")
+
+
+@peers
+def test_every_command_the_banner_prints_works_pasted_into_a_new_shell(start_demo: Any) -> None:
+    demo = start_demo()
+    demo.wait_ready()
+    pacslb = Path(sys.executable).parent / "pacslb"
+    commands = [
+        line.strip()
+        for line in demo.lines
+        if line.startswith("  ")
+        and (line.split()[0] in BANNER_PROGRAMS or line.split()[0].endswith(("/pacslb", "/python", "python3")))
+    ]
+    programs = sorted({command.split()[0] for command in commands})
+    assert "echoscu" in programs and "curl" in programs and len(commands) >= 8, demo.banner
+    env = _new_shell_env()
+    ran = []
+    for command in commands:
+        if command.endswith("demo --no-persistence"):  # a second demo, after stopping this one
+            prefix = command.removesuffix(" demo --no-persistence")
+            assert any(c.startswith(prefix + " status ") for c in commands), command
+            continue
+        # As pasted: one line into a new shell in the directory the demo started in.
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=CLIENT_TIMEOUT
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, f"{command!r} failed ({done.returncode}):\n{output}"
+        assert output.strip(), f"{command!r} printed nothing"
+        ran.append(command)
+    status = next(c for c in ran if " status " in c)
+    assert status.startswith(str(pacslb.relative_to(REPO)) if pacslb.is_relative_to(REPO) else str(pacslb)), status
+    # What the user pasted reached the nodes: the study, the echoes (dcmtk's and pynetdicom's), the finds.
+    statuses = demo.statuses()
+    assert sum(s["received"]["instances"] for s in statuses) == 4, statuses
+    assert sum(s["requests"]["echo"] for s in statuses) >= 2, statuses
+    _assert_clean_exit(demo, demo.study_dir())
 
 
 @peers
