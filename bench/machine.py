@@ -36,12 +36,11 @@ def _package(name: str) -> str:
 
 
 def _pacslb_version() -> str:
-    """The version of the pacslb the bench runs (the repository's, which may not be pip-installed)."""
+    """The version of the pacslb the bench runs, whether its per-request path is compiled, and where it is."""
     try:
-        import pacslb
-    except ImportError:
-        return "not importable"
-    return str(getattr(pacslb, "__version__", "?"))
+        return peers.pacslb_version()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"not runnable ({exc})"
 
 
 def _cpu_model() -> str:

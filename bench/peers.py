@@ -6,10 +6,17 @@ nodes serving a small body; iperf3 and storescp servers; the bench's own C-ECHO 
 that ask ``pacslb check`` which config keys this pacslb accepts (``workers``, ``mode: http``). Absolute
 /usr/bin paths everywhere: pynetdicom installs scripts named like dcmtk's tools earlier on PATH.
 It must not measure anything.
+
+The pacslb measured is the one users run: ``pip install .`` of this repository into its own virtual
+environment (bench/.cache/venv; the wheel carries the compiled per-request path where a C compiler is
+present, setup.py), made again whenever a source changed, and run from outside the repository so that
+nothing of the checkout is imported. ``BENCH_PACSLB=checkout`` runs the repository's sources with the
+bench's own interpreter instead (what ``make compile`` left in place, e.g. to profile an edit at once).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import subprocess
@@ -66,17 +73,93 @@ def helper_env() -> dict[str, str]:
     return {"PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
 
 
+#: Where ``pip install .`` puts the pacslb under test (bench/.cache is not committed).
+INSTALLED = ROOT / "bench" / ".cache" / "venv"
+#: What the installed copy is made from: when any of these changed, it is installed again.
+INSTALL_SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "tools/pacslb_backend.py")
+#: pip builds the wheel (mypyc type-checks and compiles the per-request path: about a minute, more when
+#: the machine is busy) and installs the dependencies.
+INSTALL_TIMEOUT = 900
+
+
+def _checkout() -> bool:
+    return os.environ.get("BENCH_PACSLB", "installed") == "checkout"
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256(f"PACSLB_COMPILE={os.environ.get('PACSLB_COMPILE', '')}".encode())
+    files = [ROOT / name for name in INSTALL_SOURCES] + sorted((ROOT / "pacslb").rglob("*"))
+    for path in files:
+        if path.is_file() and path.suffix not in (".pyc", ".so") and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def install_pacslb() -> str:
+    """``pip install .`` into INSTALLED unless it holds these very sources already; its interpreter."""
+    python = INSTALLED / "bin" / "python"
+    stamp = INSTALLED / ".fingerprint"
+    wanted = _fingerprint()
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return str(python)
+    print(f"bench: pip install . into {INSTALLED.relative_to(ROOT)} (the sources changed)", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(INSTALLED)], check=True, timeout=120)
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", str(ROOT)], capture_output=True, text=True, timeout=INSTALL_TIMEOUT
+    )
+    if done.returncode != 0:
+        raise BenchError(f"pip install . failed:\n{(done.stdout + done.stderr)[-2000:]}")
+    stamp.write_text(wanted)
+    return str(python)
+
+
+_pacslb_python: str | None = None
+
+
+def pacslb_python() -> str:
+    """The interpreter that runs the pacslb under test (installing it first when needed)."""
+    global _pacslb_python
+    if _pacslb_python is None:
+        _pacslb_python = python() if _checkout() else install_pacslb()
+    return _pacslb_python
+
+
+def pacslb_env() -> dict[str, str]:
+    """Environment for ``python -m pacslb``: the checkout first on the path, or nothing of it."""
+    return helper_env() if _checkout() else {"PYTHONPATH": ""}
+
+
+def pacslb_cwd(workdir: Path) -> Path:
+    """Where pacslb runs: ``python -m`` puts its directory first on the path, so not the checkout's root
+    when the installed copy is measured."""
+    return ROOT if _checkout() else workdir
+
+
+def pacslb_version() -> str:
+    """What ``pacslb --version`` of the pacslb under test says (its compiled path included), and where it is."""
+    done = subprocess.run(
+        [pacslb_python(), "-m", "pacslb", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=pacslb_cwd(Path("/")),
+        env=dict(os.environ) | pacslb_env(),
+    )
+    where = "the checkout's sources" if _checkout() else f"pip install . in {INSTALLED.relative_to(ROOT)}"
+    return f"{(done.stdout + done.stderr).strip().removeprefix('pacslb ')}, {where}"
+
+
 def pacslb_check(config: dict[str, Any], workdir: Path) -> tuple[bool, str]:
     """Run ``python -m pacslb check`` on ``config``; (accepted, its output)."""
     path = workdir / "probe.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = dict(os.environ) | helper_env()
+    env = dict(os.environ) | pacslb_env()
     done = subprocess.run(
-        [python(), "-m", "pacslb", "check", str(path)],
+        [pacslb_python(), "-m", "pacslb", "check", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=ROOT,
+        cwd=pacslb_cwd(workdir),
         env=env,
     )
     return done.returncode == 0, (done.stdout + done.stderr).strip()
@@ -127,8 +210,8 @@ def start_pacslb(
 ) -> Proc:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = helper_env() | {"PACSLB_RELAY": relay}
-    proc = procs.start(name, [python(), "-m", "pacslb", "run", str(path)], env=env, cwd=ROOT)
+    env = pacslb_env() | {"PACSLB_RELAY": relay}
+    proc = procs.start(name, [pacslb_python(), "-m", "pacslb", "run", str(path)], env=env, cwd=pacslb_cwd(workdir))
     procs.wait_listening(proc, port)
     return proc
 
