@@ -304,7 +304,9 @@ class AdminServer:
         write), or None."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         local = scope.get("server")
-        found = guard.refusal(scope.get("method", ""), headers, self.spec.listen.host, local[0] if local else None)
+        found = guard.refusal(
+            scope.get("method", ""), headers, self.spec.listen.host, local[0] if local else None, self.spec.hosts
+        )
         return None if found is None else (found.status, found.detail)
 
     async def start(self) -> None:

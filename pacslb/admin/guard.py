@@ -62,7 +62,7 @@ def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     return found
 
 
-def host_allowed(host: str, listen: str, local: str | None = None) -> bool:
+def host_allowed(host: str, listen: str, local: str | None = None, names: tuple[str, ...] = ()) -> bool:
     """Whether a request naming ``host`` (a Host header's value) may be served.
 
     Args:
@@ -70,9 +70,10 @@ def host_allowed(host: str, listen: str, local: str | None = None) -> bool:
             (only a program can omit it, HTTP/1.0 style: no browser does, so it is served).
         listen: the address the listener is configured on (``127.0.0.1``, ``::``, ``10.0.0.5``).
         local: the address the request's connection came in on, when known.
+        names: more host names the operator configured (``admin.hosts``: the balancer's own DNS names).
 
     Returns:
-        True for loopback addresses, ``localhost``, ``listen`` and ``local``; False for any other name.
+        True for loopback addresses, ``localhost``, ``listen``, ``local`` and ``names``; False for any other.
     """
     if not host:
         return True
@@ -80,7 +81,7 @@ def host_allowed(host: str, listen: str, local: str | None = None) -> bool:
     if match is None:
         return False
     name = match.group("name")
-    if name is not None and name.lower() == "localhost":
+    if name is not None and (name.lower() == "localhost" or name.lower().rstrip(".") in names):
         return True
     v6 = match.group("v6")
     given = _address(v6.replace("%25", "%") if v6 is not None else name)
@@ -95,21 +96,24 @@ def _media_type(value: str) -> str:
     return value.partition(";")[0].strip().lower()
 
 
-def refusal(method: str, headers: Mapping[str, str], listen: str, local: str | None = None) -> Refusal | None:
+def refusal(
+    method: str, headers: Mapping[str, str], listen: str, local: str | None = None, names: tuple[str, ...] = ()
+) -> Refusal | None:
     """Why a request must be refused before it reaches an endpoint, or None.
 
     Args:
         method: the request method.
         headers: the request headers, names in lower case.
         listen: the listener's configured address; ``local``: the address the connection came in on.
+        names: the host names of ``admin.hosts`` (lower case).
 
     Returns:
         403 for a foreign Host name (DNS rebinding) and for a cross-origin write; 415 for a write that
         carries neither ``Content-Type: application/json`` nor ``X-Pacslb-Request``; None otherwise.
     """
     host = headers.get("host", "")
-    if not host_allowed(host, listen, local):
-        detail = f"Host {host!r} is not a name of this admin listener: use its IP address or localhost"
+    if not host_allowed(host, listen, local, names):
+        detail = f"Host {host!r} is not a name of this admin listener: use its IP address, or add it to admin.hosts"
         return Refusal(403, detail)
     if method.upper() in SAFE_METHODS:
         return None

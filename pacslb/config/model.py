@@ -406,6 +406,18 @@ def _is_loopback(address: HostPort) -> bool:
     return ipaddress.ip_address(address.host).is_loopback
 
 
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _host_name(value: Any) -> Any:
+    """A DNS name as a Host header names it, in lower case (no port, no address: those need no entry)."""
+    if not isinstance(value, str) or _HOST_NAME.fullmatch(value.strip().rstrip(".")) is None:
+        raise ValueError(f"expected a host name such as lb1.hospital.example (got {value!r})")
+    return value.strip().rstrip(".").lower()
+
+
 class AdminSpec(_Frozen):
     """The admin API, dashboard and metrics (pacslb/admin). Absent from the file: no admin listener."""
 
@@ -416,6 +428,10 @@ class AdminSpec(_Frozen):
     # Where admin states (drain, halt) and weights set at run time are kept, so that they survive a
     # restart. Absent: they survive reloads only.
     state_file: str | None = None
+    # Host names the API and dashboard are also served under (the balancer's own DNS names, e.g.
+    # lb1.hospital.example): besides these, only IP addresses of the listener and localhost are, so that a
+    # page elsewhere cannot reach the API by pointing a name of its own at it (DNS rebinding).
+    hosts: tuple[Annotated[str, BeforeValidator(_host_name)], ...] = ()
 
     @field_validator("state_file")
     @classmethod

@@ -42,6 +42,24 @@ def test_the_listener_s_own_address_is_served() -> None:
     assert not host_allowed("0.0.0.0:9900", "0.0.0.0", "10.0.0.5")  # the wildcard names no listener
 
 
+def test_the_names_in_admin_hosts_are_served_and_no_others() -> None:
+    names = ("lb1.hospital.example",)
+    for host in ("lb1.hospital.example", "LB1.Hospital.Example:9900", "lb1.hospital.example.:9900"):
+        assert host_allowed(host, "10.0.0.5", "10.0.0.5", names), host
+    for host in ("lb2.hospital.example", "lb1.hospital.example.evil.example", "evil.example"):
+        assert not host_allowed(host, "10.0.0.5", "10.0.0.5", names), host
+    assert refusal("GET", {"host": "lb1.hospital.example:9900"}, "10.0.0.5", None, names) is None
+
+
+def test_admin_hosts_in_the_config_are_names_in_lower_case() -> None:
+    from pacslb.config.model import AdminSpec
+
+    assert AdminSpec.model_validate({"hosts": ["LB1.Hospital.Example."]}).hosts == ("lb1.hospital.example",)
+    for bad in ("10.0.0.5:9900", "lb1 .example", "http://lb1", ""):
+        with pytest.raises(ValueError, match="host name"):
+            AdminSpec.model_validate({"hosts": [bad]})
+
+
 def test_a_foreign_host_is_refused_for_every_method() -> None:
     for method in ("GET", "POST", "HEAD"):
         found = refusal(method, {"host": "rebind.evil.example:9900"}, "127.0.0.1")
