@@ -98,6 +98,21 @@ def _role(status: dict[str, Any], now: float) -> str:
     return f", role {role}" + (f" (since {_ago(since, now)})" if since else "")
 
 
+def _store(status: dict[str, Any], now: float) -> str | None:
+    """``store redis://... (lb1): connected, synced`` for a shared store; None for the memory store."""
+    cluster = status.get("cluster") or {}
+    store = cluster.get("store") or {}
+    if store.get("kind", "memory") == "memory":
+        return None
+    if store.get("connected"):
+        state = "connected, " + ("synced" if store.get("synced") else "reading the shared table")
+    else:
+        since = store.get("down_since")
+        state = "DOWN" + (f" since {_ago(since, now)}" if since else "") + f": {store.get('last_error') or '?'}"
+        state += " (connections go on with this balancer's own table)"
+    return f"store {store.get('url')} (this balancer: {cluster.get('node')}): {state}"
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The status document as a person reads it: a header line and one table row per server."""
     now = time.time()
@@ -106,6 +121,9 @@ def format_status(status: dict[str, Any]) -> str:
         + (f", reloaded {_ago(status['reloaded_at'], now)}" if status.get("reloaded_at") else "")
         + _role(status, now)
     ]
+    store = _store(status, now)
+    if store is not None:
+        lines.append(store)
     rows = [["SERVICE", "NODE", "ADDRESS", "HEALTH", "ADMIN", "WEIGHT", "ACTIVE/TOTAL", "LAST CHECK"]]
     for service in status["services"]:
         for server in service["servers"]:

@@ -246,6 +246,8 @@ def test_losing_redis_fails_no_connection_and_sharing_resumes_when_it_returns_em
     for lb in lbs:
         lb.wait_event("store_down", WITHIN)
     assert not store_status(admins[0])["connected"]
+    shown = peers.run_pacslb_cli("status", "--admin", f"http://127.0.0.1:{admins[0]}")
+    assert f"store {redis.url} (this balancer: lb1): DOWN" in shown.output, shown.output
     # Alone, each balancer still serves, and keeps its own clients where they started.
     alone = {f"127.0.4.{i}": visit(ports[0], f"127.0.4.{i}") for i in range(1, 9)}
     assert all(alone.values())
