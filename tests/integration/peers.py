@@ -999,6 +999,12 @@ class EchoSCP:
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
 
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until no association is active: a released one stays counted against
+        ``maximum_associations`` until the server's thread for it has ended, a moment after the peer saw
+        the release."""
+        wait_for(lambda: not self.server.active_associations, timeout, f"{self.address} to have no association")
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()

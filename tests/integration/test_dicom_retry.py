@@ -107,6 +107,7 @@ def test_after_a_retry_the_modality_stays_on_the_node_that_accepted_it(
             pacslb, {"busy": busy.address, "pacs1": pacs1.address}, persistence={"type": "calling_ae", "timeout": "5m"}
         )
         echo_ok(port, "CT01")  # round robin starts with busy, which is free: CT01 is pinned there
+        busy.wait_idle()  # (CT01's association counts there until busy's thread for it has ended)
         with peers.DicomClient(busy.port, calling_ae="DIRECT"):
             echo_ok(port, "CT01")  # busy refuses transiently: retried on pacs1
         echo_ok(port, "CT01")  # busy is free again, but CT01's next association follows its last one
