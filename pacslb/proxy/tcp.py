@@ -528,9 +528,17 @@ class _Answer:
             self.close()
             raise
         if self.waiting:
-            self.timer = loop.call_later(ANSWER_WAIT, self.close)
+            self.timer = loop.call_later(ANSWER_WAIT, self._expired)
         else:
             self._send()
+
+    def _expired(self) -> None:
+        """The wait for the client's first bytes is over. Bytes that came in time but whose callback a busy
+        loop has not run yet still get the answer; a silent client is closed unanswered."""
+        self.timer = None
+        self._readable()
+        if self.waiting:
+            self.close()
 
     def _send(self) -> None:
         sock = self.sock
