@@ -30,6 +30,7 @@ the case ends, also on an error, Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import collections
 import contextlib
@@ -186,7 +187,7 @@ class Client:
         return self.ask(command, GIVE_UP + 15)
 
 
-class Balancer:
+class Balancer(abc.ABC):
     """One balancer host of a pair: its load balancer and its keepalived."""
 
     def __init__(self, pair: Pair, host: netns.Host, priority: int, peer: netns.Host) -> None:
@@ -229,12 +230,12 @@ class Balancer:
         )  # fmt: skip
 
     # What differs between pacslb and HAProxy.
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
+    @abc.abstractmethod
     def ready(self) -> bool:
         """This balancer serves and shares its state with its peer (synced / peers session up)."""
-        raise NotImplementedError
 
 
 class PacslbBalancer(Balancer):

@@ -156,14 +156,19 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def balancer_config(name: str, port: int, admin_port: int, nodes: list[NamedNode], store: str, **cluster: Any) -> str:
-    spec = peers.service(
+def pinned(port: int, nodes: list[NamedNode], balance: str = "roundrobin", timeout: str = "5m") -> dict[str, Any]:
+    """A tcp service over ``nodes`` with source-IP persistence and no health check."""
+    return peers.service(
         port,
         {node.name: node.address for node in nodes},
-        balance="roundrobin",
-        persistence={"type": "source_ip", "timeout": "5m"},
+        balance=balance,
+        persistence={"type": "source_ip", "timeout": timeout},
         check={"type": "none"},
     )
+
+
+def balancer_config(name: str, port: int, admin_port: int, nodes: list[NamedNode], store: str, **cluster: Any) -> str:
+    spec = pinned(port, nodes)
     return peers.config_text(
         {"dicom": spec},
         workers=1,
@@ -380,13 +385,7 @@ def test_with_balance_consistent_balancers_agree_with_no_store_at_all(
     """First contact, no shared state: two balancers with ``balance: consistent`` choose alike."""
     ports = [peers.free_port(), peers.free_port()]
     for port in ports:
-        spec = peers.service(
-            port,
-            {node.name: node.address for node in nodes},
-            balance="consistent",
-            persistence={"type": "source_ip", "timeout": "5m"},
-            check={"type": "none"},
-        )
+        spec = pinned(port, nodes, balance="consistent")
         pacslb(peers.config_text({"dicom": spec}, workers=1, shutdown_grace="1s"))
     clients = [f"127.0.7.{i}" for i in range(1, 31)]
     through_one = {ip: visit(ports[0], ip) for ip in clients}
@@ -400,13 +399,7 @@ def test_a_single_balancer_keeps_its_pins_across_a_restart(
 ) -> None:
     """The memory store: the table is written beside the admin state file and read at start."""
     port, admin = peers.free_port(), peers.free_port()
-    spec = peers.service(
-        port,
-        {node.name: node.address for node in nodes},
-        balance="roundrobin",
-        persistence={"type": "source_ip", "timeout": "5m"},
-        check={"type": "none"},
-    )
+    spec = pinned(port, nodes)
     state_file = tmp_path / "state" / "state.json"
     state_file.parent.mkdir()
     config = peers.config_text(
@@ -433,13 +426,7 @@ def test_a_client_seen_on_one_balancer_longer_than_the_timeout_keeps_its_pin_on_
     try:
         ports, admins = [peers.free_port(), peers.free_port()], [peers.free_port(), peers.free_port()]
         for i in range(2):
-            spec = peers.service(
-                ports[i],
-                {node.name: node.address for node in held},
-                balance="roundrobin",
-                persistence={"type": "source_ip", "timeout": "2s"},
-                check={"type": "none"},
-            )
+            spec = pinned(ports[i], held, timeout="2s")
             cluster = {"node": f"lb{i + 1}", "store": redis.url}
             text = peers.config_text(
                 {"dicom": spec}, workers=1, shutdown_grace="1s", admin=peers.admin_section(admins[i]), cluster=cluster
