@@ -42,8 +42,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacslbPr
 
 def still_serving(lb: PacslbProcess, port: int) -> None:
     assert lb.running(), f"pacslb exited:\n{lb.log()}"
+    mark = lb.mark()
     result = peers.echoscu(port, calling="AFTERBAD")
     assert result.ok and "Received Echo Response (Success)" in result.output, f"{result}\n{lb.log()}"
+    # Its line is written as the association ends, which can be after echoscu has returned: wait for it, so
+    # that the next test's first line is its own (the module's tests share this pacslb).
+    lb.wait_event("assoc", 10.0, since=mark, calling="AFTERBAD")
 
 
 def assert_abort(answer: RawAnswer, reason: int) -> None:
