@@ -922,29 +922,45 @@ def attempt_association(
 ) -> AssociationAttempt:
     """Request one association; when established, C-ECHO and release. Never raises for a refusal.
 
-    The rejection is read from the A-ASSOCIATE-RJ primitive pynetdicom keeps (``assoc.acceptor.primitive``).
+    The rejection is taken from the A-ASSOCIATE-RJ PDU as pynetdicom decodes it off the wire. (Its
+    ``is_rejected`` is not enough: told no very fast, pynetdicom can report the close that follows the
+    A-ASSOCIATE-RJ as an abort, its requestor thread checking the transport after its reader thread has
+    acted on the rejection.)
     """
     from pynetdicom import evt
+    from pynetdicom.pdu import A_ASSOCIATE_RJ
 
     client = DicomClient(port, source_ip, host=host, calling_ae=calling_ae, called_ae=called_ae)
     local: list[str] = []
+    rejections: list[tuple[int, int, int]] = []
 
     def opened(event: Any) -> None:
         ip, local_port = event.assoc.dul.socket.socket.getsockname()[:2]
         local.append(f"{ip}:{local_port}")
 
+    def received(event: Any) -> None:
+        pdu = event.pdu
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            rejections.append((int(pdu.result), int(pdu.source), int(pdu.reason_diagnostic)))
+
     try:
         assoc = client.ae.associate(
-            host, port, ae_title=called_ae, bind_address=(source_ip, 0), evt_handlers=[(evt.EVT_CONN_OPEN, opened)]
+            host,
+            port,
+            ae_title=called_ae,
+            bind_address=(source_ip, 0),
+            evt_handlers=[(evt.EVT_CONN_OPEN, opened), (evt.EVT_PDU_RECV, received)],
         )
         client.assoc = assoc
-        rejection = None
-        if assoc.is_rejected:
-            rsp = assoc.acceptor.primitive
-            rejection = (int(rsp.result), int(rsp.result_source), int(rsp.diagnostic))
+        rejection = rejections[0] if rejections else None
         status = client.echo() if assoc.is_established else None
         return AssociationAttempt(
-            assoc.is_established, assoc.is_rejected, assoc.is_aborted, rejection, status, local[0] if local else ""
+            assoc.is_established,
+            rejection is not None,
+            assoc.is_aborted and rejection is None,
+            rejection,
+            status,
+            local[0] if local else "",
         )
     finally:
         client.close()
