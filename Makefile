@@ -20,7 +20,7 @@ COMPILED := $(VENV)/.compiled
 # for the compiler (demo, check) drop them, and the stamp, so that the next target compiles again.
 DROP_STALE = @$(BIN)/python -m pacslb.compiled check > /dev/null 2>&1 || { $(BIN)/python -m pacslb.compiled clean; rm -f $(COMPILED); }
 
-.PHONY: demo run test peers ha browser lint unit integration clean compile check
+.PHONY: demo run test peers ha browser lint unit integration clean compile check pure
 
 # An editable install never compiles (setup.py); --no-compile: no .pyc written ahead for every dependency.
 $(BASE): pyproject.toml setup.py
@@ -75,8 +75,16 @@ check: lint
 integration: $(COMPILED) peers ha
 	$(BIN)/python -m pytest -q tests/integration
 
+# The per-request path as Python where it was compiled (PACSLB_COMPILE=0 at run time): the unit tests and the
+# HTTP tests that drive it hardest, again, so that both keep the same behaviour.
+PURE_TESTS := tests/unit tests/integration/test_http_framing.py tests/integration/test_http_persistence.py \
+              tests/integration/test_http_workers.py
+pure: $(STAMP)
+	PACSLB_COMPILE=0 $(BIN)/python -m pytest -q -p no:cacheprovider $(PURE_TESTS)
+
 test: $(COMPILED) peers ha browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	PACSLB_COMPILE=0 $(BIN)/python -m pytest -q -p no:cacheprovider $(PURE_TESTS)
 
 clean:
 	-$(BIN)/python -m pacslb.compiled clean

@@ -17,12 +17,18 @@ Two ways to build them, one recipe (:func:`extension_modules`):
   running the tests or the bench); ``clean`` removes what it built; ``check`` says which modules run
   compiled, and fails when an extension is older than its source (it would hide an edit).
 
+``PACSLB_COMPILE=0`` in the environment of a running pacslb makes it import the sources even where the
+extensions are there (:func:`prefer_sources`, called by the package's ``__init__``): ``make test`` runs the
+unit tests and the HTTP tests a second time so, for the promise that both behave the same to hold.
+
 :func:`status` is what ``pacslb --version`` and ``pacslb check`` print: compiled, or pure Python and why.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import shlex
 import shutil
@@ -105,8 +111,31 @@ def extension_modules(target_dir: str = "build") -> list[Any]:
     return extensions
 
 
+class _Sources(importlib.abc.MetaPathFinder):
+    """Finds the modules of the per-request path as their sources, before the finder that would prefer the
+    extension module next to them."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name not in HOT_MODULES:
+            return None
+        source = _source(name)
+        return importlib.util.spec_from_file_location(name, source) if source.exists() else None
+
+
+def prefer_sources() -> None:
+    """Import the per-request path from its sources from now on (``PACSLB_COMPILE=0`` at run time)."""
+    if not any(isinstance(finder, _Sources) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _Sources())
+
+
+def running_sources() -> bool:
+    return any(isinstance(finder, _Sources) for finder in sys.meta_path)
+
+
 def status() -> str:
     """How the per-request path runs here: "compiled with mypyc", or "pure Python (why)"."""
+    if running_sources():
+        return "pure Python (PACSLB_COMPILE=0 when it was started)"
     if built() and all(any(path.exists() for path in _extensions(module)) for module in HOT_MODULES):
         old = stale()
         if old:

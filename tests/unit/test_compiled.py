@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.machinery
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         source.write_text("")
         os.utime(source, (1000, 1000))
     monkeypatch.setattr(compiled, "ROOT", tmp_path)
+    # As a pacslb started without PACSLB_COMPILE=0 sees it (this lane may run with it).
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, compiled._Sources)])
     return tmp_path
 
 
@@ -88,3 +92,22 @@ def test_no_compiling_without_a_compiler_or_when_told_not_to(monkeypatch: pytest
     monkeypatch.setenv("PACSLB_COMPILE", "1")
     monkeypatch.setenv("CC", "sh")  # any program found on PATH counts as the compiler: a failed build falls back
     assert compiled.why_not() is None
+
+
+def test_compile_0_at_run_time_imports_the_sources_even_where_the_extensions_are() -> None:
+    code = (
+        "import pacslb.proxy.http, pacslb.protocols.http1, pacslb.compiled as c;"
+        "print(pacslb.proxy.http.__file__); print(pacslb.protocols.http1.__file__); print(c.status())"
+    )
+    env = {**os.environ, "PACSLB_COMPILE": "0"}
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    proxy, http1, status = lines.splitlines()
+    assert proxy.endswith("pacslb/proxy/http.py") and http1.endswith("pacslb/protocols/http1.py"), lines
+    assert status == "pure Python (PACSLB_COMPILE=0 when it was started)"
+
+
+def test_the_source_finder_answers_only_for_the_per_request_path() -> None:
+    finder = compiled._Sources()
+    spec = finder.find_spec("pacslb.balance.server")
+    assert spec is not None and spec.origin is not None and spec.origin.endswith("balance/server.py")
+    assert finder.find_spec("pacslb.engine") is None and finder.find_spec("json") is None
