@@ -8,6 +8,7 @@ default repertoire, compared as given), and globs follow shell rules: ``CT*``, `
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
 from pacslb.balance.persistence import source_ip_key
@@ -32,6 +33,23 @@ AT_LIMIT = Rejection(
     RJSource.SERVICE_PROVIDER_PRESENTATION,
     RJReason.PRESENTATION_LOCAL_LIMIT_EXCEEDED,
 )
+
+
+def most_informative(rejections: Sequence[Rejection]) -> int:
+    """Which of the transient rejections nodes gave one association the modality gets (its index), when no
+    node accepted it: the first, in the order the nodes were offered it, that gives a reason (temporary
+    congestion, local limit exceeded, protocol version not supported) over any that gives none ("no reason
+    given" from the service user or the ACSE); failing that, the first. ``rejections`` is not empty."""
+    for index, rejection in enumerate(rejections):
+        if (rejection.source, rejection.reason) not in _NO_REASON:
+            return index
+    return 0
+
+
+_NO_REASON = {
+    (RJSource.SERVICE_USER, RJReason.USER_NO_REASON),
+    (RJSource.SERVICE_PROVIDER_ACSE, RJReason.ACSE_NO_REASON),
+}
 
 
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -154,12 +154,22 @@ class TimeoutsSpec(_Frozen):
     """Per-service time limits."""
 
     connect: PositiveDuration = 5.0  # a node that does not answer a SYN within this is skipped
-    # mode dicom: how long a client may take to send its A-ASSOCIATE-RQ, and a node to answer it. Peers
-    # answer in milliseconds; 10 s is generous and still frees a silent client's slot quickly.
+    # mode dicom: how long a client may take to send its A-ASSOCIATE-RQ. Peers answer in milliseconds; 10 s
+    # is generous and still frees a silent client's slot quickly.
     negotiation: PositiveDuration = 10.0
+    # mode dicom: how long a node may take to answer the A-ASSOCIATE-RQ before the next node is offered it
+    # (and the node is checked at once). Short, so that a hung node costs a modality seconds, not its own
+    # timeout; unset, it is also no longer than a shorter ``negotiation`` (the user's own setting).
+    node_answer: PositiveDuration = 3.0
     # An association can sit idle between studies for hours; appliances default both sides to 12 h.
     client_idle: PositiveDuration = 12 * 3600.0
     server_idle: PositiveDuration = 12 * 3600.0
+
+    @model_validator(mode="after")
+    def _node_answer_follows_a_shorter_negotiation(self) -> TimeoutsSpec:
+        if "node_answer" not in self.model_fields_set and self.negotiation < self.node_answer:
+            object.__setattr__(self, "node_answer", self.negotiation)
+        return self
 
 
 def _network(value: Any) -> Any:

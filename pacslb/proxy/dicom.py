@@ -10,9 +10,11 @@ Theory of operation (PS3.8 section 9 for the PDUs, reference/dicom-ul.md for the
    (2, 3, 2), logged rate-limited as ``client_limited``. Routing rules narrow the servers; persistence
    may key on the calling AE.
 3. The RQ is held and offered to one node after another: a failed connect, a transient A-ASSOCIATE-RJ, an
-   A-ABORT, a close or silence before the node answers all move it to the next node (at most ``retries``
-   more). A permanent rejection from a node goes to the client unchanged. When no node is left, the client
-   gets (2, 3, 1), which a modality retries later, rather than a TCP reset, after which it gives up.
+   A-ABORT, a close, or silence past ``timeouts.node_answer`` (3 s: a hung node costs seconds, not the
+   modality's own timeout) all move it to the next node (at most ``retries`` more), and a node that did not
+   answer is checked at once. A permanent rejection from a node goes to the client unchanged. When no node
+   is left, the client gets the most informative transient rejection a node gave (``most_informative``),
+   or else (2, 3, 1): both a modality retries later, rather than a TCP reset, after which it gives up.
 4. Once a node sent its A-ASSOCIATE-AC, the AC goes to the client and the rest of the association flows
    through the same relay as tcp mode: no Python work per PDU.
 One ``assoc`` log line per association, and per calling AE counters.
@@ -28,7 +30,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from pacslb.balance.decision import choose
-from pacslb.balance.dicom_policy import AT_LIMIT, NO_NODE, check_access, persistence_key, route
+from pacslb.balance.dicom_policy import AT_LIMIT, NO_NODE, check_access, most_informative, persistence_key, route
 from pacslb.balance.limits import Limit, client_key
 from pacslb.balance.server import ServerState
 from pacslb.errors import ConnectFailed
@@ -238,12 +240,20 @@ class DicomService(TcpService):
             else None
         )
         tried = record.tried
+        refusals: list[tuple[ServerState, Rejection, bytes]] = []  # the nodes' transient rejections
         while True:
             decision = choose(servers, self.scheduler, table, key, loop.time(), tried)
             if decision is None or len(tried) > spec.retries:
                 stats.rejected += 1
-                await _send_and_close(client, _rj(NO_NODE))
-                record.done("rejected", str(NO_NODE), "balancer")
+                if not refusals:
+                    await _send_and_close(client, _rj(NO_NODE))
+                    record.done("rejected", str(NO_NODE), "balancer")
+                    return
+                # No node accepted, and some refused for now: their own reason tells the modality more.
+                best = most_informative([rejection for _, rejection, _ in refusals])
+                record.server, rejection, pdu = refusals[best]
+                await _send_and_close(client, pdu)
+                record.done("rejected", f"{rejection}, the most informative of {len(refusals)}", "node")
                 return
             server = decision.server
             record.rule = decision.rule
@@ -274,6 +284,7 @@ class DicomService(TcpService):
                         record.done("rejected", str(rejection), "node")
                         return
                     reason = f"transient rejection {rejection}"
+                    refusals.append((server, rejection, answer))
                 else:
                     reason = answer if isinstance(answer, str) else "A-ABORT before answering"
                     if self.on_connect_failed is not None:
@@ -324,7 +335,7 @@ class DicomService(TcpService):
     async def _offer(self, sock: socket.socket, rq: AssociateRQ) -> tuple[bytes | str, bytes]:
         """Send the RQ to a node and read its answer PDU. A str answer says why there is none."""
         loop = self._loop
-        timeout = self.spec.timeouts.negotiation
+        timeout = self.spec.timeouts.node_answer
         try:
             async with asyncio.timeout(timeout):
                 await loop.sock_sendall(sock, rq.raw)

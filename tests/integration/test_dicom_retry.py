@@ -12,6 +12,7 @@ and the second goes to pacs1, so two associations show one retry.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,7 @@ def test_storescp_refuse_is_a_permanent_rejection_the_client_sees(
     assert second.get("server") == "pacs1", second.line
 
 
-def test_retries_are_bounded_and_then_the_client_hears_temporary_congestion(pacslb: PacslbFactory) -> None:
+def test_retries_are_bounded_and_then_the_client_hears_the_nodes_own_reason(pacslb: PacslbFactory) -> None:
     busy = peers.associate_rj_pdu(2, 3, 2)
     with peers.ScriptedNode(busy) as n1, peers.ScriptedNode(busy) as n2, peers.ScriptedNode(busy) as n3:
         lb, port = start(pacslb, {"n1": n1.address, "n2": n2.address, "n3": n3.address}, retries=1)
@@ -213,12 +214,63 @@ def test_retries_are_bounded_and_then_the_client_hears_temporary_congestion(pacs
         tried = [len(n.requests) for n in (n1, n2, n3)]
 
     assert not refused.ok, refused
-    assert "Rejected Transient" in refused.output and "Temporary Congestion" in refused.output, refused
+    assert "Rejected Transient" in refused.output and "Local Limit Exceeded" in refused.output, refused
     assert sorted(tried) == [0, 1, 1], f"retries: 1 means two nodes tried, got {tried}"
     assert len(lb.wait_events("assoc_retry", 2, timeout=5.0)) == 2
     line = lb.wait_event("assoc", timeout=5.0)
-    assert (line.get("outcome"), line.get("by"), line.get("retries")) == ("rejected", "balancer", "2"), line.line
-    assert line.get("detail").startswith("2-3-1"), line.line
+    assert (line.get("outcome"), line.get("by"), line.get("retries")) == ("rejected", "node", "2"), line.line
+    assert line.get("detail").startswith("2-3-2") and "most informative of 2" in line.get("detail"), line.line
+
+
+def test_when_every_node_refuses_for_now_the_modality_gets_the_rejection_that_says_why(
+    pacslb: PacslbFactory,
+) -> None:
+    """A node's "no reason given" tells a modality less than another's "local limit exceeded": that one is
+    passed on, as the node sent it. With no node answering at all, pacslb's own temporary congestion."""
+    vague, specific = peers.associate_rj_pdu(2, 1, 1), peers.associate_rj_pdu(2, 3, 2)
+    with peers.ScriptedNode(vague) as n1, peers.ScriptedNode(specific) as n2:
+        lb, port = start(pacslb, {"n1": n1.address, "n2": n2.address})
+        answers = [peers.raw_exchange(port, peers.associate_rq_pdu(calling="WHY")) for _ in range(2)]
+    assert [a.data for a in answers] == [specific, specific], answers
+    first, second = lb.wait_events("assoc", 2, timeout=5.0)
+    for line in (first, second):
+        assert (line.get("by"), line.get("server"), line.get("retries")) == ("node", "n2", "2"), line.line
+
+    with peers.ScriptedNode(None) as closer:  # closes without answering: no rejection to pass on
+        lb, port = start(pacslb, {"closer": closer.address, "dead": f"127.0.0.1:{peers.free_port()}"})
+        answer = peers.raw_exchange(port, peers.associate_rq_pdu(calling="WHY"))
+    assert answer.data == peers.associate_rj_pdu(2, 3, 1), answer
+    line = lb.wait_event("assoc", timeout=5.0)
+    assert (line.get("by"), line.get("server")) == ("balancer", "-"), line.line
+
+
+def test_a_hung_node_costs_an_association_its_node_answer_timeout_and_is_checked_at_once(
+    pacs1: OrthancNode, pacslb: PacslbFactory, tmp_path: Path
+) -> None:
+    """A node stopped with SIGSTOP: its kernel still accepts the connection, the node never answers. The
+    association waits ``timeouts.node_answer`` (3 s by default), not the client's negotiation time (60 s
+    here, longer than echoscu's own 30 s wait, which would fail it), and succeeds on the next node; the
+    hung node is checked at once (a C-ECHO check that would otherwise run once a minute) and goes down."""
+    with peers.StoreSCP(tmp_path / "hung") as hung:
+        check = {"type": "dicom_echo", "interval": "60s", "timeout": "2s", "fall": 1, "rise": 1}
+        lb, port = start(
+            pacslb, {"hung": hung.address, "pacs1": pacs1.address}, check=check, timeouts={"negotiation": "60s"}
+        )
+        # Servers start up; the first check runs at once: stop the node once it has answered it.
+        peers.wait_for(lambda: "Association Release" in hung.log_path.read_text(), 30.0, "the first check")
+        assert hung.proc is not None
+        hung.proc.send_signal(signal.SIGSTOP)
+        try:
+            echo_ok(port, "HUNG1")  # (had pacslb waited 60 s, echoscu would have given up at 30)
+            retry = lb.wait_event("assoc_retry", timeout=5.0)
+            assert (retry.get("server"), retry.get("reason")) == ("hung", "no answer within 3s"), retry.line
+            line = lb.wait_event("assoc", timeout=5.0)
+            assert (line.get("server"), line.get("retries")) == ("pacs1", "1"), line.line
+            lb.wait_event("health", 30.0, server="hung", new="down")
+            echo_ok(port, "HUNG2")  # no longer offered to the hung node
+            assert len(lb.events("assoc_retry")) == 1
+        finally:
+            hung.proc.send_signal(signal.SIGCONT)
 
 
 def test_once_accepted_an_association_is_never_replayed_on_another_node(

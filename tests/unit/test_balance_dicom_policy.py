@@ -21,6 +21,7 @@ from pacslb.balance.dicom_policy import (
     CALLING_AE_NOT_RECOGNIZED,
     NO_NODE,
     check_access,
+    most_informative,
     persistence_key,
     route,
 )
@@ -431,3 +432,21 @@ def test_calling_ae_source_ip_keys_are_injective(
     same_source = source_ip_key(ip1, prefix4, prefix6) == source_ip_key(ip2, prefix4, prefix6)
     assert (key1 == key2) == (ae1 == ae2 and same_source)
     assert (persistence_key("calling_ae", ae1, ip1) == persistence_key("calling_ae", ae2, ip2)) == (ae1 == ae2)
+
+
+def test_the_most_informative_transient_rejection_is_the_first_that_gives_a_reason() -> None:
+    user_none, acse_none = Rejection(2, 1, 1), Rejection(2, 2, 1)
+    congestion, limit, version = Rejection(2, 3, 1), Rejection(2, 3, 2), Rejection(2, 2, 2)
+    assert most_informative([user_none, acse_none, limit, congestion]) == 2
+    assert most_informative([congestion, limit]) == 0  # both say why: the first node offered
+    assert most_informative([acse_none, version]) == 1
+    assert most_informative([user_none, acse_none]) == 0  # none says why: the first
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(0, 7)), min_size=1, max_size=6))
+def test_most_informative_picks_one_that_gives_a_reason_whenever_one_does(fields: list[tuple[int, int]]) -> None:
+    rejections = [Rejection(2, source, reason) for source, reason in fields]
+    best = rejections[most_informative(rejections)]
+    says_why = [r for r in rejections if (r.source, r.reason) not in {(1, 1), (2, 1)}]
+    assert best == (says_why[0] if says_why else rejections[0])

@@ -233,6 +233,15 @@ def test_shutdown_grace_may_be_zero_and_log_options() -> None:
     assert (config.log.format, config.log.level) == ("json", "debug")
 
 
+def test_node_answer_defaults_to_3s_and_follows_a_shorter_negotiation_unless_set() -> None:
+    timeouts = load(service()).services["a"].timeouts
+    assert (timeouts.negotiation, timeouts.node_answer) == (10.0, 3.0)
+    timeouts = load(service("timeouts: {negotiation: 500ms}")).services["a"].timeouts
+    assert (timeouts.negotiation, timeouts.node_answer) == (0.5, 0.5)
+    timeouts = load(service("timeouts: {negotiation: 1s, node_answer: 5s}")).services["a"].timeouts
+    assert (timeouts.negotiation, timeouts.node_answer) == (1.0, 5.0)  # the user's own choice stands
+
+
 def test_check_timeout_equal_to_interval_is_accepted() -> None:
     config = load(service("check: {interval: 1s, timeout: 1s}"))
     assert config.services["a"].check.timeout == config.services["a"].check.interval == 1.0
