@@ -798,6 +798,8 @@ def banner(ports: DemoPorts, nodes: Iterable[SimulatedNode], study_dir: Path, pe
         f"  dicom  {HOST}:{dicom:<6} mode dicom: C-ECHO, C-STORE (check: C-ECHO)",
         f"  query  {HOST}:{query:<6} mode dicom: C-FIND          (check: C-ECHO)",
         f"  mwl    {HOST}:{mwl:<6} mode dicom: worklist C-FIND (check: C-ECHO)",
+        "  (mode dicom reads each association's request: a node that is down, busy or hung is skipped before",
+        "  the modality notices, and with no node left it is told to retry later, rather than cut off.)",
         f"Dashboard: {admin}/",
         "Nodes (one shared archive, as in a real cluster):",
         *(f"  {n.name}  AE {n.ae_title}  DICOM {HOST}:{n.dicom_port}  web http://{HOST}:{n.http_port}/" for n in nodes),
