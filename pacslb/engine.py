@@ -34,7 +34,7 @@ from pacslb.admin.alerts import Alerter
 from pacslb.admin.events import EventLog
 from pacslb.admin.state import AdminStates, NotFound
 from pacslb.balance.server import AdminState, Health, ServerState
-from pacslb.checks.base import CheckResult
+from pacslb.checks.base import CheckResult, TlsTarget
 from pacslb.checks.http import close_clients as close_http_clients
 from pacslb.checks.monitor import Monitor
 from pacslb.cluster.role import ClusterRole
@@ -318,20 +318,26 @@ class Engine:
         return servers
 
     def _update_monitors(self) -> None:
-        wanted: dict[tuple[str, str], tuple[ServiceSpec, ServerState]] = {}
+        wanted: dict[tuple[str, str], tuple[ServiceSpec, ServerState, TlsTarget | None]] = {}
         for name, service in self.services.items():
             if service.spec.check.type == "none":
                 continue
+            tls: TlsTarget | None = getattr(service, "node_tls", None)  # a dicom service with node_tls
             for server in service.servers:
-                wanted[(name, server.name)] = (service.spec, server)
+                wanted[(name, server.name)] = (service.spec, server, tls)
         for key, monitor in list(self.monitors.items()):
-            spec_server = wanted.get(key)
-            if spec_server is None or monitor.spec != spec_server[0].check or monitor.server is not spec_server[1]:
+            want = wanted.get(key)
+            if (
+                want is None
+                or monitor.spec != want[0].check
+                or monitor.server is not want[1]
+                or monitor.tls is not want[2]
+            ):
                 del self.monitors[key]
                 self._spawn(monitor.stop())  # held until done: a bare task could be collected mid-stop
-        for key, (spec, server) in wanted.items():
+        for key, (spec, server, tls) in wanted.items():
             if key not in self.monitors:
-                monitor = Monitor(key[0], spec.check, server, self._health_changed)
+                monitor = Monitor(key[0], spec.check, server, self._health_changed, tls)
                 self.monitors[key] = monitor
                 monitor.start()
 

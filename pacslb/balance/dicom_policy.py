@@ -8,7 +8,7 @@ default repertoire, compared as given), and globs follow shell rules: ``CT*``, `
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
 from pacslb.balance.persistence import source_ip_key
@@ -33,6 +33,17 @@ AT_LIMIT = Rejection(
     RJSource.SERVICE_PROVIDER_PRESENTATION,
     RJReason.PRESENTATION_LOCAL_LIMIT_EXCEEDED,
 )
+
+
+def identity_allows(bound: Mapping[str, Sequence[str]], calling: str, names: Sequence[str]) -> bool:
+    """Whether a client whose certificate carries ``names`` (subject CN, DNS subjectAltNames) may call as
+    ``calling``: the first AE title pattern of ``bound`` that matches it names the identities (globs) that
+    may use it; a calling AE title no pattern matches is not allowed (the binding is the whole list).
+    Identities compare without regard to case, as DNS names do."""
+    for ae, patterns in bound.items():
+        if fnmatchcase(calling, ae):
+            return any(fnmatchcase(name.lower(), pattern.lower()) for name in names for pattern in patterns)
+    return False
 
 
 def most_informative(rejections: Sequence[Rejection]) -> int:

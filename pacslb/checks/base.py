@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,15 @@ class CheckResult:
     # The check could not be made for a reason of pacslb's own (out of descriptors or socket memory when
     # making its socket): it says nothing about the node, and the monitor does not count it.
     local: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsTarget:
+    """A node spoken to over TLS (mode dicom's ``node_tls``): the client context, and the name its
+    certificate must carry (None: the chain is checked, not the name)."""
+
+    context: ssl.SSLContext
+    server_name: str | None
 
 
 def local_result(exc: BaseException) -> CheckResult | None:
@@ -38,9 +48,10 @@ def describe_os_error(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).lower()
 
 
-#: A check kind: (spec, host, port) -> result. It must not block the event loop, and may be cancelled
-#: by the monitor's timeout at any await.
-CheckFunction = Callable[[CheckSpec, str, int], Awaitable[CheckResult]]
+#: A check kind: (spec, host, port, tls) -> result. It must not block the event loop, and may be cancelled
+#: by the monitor's timeout at any await. ``tls``: the node speaks TLS (tcp and dicom_echo checks then do
+#: too; an http check stays plain HTTP, to a web port).
+CheckFunction = Callable[[CheckSpec, str, int, TlsTarget | None], Awaitable[CheckResult]]
 
 
 def get_check(kind: str) -> CheckFunction:

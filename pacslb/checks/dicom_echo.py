@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import socket
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE, evt
 
-from pacslb.checks.base import CheckResult, local_result
+from pacslb.checks.base import CheckResult, TlsTarget, local_result
 from pacslb.config.model import CheckSpec
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
@@ -35,7 +35,7 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
     return _pool
 
 
-def _echo(host: str, port: int, calling: str, called: str, timeout: float) -> CheckResult:
+def _echo(host: str, port: int, calling: str, called: str, timeout: float, tls: TlsTarget | None) -> CheckResult:
     ae = AE(ae_title=calling)
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
     ae.acse_timeout = timeout
@@ -49,7 +49,9 @@ def _echo(host: str, port: int, calling: str, called: str, timeout: float) -> Ch
         (evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
     ]
     try:
-        assoc = ae.associate(host, port, ae_title=called, evt_handlers=handlers)
+        # (A None name: no name to check, which pynetdicom passes on to wrap_socket although typed str.)
+        tls_args = (tls.context, cast(str, tls.server_name)) if tls is not None else None
+        assoc = ae.associate(host, port, ae_title=called, evt_handlers=handlers, tls_args=tls_args)
     except Exception as exc:  # pynetdicom raises little, but a check must never crash the monitor
         return local_result(exc) or _local_or(CheckResult(False, f"association failed: {exc}"))
     try:
@@ -91,6 +93,8 @@ def _local_or(result: CheckResult) -> CheckResult:
     return result
 
 
-async def check_dicom_echo(spec: CheckSpec, host: str, port: int) -> CheckResult:
+async def check_dicom_echo(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None = None) -> CheckResult:
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor(), _echo, host, port, spec.calling_ae, spec.called_ae, spec.timeout)
+    return await loop.run_in_executor(
+        _executor(), _echo, host, port, spec.calling_ae, spec.called_ae, spec.timeout, tls
+    )

@@ -20,7 +20,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from pacslb.checks.base import CheckResult, describe_os_error, local_result
+from pacslb.checks.base import CheckResult, TlsTarget, describe_os_error, local_result
 from pacslb.config.model import CheckSpec
 from pacslb.logs import log_event
 
@@ -84,7 +84,7 @@ async def close_clients() -> None:
         await client.aclose()
 
 
-async def check_http(spec: CheckSpec, host: str, port: int) -> CheckResult:
+async def check_http(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None = None) -> CheckResult:
     import httpx
 
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 from pacslb.balance.server import Health, ServerState
-from pacslb.checks.base import CheckResult, get_check, local_result
+from pacslb.checks.base import CheckResult, TlsTarget, get_check, local_result
 from pacslb.config.model import CheckSpec
 from pacslb.descriptors import EXHAUSTION
 from pacslb.logs import log_event
@@ -56,10 +56,16 @@ class Monitor:
     """Checks one server of one service."""
 
     def __init__(
-        self, service: str, spec: CheckSpec, server: ServerState, on_change: ChangeCallback | None = None
+        self,
+        service: str,
+        spec: CheckSpec,
+        server: ServerState,
+        on_change: ChangeCallback | None = None,
+        tls: TlsTarget | None = None,
     ) -> None:
         self.service = service
         self.spec = spec
+        self.tls = tls  # the node speaks TLS (mode dicom's node_tls)
         self.server = server
         self.on_change = on_change
         self.last: CheckResult | None = None
@@ -104,7 +110,7 @@ class Monitor:
             # the awaited check completes, and the monitor would then outlive its stop().
             try:
                 async with asyncio.timeout(spec.timeout):
-                    result = await self._check(spec, self.server.host, port)
+                    result = await self._check(spec, self.server.host, port, self.tls)
             except TimeoutError:
                 result = CheckResult(False, f"no answer within {spec.timeout:g}s")
             except OSError as exc:

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -210,15 +211,6 @@ class DicomRoute(_Frozen):
     servers: Annotated[tuple[str, ...], Field(min_length=1)]
 
 
-class DicomSpec(_Frozen):
-    """mode dicom: what the balancer does with the A-ASSOCIATE-RQ."""
-
-    # Calling AE titles allowed in (globs, optionally bound to networks); absent = any.
-    allowed_calling_ae: tuple[Annotated[CallingAERule, BeforeValidator(_calling_rule)], ...] | None = None
-    called_ae: tuple[AEPattern, ...] | None = None  # called AE titles accepted (globs); absent = any
-    routes: tuple[DicomRoute, ...] = ()  # first match wins; no match = all servers
-
-
 def _readable_file(value: Any) -> Any:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected a file path (got {value!r})")
@@ -228,6 +220,84 @@ def _readable_file(value: Any) -> Any:
 
 
 ReadableFile = Annotated[str, AfterValidator(_readable_file)]
+
+
+IdentityPattern = Annotated[str, Field(min_length=1, max_length=255)]  # a certificate name or a glob
+
+
+def _loads(certificate: str | None, key: str | None, *bundles: str | None) -> None:
+    """Raise ValueError (named for the config's error line) unless the PEM files load as OpenSSL reads
+    them at start: a certificate with its key, CA bundles, CRLs."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        if certificate is not None and key is not None:
+            context.load_cert_chain(certificate, key)
+        for bundle in bundles:
+            if bundle is not None:
+                context.load_verify_locations(cafile=bundle)
+    except ssl.SSLError as exc:
+        raise ValueError(f"the certificate files do not load: {exc.reason or exc}") from None
+
+
+class DicomTlsSpec(_Frozen):
+    """mode dicom: TLS on the service's listener (DICOM PS3.15 annex B, the secure transport profiles)."""
+
+    certificate: ReadableFile  # PEM, the server certificate followed by its chain
+    key: ReadableFile  # PEM private key
+    # bcp195: TLS 1.2 or 1.3 with forward-secret AEAD suites only, as BCP 195 (RFC 9325, RFC 8996) and
+    # dcmtk's --profile-8996 ask; system: the system's default policy (still TLS 1.2 or later).
+    profile: Literal["bcp195", "system"] = "bcp195"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # Whether a client must show a certificate signed by ``ca``: none, optional (checked when shown), required.
+    client_certificate: Literal["none", "optional", "required"] = "none"
+    ca: ReadableFile | None = None  # PEM bundle of the CAs client certificates must chain to
+    crl: ReadableFile | None = None  # PEM certificate revocation list(s) of those CAs
+    # Calling AE title (glob) -> the certificate identities (subject CN or DNS subjectAltName; globs) that
+    # may use it. When given, it is the whole list: a calling AE title no key matches, or a certificate no
+    # pattern of the first matching key names, is rejected with A-ASSOCIATE-RJ 1-1-3.
+    ae_identities: dict[AEPattern, tuple[IdentityPattern, ...]] | None = None
+
+    @model_validator(mode="after")
+    def _client_certificates_need_a_ca(self) -> DicomTlsSpec:
+        if self.client_certificate != "none" and self.ca is None:
+            raise ValueError(f"client_certificate: {self.client_certificate} needs ca (the CAs to check them with)")
+        if self.crl is not None and self.client_certificate == "none":
+            raise ValueError("crl is used only to check client certificates (client_certificate: optional or required)")
+        if self.ae_identities is not None and self.client_certificate == "none":
+            raise ValueError("ae_identities needs client certificates (client_certificate: required or optional)")
+        _loads(self.certificate, self.key, self.ca, self.crl)
+        return self
+
+
+class NodeTlsSpec(_Frozen):
+    """mode dicom: TLS from the balancer to the nodes (their certificates checked against ``ca``)."""
+
+    ca: ReadableFile  # PEM bundle of the CAs the nodes' certificates must chain to
+    # The name the nodes' certificates must carry (DNS or IP subjectAltName); not given: the chain is
+    # checked, not the name (nodes are usually addressed by IP, and certificates made for their host names).
+    server_name: str | None = None
+    certificate: ReadableFile | None = None  # the balancer's client certificate, for nodes that ask for one
+    key: ReadableFile | None = None
+    profile: Literal["bcp195", "system"] = "bcp195"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _certificate_and_key_together(self) -> NodeTlsSpec:
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("certificate and key go together")
+        _loads(self.certificate, self.key, self.ca)
+        return self
+
+
+class DicomSpec(_Frozen):
+    """mode dicom: what the balancer does with the A-ASSOCIATE-RQ."""
+
+    # Calling AE titles allowed in (globs, optionally bound to networks); absent = any.
+    allowed_calling_ae: tuple[Annotated[CallingAERule, BeforeValidator(_calling_rule)], ...] | None = None
+    called_ae: tuple[AEPattern, ...] | None = None  # called AE titles accepted (globs); absent = any
+    routes: tuple[DicomRoute, ...] = ()  # first match wins; no match = all servers
+    tls: DicomTlsSpec | None = None  # TLS on the listener; none: plain DICOM
+    node_tls: NodeTlsSpec | None = None  # TLS to the nodes (and their health checks); none: plain
 
 
 class CookieSpec(_Frozen):

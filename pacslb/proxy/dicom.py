@@ -18,6 +18,11 @@ Theory of operation (PS3.8 section 9 for the PDUs, reference/dicom-ul.md for the
 4. Once a node sent its A-ASSOCIATE-AC, the AC goes to the client and the rest of the association flows
    through the same relay as tcp mode: no Python work per PDU.
 One ``assoc`` log line per association, and per calling AE counters.
+
+TLS (``dicom.tls`` on the listener, ``dicom.node_tls`` toward the nodes; pacslb/proxy/dicomtls.py): the
+handshake comes first, within ``timeouts.negotiation``; a client whose certificate does not carry a name
+``ae_identities`` binds to its calling AE title gets (1, 1, 3). Such an association's sides are transports,
+read the same way, then relayed by the buffered relay in this process (TLS cannot be spliced).
 """
 
 from __future__ import annotations
@@ -25,14 +30,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from pacslb.balance.decision import choose
-from pacslb.balance.dicom_policy import AT_LIMIT, NO_NODE, check_access, most_informative, persistence_key, route
+from pacslb.balance.dicom_policy import (
+    AT_LIMIT,
+    CALLING_AE_NOT_RECOGNIZED,
+    NO_NODE,
+    check_access,
+    identity_allows,
+    most_informative,
+    persistence_key,
+    route,
+)
 from pacslb.balance.limits import Limit, client_key
+from pacslb.balance.persistence import PersistenceTable
 from pacslb.balance.server import ServerState
+from pacslb.checks.base import TlsTarget
+from pacslb.config.model import ServiceSpec
 from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
 from pacslb.protocols.dicom import (
@@ -47,8 +65,9 @@ from pacslb.protocols.dicom import (
     parse_associate_rq,
     pdu_length,
 )
+from pacslb.proxy.dicomtls import StreamConn, identities, listener_context, node_context
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import RelayCancelled
+from pacslb.proxy.relay import RelayCancelled, relay_transports
 from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
 
 log = logging.getLogger("pacslb.dicom")
@@ -79,7 +98,43 @@ class _Closed(Exception):
     """The peer closed before sending a whole PDU."""
 
 
-async def _read_pdu(sock: socket.socket, buffer: bytearray, deadline: float, limit: int) -> tuple[bytes, bytearray]:
+class _Sock:
+    """A plain side of an association as its socket: read and written directly, spliced once relayed."""
+
+    __slots__ = ("loop", "sock")
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.loop = loop
+
+    async def recv(self) -> bytes:
+        return await self.loop.sock_recv(self.sock, READ_SIZE)
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    abort = close
+
+
+#: One side of an association: a plain socket, or a transport (TLS, or plain facing a TLS side).
+_Conn = _Sock | StreamConn
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a TLS handshake failed, in a few words: "wrong version number", "certificate verify failed"."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"  # revoked, expired, unknown CA, ...
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or str(exc)).replace("_", " ").lower()
+    if isinstance(exc, TimeoutError):
+        return "no handshake in time"
+    return str(exc) or type(exc).__name__
+
+
+async def _read_pdu(conn: _Conn, buffer: bytearray, deadline: float, limit: int) -> tuple[bytes, bytearray]:
     """Read one whole PDU (returns it and what followed it). Raises TimeoutError, _Closed, OSError, or
     DicomProtocolError for a PDU longer than ``limit``."""
     loop = asyncio.get_running_loop()
@@ -94,36 +149,53 @@ async def _read_pdu(sock: socket.socket, buffer: bytearray, deadline: float, lim
         if remaining <= 0:
             raise TimeoutError
         async with asyncio.timeout(remaining):
-            data = await loop.sock_recv(sock, READ_SIZE)
+            data = await conn.recv()
         if not data:
             raise _Closed
         buffer += data
 
 
-async def _send_and_close(sock: socket.socket, pdu: bytes) -> None:
+async def _send_and_close(conn: _Conn, pdu: bytes) -> None:
     """Send a final PDU, then close the way PS3.8 9.1.6 expects: let the peer close first (bounded)."""
-    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(ARTIM):
-            await loop.sock_sendall(sock, pdu)
-        sock.shutdown(socket.SHUT_WR)
+            await conn.send(pdu)
+        if isinstance(conn, _Sock):
+            conn.sock.shutdown(socket.SHUT_WR)  # (TLS has no half-close: its close_notify comes with the close)
         async with asyncio.timeout(ARTIM):
-            while await loop.sock_recv(sock, READ_SIZE):
+            while await conn.recv():
                 pass
     except (OSError, TimeoutError):
         pass
     finally:
-        sock.close()
+        conn.close()
 
 
 class DicomService(TcpService):
     """One dicom-mode virtual service."""
 
     ae_stats: OrderedDict[str, AEStats]
+    tls: ssl.SSLContext | None  # the listener's (dicom.tls)
+    node_tls: TlsTarget | None  # toward the nodes, and for their checks (dicom.node_tls)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.ae_stats = OrderedDict()
+        self.tls = self.node_tls = None
+        self._tls_contexts(self.spec)
+
+    def apply(self, spec: ServiceSpec, servers: list[ServerState], table: PersistenceTable | None) -> None:
+        super().apply(spec, servers, table)
+        self._tls_contexts(spec)
+
+    def _tls_contexts(self, spec: ServiceSpec) -> None:
+        """Make the TLS contexts the spec asks for, at start and at each reload: certificates renewed in
+        place are read again (the nodes' checks restart with a new node context)."""
+        dicom = spec.dicom
+        tls = dicom.tls if dicom is not None else None
+        node_tls = dicom.node_tls if dicom is not None else None
+        self.tls = listener_context(tls) if tls is not None else None
+        self.node_tls = TlsTarget(node_context(node_tls), node_tls.server_name) if node_tls is not None else None
 
     @property
     def accept_limit(self) -> int:
@@ -147,14 +219,25 @@ class DicomService(TcpService):
         # Local limit exceeded, transient (PS3.8 9.3.4): the modality retries later, as it does on maxconn.
         return _rj(AT_LIMIT), True
 
-    async def _handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
+    async def _handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         loop = self._loop
         started = loop.time()
         spec = self.spec
         over_limit = self.active > spec.maxconn
         record = _Record(self, peer, started)
+        client: _Conn | None = None
         try:
-            _tune(client)
+            _tune(sock)
+            if self.tls is None:
+                client = _Sock(sock, loop)
+            else:
+                try:
+                    client = await StreamConn.accept(sock, self.tls, spec.timeouts.negotiation)
+                except (OSError, ssl.SSLError, TimeoutError) as exc:
+                    record.done("aborted", f"TLS handshake failed: {_tls_failure(exc)}", "balancer")
+                    return
+                record.tls = client.version()
+                record.identity = identities(client.certificate())
             buffer = bytearray()
             deadline = started + spec.timeouts.negotiation
             try:
@@ -163,7 +246,7 @@ class DicomService(TcpService):
                     if remaining <= 0:
                         raise TimeoutError
                     async with asyncio.timeout(remaining):
-                        data = await loop.sock_recv(client, READ_SIZE)
+                        data = await client.recv()
                     if not data:
                         raise _Closed
                     buffer += data
@@ -189,12 +272,18 @@ class DicomService(TcpService):
             stats.associations += 1
             # An AE title that is not allowed gets the permanent answer even when the service is full.
             rejection = check_access(spec.dicom, rq.calling_ae, rq.called_ae, peer[0])
+            detail = ""
+            bound = spec.dicom.tls.ae_identities if spec.dicom is not None and spec.dicom.tls is not None else None
+            if rejection is None and bound is not None and not identity_allows(bound, rq.calling_ae, record.identity):
+                rejection = CALLING_AE_NOT_RECOGNIZED
+                names = ", ".join(record.identity) or "none"
+                detail = f": the client certificate's names ({names}) are not bound to {rq.calling_ae}"
             if rejection is None and over_limit:
                 rejection = AT_LIMIT
             if rejection is not None:
                 stats.rejected += 1
                 await _send_and_close(client, _rj(rejection))
-                record.done("rejected", str(rejection), "balancer")
+                record.done("rejected", str(rejection) + detail, "balancer")
                 return
             key = client_key(peer[0], spec.limits)
             limit = self.limits.admit_association(key, rq.calling_ae, loop.time())
@@ -211,12 +300,15 @@ class DicomService(TcpService):
             finally:
                 self.limits.release_association(key, rq.calling_ae, loop.time())
         except BaseException:
-            client.close()
+            if client is not None:
+                client.abort()
+            else:
+                sock.close()
             raise
 
     async def _associate(
         self,
-        client: socket.socket,
+        client: _Conn,
         peer: tuple[str, int],
         rq: AssociateRQ,
         early: bytes,
@@ -259,20 +351,20 @@ class DicomService(TcpService):
             record.rule = decision.rule
             server.active += 1
             try:
-                server_sock = await connect_to(server, spec.timeouts.connect)
+                node = await self._connect(server, client)
             except ConnectFailed as exc:
                 server.active -= 1
                 tried.append(server)
                 self.connect_failed(peer, server, exc.reason, len(tried))
                 continue
             try:
-                answer, rest = await self._offer(server_sock, rq)
+                answer, rest = await self._offer(node, rq)
             except BaseException:
                 server.active -= 1
-                server_sock.close()
+                node.abort()
                 raise
             if isinstance(answer, str) or answer[0] != PDUType.A_ASSOCIATE_AC:
-                server_sock.close()
+                node.abort()
                 server.active -= 1
                 if not isinstance(answer, str) and answer[0] == PDUType.A_ASSOCIATE_RJ:
                     rejection = parse_associate_rj(answer)
@@ -299,18 +391,27 @@ class DicomService(TcpService):
             break
         record.server = server
         try:
-            await loop.sock_sendall(client, answer + rest)
+            await client.send(answer + rest)
             if early:
-                await loop.sock_sendall(server_sock, early)
-        except OSError:
+                await node.send(early)
+            if isinstance(client, _Sock) and isinstance(node, StreamConn):  # a TLS node: relayed as transports
+                client = await StreamConn.accept(client.sock, None, spec.timeouts.connect)
+        except (OSError, TimeoutError):
             server.active -= 1
-            server_sock.close()
-            client.close()
+            node.abort()
+            client.abort()
             record.done("closed", "client went away before the A-ASSOCIATE-AC", "client")
             return
         record.accepted = True
         try:
-            up, down, end = await self.relay(client, server_sock, server, key)
+            if isinstance(client, _Sock) and isinstance(node, _Sock):
+                up, down, end = await self.relay(client.sock, node.sock, server, key)
+            else:
+                assert isinstance(client, StreamConn) and isinstance(node, StreamConn)
+                sides = (client, node)
+                up, down, end = await self.relay_with(
+                    lambda idle, ending: relay_transports(*sides, idle_timeout=idle, timeout_end=ending), server, key
+                )
         except asyncio.CancelledError as exc:  # a halt or the shutdown
             if isinstance(exc, RelayCancelled):
                 self._count(stats, record, rq, early, answer, rest, exc.result.bytes_up, exc.result.bytes_down)
@@ -332,14 +433,28 @@ class DicomService(TcpService):
         stats.bytes_down += down
         record.up, record.down = up, down
 
-    async def _offer(self, sock: socket.socket, rq: AssociateRQ) -> tuple[bytes | str, bytes]:
+    async def _connect(self, server: ServerState, client: _Conn) -> _Conn:
+        """A connection to ``server``: its socket, or a transport when the node speaks TLS (handshake done,
+        its certificate checked) or the client does. Raises ConnectFailed."""
+        timeout = self.spec.timeouts.connect
+        sock = await connect_to(server, timeout)
+        node_tls = self.node_tls
+        if node_tls is None and isinstance(client, _Sock):
+            return _Sock(sock, self._loop)
+        context, name = (node_tls.context, node_tls.server_name) if node_tls is not None else (None, None)
+        try:
+            return await StreamConn.connect(sock, context, name, timeout)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            raise ConnectFailed(server.name, f"TLS handshake failed: {_tls_failure(exc)}") from exc
+
+    async def _offer(self, conn: _Conn, rq: AssociateRQ) -> tuple[bytes | str, bytes]:
         """Send the RQ to a node and read its answer PDU. A str answer says why there is none."""
         loop = self._loop
         timeout = self.spec.timeouts.node_answer
         try:
             async with asyncio.timeout(timeout):
-                await loop.sock_sendall(sock, rq.raw)
-            pdu, rest = await _read_pdu(sock, bytearray(), loop.time() + timeout, MAX_ASSOCIATE_AC_LENGTH)
+                await conn.send(rq.raw)
+            pdu, rest = await _read_pdu(conn, bytearray(), loop.time() + timeout, MAX_ASSOCIATE_AC_LENGTH)
         except TimeoutError:
             return f"no answer within {timeout:g}s", b""
         except _Closed:
@@ -368,11 +483,13 @@ class _Record:
         "calling",
         "down",
         "end",
+        "identity",
         "peer",
         "rule",
         "server",
         "service",
         "started",
+        "tls",
         "tried",
         "up",
     )
@@ -389,6 +506,8 @@ class _Record:
         self.accepted = False
         self.up = self.down = 0
         self.end: End | None = None
+        self.tls = ""  # TLS version and cipher of the client's side; "" when plain
+        self.identity: tuple[str, ...] = ()  # the names of the client's certificate
 
     def done(self, outcome: str, detail: str, by: str, error: str = "") -> None:
         server = self.server
@@ -410,6 +529,9 @@ class _Record:
             fields["by"] = by
         if error:
             fields["error"] = error
+        if self.tls:
+            fields["tls"] = self.tls
+            fields["identity"] = ",".join(self.identity) or "-"
         fields.update(
             retries=len(self.tried),
             duration=self.service._loop.time() - self.started,

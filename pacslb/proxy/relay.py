@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from pacslb.proxy.outcome import End
 from pacslb.proxy.pumps import (
@@ -57,9 +57,12 @@ __all__ = [
     "RelayCancelled",
     "RelayHandle",
     "RelayResult",
+    "Side",
     "close_idle_pipes",
     "relay",
+    "relay_transports",
     "start_relay",
+    "start_transport_relay",
 ]
 
 
@@ -291,6 +294,58 @@ async def _run_buffered(handle: RelayHandle, client: socket.socket, server: sock
     handle.finished()
 
 
+class Side(Protocol):
+    """A side of a connection already on a transport (a TLS one, say), as :func:`relay_transports` takes it:
+    the transport, what arrived and was not read yet, and whether the peer has closed or sent its EOF."""
+
+    transport: asyncio.Transport | None
+    eof: bool
+    lost: bool
+
+    def take(self) -> bytes: ...
+
+
+def start_transport_relay(
+    client: Side, server: Side, *, idle_timeout: float, timeout_end: End, on_done: Callable[[RelayResult], None]
+) -> RelayHandle:
+    """The buffered relay between two connections already on transports (TLS cannot be spliced: the bytes
+    are decrypted and encrypted in this process). The relay takes both transports over, bytes still unread
+    included; otherwise as :func:`start_relay`."""
+    loop = asyncio.get_running_loop()
+    handle = RelayHandle(loop, timeout_end, on_done)
+    state = _Relay(loop)
+    for half, side in ((state.client, client), (state.server, server)):
+        transport = side.transport
+        assert transport is not None
+        pending = side.take()
+        transport.set_protocol(half)
+        half.connection_made(transport)  # reading paused until both are set
+        if pending:
+            half.data_received(pending)
+        half.eof, half.lost = side.eof, side.lost or transport.is_closing()
+    state.start()
+    handle.running(state, idle_timeout)
+    state.done.add_done_callback(lambda _: handle.finished())
+    return handle
+
+
+async def _until_done(start: Callable[[Callable[[RelayResult], None]], RelayHandle]) -> RelayResult:
+    """Run the relay ``start`` starts; the result once both directions are done. When cancelled, it
+    aborts both sides and raises :class:`RelayCancelled`, with what was moved."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[RelayResult] = loop.create_future()
+
+    def finished(result: RelayResult) -> None:
+        if not done.done():
+            done.set_result(result)
+
+    handle = start(finished)
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        raise await cancelled_relay(handle, done) from None
+
+
 async def relay(
     client: socket.socket,
     server: socket.socket,
@@ -301,17 +356,19 @@ async def relay(
 ) -> RelayResult:
     """:func:`start_relay` as a coroutine: the result once both directions are done. When cancelled, it
     aborts both sides and raises :class:`RelayCancelled`, with what was moved."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[RelayResult] = loop.create_future()
-
-    def finished(result: RelayResult) -> None:
-        if not done.done():
-            done.set_result(result)
-
-    handle = start_relay(
-        client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=finished, method=method
+    return await _until_done(
+        lambda finished: start_relay(
+            client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=finished, method=method
+        )
     )
-    try:
-        return await asyncio.shield(done)
-    except asyncio.CancelledError:
-        raise await cancelled_relay(handle, done) from None
+
+
+async def relay_transports(
+    client: Side, server: Side, *, idle_timeout: float, timeout_end: End = End.CLIENT_TIMEOUT
+) -> RelayResult:
+    """:func:`start_transport_relay` as a coroutine, as :func:`relay` is :func:`start_relay`'s."""
+    return await _until_done(
+        lambda finished: start_transport_relay(
+            client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=finished
+        )
+    )

@@ -408,6 +408,15 @@ class TcpService:
     ) -> tuple[int, int, End]:
         """Relay a connection whose server was chosen and connected (``server.active`` already counts it),
         keeping the persistence entry and the server's counters. Returns bytes up, bytes down, the end."""
+        return await self.relay_with(
+            lambda idle, end: self.relayer(client, server_sock, idle_timeout=idle, timeout_end=end), server, key
+        )
+
+    async def relay_with(
+        self, run: Callable[[float, End], Awaitable[RelayResult]], server: ServerState, key: str | None
+    ) -> tuple[int, int, End]:
+        """:meth:`relay`, with the relay that ``run(idle_timeout, timeout_end)`` runs (mode dicom's TLS
+        associations: the buffered relay over their transports)."""
         loop = self._loop
         table = self.table
         server.total += 1
@@ -425,7 +434,7 @@ class TcpService:
         if task is not None:
             relaying.add(task)
         try:
-            result = await self.relayer(client, server_sock, idle_timeout=idle, timeout_end=timeout_end)
+            result = await run(idle, timeout_end)
             up, down, end = result.bytes_up, result.bytes_down, result.end
         except RelayCancelled as exc:  # a halt or the shutdown: what was moved still counts
             up, down = exc.result.bytes_up, exc.result.bytes_down

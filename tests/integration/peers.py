@@ -202,6 +202,7 @@ class OrthancNode:
     root: Path
     worklists: Path
     proc: subprocess.Popen[bytes] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # more configuration (DICOM TLS, ...)
 
     @property
     def aet(self) -> str:
@@ -239,6 +240,7 @@ class OrthancNode:
             "UnknownSopClassAccepted": True,
             "Plugins": [str(WORKLIST_PLUGIN)],
             "Worklists": {"Enable": True, "Database": str(self.worklists)},
+            **self.extra,
         }
 
     def running(self) -> bool:

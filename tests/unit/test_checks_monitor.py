@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pacslb.balance.server import ServerState
-from pacslb.checks.base import CheckResult
+from pacslb.checks.base import CheckResult, TlsTarget
 from pacslb.checks.monitor import Monitor
 from pacslb.config.model import CheckSpec
 
@@ -89,7 +89,7 @@ def test_a_hanging_check_counts_as_failed_after_its_timeout() -> None:
         spec = CheckSpec(type="tcp", interval="200ms", timeout="50ms", rise=1, fall=1)
         monitor = Monitor("dicom", spec, server)
 
-        async def hangs(spec: CheckSpec, host: str, port: int) -> CheckResult:
+        async def hangs(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None) -> CheckResult:
             await asyncio.sleep(3600)
             return OK
 
@@ -121,7 +121,7 @@ def test_stop_ends_the_monitor_even_when_its_wait_completes_in_the_same_instant(
         answer: asyncio.Future[CheckResult] = loop.create_future()
         runs = 0
 
-        async def waits_for_answer(spec: CheckSpec, host: str, port: int) -> CheckResult:
+        async def waits_for_answer(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None) -> CheckResult:
             nonlocal runs
             runs += 1
             return OK if runs > 1 else await answer
@@ -165,7 +165,7 @@ def test_stop_is_bounded_even_for_a_check_that_ignores_its_cancellation(
         monitor = Monitor("dicom", CheckSpec(type="tcp", interval="10s", timeout="10s"), server)
         release: asyncio.Future[None] = loop.create_future()
 
-        async def stubborn(spec: CheckSpec, host: str, port: int) -> CheckResult:
+        async def stubborn(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None) -> CheckResult:
             try:
                 await asyncio.sleep(3600)
             except asyncio.CancelledError:
