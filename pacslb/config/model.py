@@ -88,6 +88,13 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _ip_address(value: Any) -> Any:
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise ValueError(f"expected an IP address, e.g. '10.0.0.2' (got {value!r})") from None
+
+
 class ServerSpec(_Frozen):
     """One PACS node behind a service. The same name in several services is the same node."""
 
@@ -297,6 +304,10 @@ class DicomSpec(_Frozen):
     called_ae: tuple[AEPattern, ...] | None = None  # called AE titles accepted (globs); absent = any
     routes: tuple[DicomRoute, ...] = ()  # first match wins; no match = all servers
     tls: DicomTlsSpec | None = None  # TLS on the listener; none: plain DICOM
+    # balance: the nodes share the service's associations. called_ae: each server is a destination named by
+    # its AE title, and an association goes to the one its called AE title names (the associations a PACS
+    # node opens towards modalities: C-MOVE sub-operations, storage commitment reports).
+    destination: Literal["balance", "called_ae"] = "balance"
     node_tls: NodeTlsSpec | None = None  # TLS to the nodes (and their health checks); none: plain
 
 
@@ -464,6 +475,9 @@ class ServiceSpec(_Frozen):
     retries: Annotated[int, Field(ge=0, le=16)] = 3
     # Per-client bounds (connections, rate, and in mode dicom AE titles); see LimitsSpec.
     limits: LimitsSpec = LimitsSpec()
+    # The address connections to the servers come from (a virtual IP, so that a modality sees the
+    # balancer's address whichever balancer holds it); absent: the system chooses.
+    source: Annotated[str, BeforeValidator(_ip_address)] | None = None
 
 
 class LogSpec(_Frozen):
@@ -632,13 +646,6 @@ def _interface_address(value: Any) -> Any:
         raise ValueError(f"expected an address with its prefix, e.g. '10.0.0.100/24' (got {value!r})") from None
 
 
-def _ip_address(value: Any) -> Any:
-    try:
-        return str(ipaddress.ip_address(str(value).strip()))
-    except ValueError:
-        raise ValueError(f"expected an IP address, e.g. '10.0.0.2' (got {value!r})") from None
-
-
 class VrrpSpec(_Frozen):
     """The virtual IP that keepalived moves between the balancers of a pair (read by ``pacslb keepalived``
     only: pacslb never speaks VRRP itself). See docs/high-availability.md for what each timer means."""
@@ -793,6 +800,19 @@ def semantic_issues(
             for j, server in enumerate(route.servers):
                 if server not in service.servers:
                     issues.append(((*here, "dicom", "routes", i, "servers", j), f"no server named {server!r}"))
+    if service.dicom is not None and service.dicom.destination == "called_ae" and not bad("servers"):
+        for name in service.servers:
+            if len(name) > 16 or "\\" in name or name != name.strip():
+                issues.append(((*here, "servers", name), "with dicom.destination: called_ae, a server's name is an AE "
+                               "title: at most 16 characters, no backslash, no leading or trailing space"))  # fmt: skip
+        if service.persistence.type != "none" and not bad("persistence.type"):
+            issues.append(((*here, "persistence", "type"), "with dicom.destination: called_ae, the called AE title "
+                           "chooses the server: persistence must be none"))  # fmt: skip
+    if service.source is not None and not bad("servers", "source"):
+        version = ipaddress.ip_address(service.source).version
+        for server_name, node in service.servers.items():
+            if (6 if ":" in node.address.host else 4) != version:
+                issues.append(((*here, "source"), f"IPv{version}, and server {server_name} is not"))
     if not bad("servers") and all(s.weight == 0 for s in service.servers.values()):
         issues.append(((*here, "servers"), "every server has weight 0: the service could never pick one"))
     return issues

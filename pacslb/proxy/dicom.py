@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pacslb.balance.decision import choose
 from pacslb.balance.dicom_policy import (
     AT_LIMIT,
+    CALLED_AE_NOT_RECOGNIZED,
     CALLING_AE_NOT_RECOGNIZED,
     NO_NODE,
     check_access,
@@ -80,6 +81,8 @@ AT_LIMIT_SLOTS = 64
 ARTIM = 1.0
 #: Bound on the per calling AE counters; the least recently seen AE title goes first.
 MAX_AE_STATS = 10_000
+#: dicom.destination called_ae: the pause before a modality that could not be reached is tried again.
+OUTBOUND_RETRY_PAUSE = 0.5
 READ_SIZE = 65536
 
 
@@ -317,8 +320,19 @@ class DicomService(TcpService):
     ) -> None:
         loop = self._loop
         spec = self.spec
-        names = route(spec.dicom, rq.calling_ae, rq.called_ae, peer[0])
-        servers = self.servers if names is None else [s for s in self.servers if s.name in names]
+        outbound = spec.dicom is not None and spec.dicom.destination == "called_ae"
+        if outbound:
+            # Towards a modality: the server named by the called AE title, tried again (after a pause)
+            # until the association's negotiation time is up, as a modality may be restarting.
+            servers = [s for s in self.servers if s.name == rq.called_ae]
+            if not servers:
+                stats.rejected += 1
+                await _send_and_close(client, _rj(CALLED_AE_NOT_RECOGNIZED))
+                record.done("rejected", f"{CALLED_AE_NOT_RECOGNIZED}: no destination {rq.called_ae}", "balancer")
+                return
+        else:
+            names = route(spec.dicom, rq.calling_ae, rq.called_ae, peer[0])
+            servers = self.servers if names is None else [s for s in self.servers if s.name in names]
         table = self.table
         key = (
             persistence_key(
@@ -335,6 +349,12 @@ class DicomService(TcpService):
         refusals: list[tuple[ServerState, Rejection, bytes]] = []  # the nodes' transient rejections
         while True:
             decision = choose(servers, self.scheduler, table, key, loop.time(), tried)
+            if outbound and tried and not refusals:
+                if loop.time() + OUTBOUND_RETRY_PAUSE < record.started + spec.timeouts.negotiation:
+                    await asyncio.sleep(OUTBOUND_RETRY_PAUSE)
+                    tried.clear()
+                    continue
+                decision = None
             if decision is None or len(tried) > spec.retries:
                 stats.rejected += 1
                 if not refusals:
@@ -437,7 +457,7 @@ class DicomService(TcpService):
         """A connection to ``server``: its socket, or a transport when the node speaks TLS (handshake done,
         its certificate checked) or the client does. Raises ConnectFailed."""
         timeout = self.spec.timeouts.connect
-        sock = await connect_to(server, timeout)
+        sock = await connect_to(server, timeout, self.spec.source)
         node_tls = self.node_tls
         if node_tls is None and isinstance(client, _Sock):
             return _Sock(sock, self._loop)

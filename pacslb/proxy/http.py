@@ -1293,7 +1293,7 @@ class HttpService(TcpService):
         return None
 
     async def _connect(self, server: ServerState) -> _NodeConn:
-        sock = await connect_to(server, self.spec.timeouts.connect)
+        sock = await connect_to(server, self.spec.timeouts.connect, self.spec.source)
         conn = _NodeConn(self.loop, server)
         try:
             await self.loop.create_connection(lambda: conn, sock=sock)

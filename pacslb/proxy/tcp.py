@@ -95,8 +95,18 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-async def connect_to(server: ServerState, timeout: float) -> socket.socket:
-    """A connected non-blocking socket to ``server``.
+def bind_source(sock: socket.socket, source: str | None) -> None:
+    """Make ``sock``'s connection come from ``source`` (the service's ``source`` address), on any port.
+    IP_FREEBIND: a virtual IP that moves between balancers need not be on this host when the service
+    starts. Raises OSError."""
+    if source is not None:
+        if hasattr(socket, "IP_FREEBIND"):
+            sock.setsockopt(socket.SOL_IP, socket.IP_FREEBIND, 1)
+        sock.bind((source, 0))
+
+
+async def connect_to(server: ServerState, timeout: float, source: str | None = None) -> socket.socket:
+    """A connected non-blocking socket to ``server`` (from ``source``, when given).
 
     Raises:
         ConnectFailed: refused, unreachable, or no answer within ``timeout`` seconds.
@@ -111,6 +121,11 @@ async def connect_to(server: ServerState, timeout: float) -> socket.socket:
         sock.close()
         raise _local_failure(server, "reserve", None, loop)
     sock.setblocking(False)
+    try:
+        bind_source(sock, source)
+    except OSError as exc:
+        sock.close()
+        raise ConnectFailed(server.name, f"cannot connect from {source}: {exc.strerror or exc}") from exc
     try:
         async with asyncio.timeout(timeout):  # no extra task per connect, unlike wait_for
             await loop.sock_connect(sock, (server.host, server.port))
@@ -663,6 +678,7 @@ class _TcpConn:
         sock.setblocking(False)
         self.sock = sock
         try:
+            bind_source(sock, service.spec.source)
             sock.connect((server.host, server.port))
         except (BlockingIOError, InterruptedError):
             loop.add_writer(sock.fileno(), self._connected)

@@ -1002,9 +1002,11 @@ class EchoSCP:
         self.ae.add_supported_context(VERIFICATION)
         self.server: Any = None
         self.accepted: list[str] = []  # calling AE title of every association it accepted
+        self.peers: list[str] = []  # and the address it came from
 
     def _on_accepted(self, event: Any) -> None:
         self.accepted.append(str(event.assoc.requestor.ae_title).strip())
+        self.peers.append(str(event.assoc.requestor.address))
 
     @property
     def address(self) -> str:

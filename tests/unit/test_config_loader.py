@@ -828,3 +828,18 @@ def test_an_unset_check_timeout_follows_a_shorter_interval() -> None:
     assert (check.interval, check.timeout) == (5.0, 2.0)
     issue = one_issue(service("check: {interval: 500ms, timeout: 1s}"))
     assert issue.field == "services.a.check.timeout" and "longer than check.interval" in issue.reason
+
+
+def test_source_address_and_outbound_destinations() -> None:
+    config = load(service("source: 10.0.0.100"))
+    assert config.services["a"].source == "10.0.0.100"
+    issue = one_issue(service("source: '::1'"))
+    assert (issue.field, issue.line) == ("services.a.source", 5) and "IPv6, and server p1" in issue.reason
+    issue = one_issue(service("source: 10.0.0"))
+    assert issue.field == "services.a.source" and "expected an IP address" in issue.reason
+    outbound = "mode: dicom\ndicom: {destination: called_ae}"
+    assert load(service(outbound, servers="{WS01: 10.1.0.9:104}")).services["a"].dicom is not None
+    issue = one_issue(service(outbound, servers="{A-NAME-LONGER-THAN-16: 10.1.0.9:104}"))
+    assert issue.field == "services.a.servers.A-NAME-LONGER-THAN-16" and "AE title" in issue.reason
+    issue = one_issue(service(outbound + "\npersistence: {type: calling_ae}", servers="{WS01: 10.1.0.9:104}"))
+    assert issue.field == "services.a.persistence.type" and "persistence must be none" in issue.reason
