@@ -136,3 +136,80 @@ def test_an_unknown_or_unreachable_modality_gets_the_proper_rejection(pacslb: Pa
     assert down.rejection == (2, 3, 1), down
     attempts = lb.events("connect_failed", server="WS03")
     assert len(attempts) >= 2, "retried within the negotiation time"
+
+
+def test_a_storage_commitment_report_comes_back_through_the_outbound_service(pacslb: PacslbFactory) -> None:
+    """The modality asks for commitment (N-ACTION) through the inbound service; the node answers later on
+    a new association it opens itself (N-EVENT-REPORT, the node in the SCP role), which the outbound
+    service carries to the modality. pynetdicom plays both: each side's handler is the test's."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    well_known = "1.2.840.10008.1.20.1.1"  # the Storage Commitment Push Model SOP Instance
+    in_port, out_port, node_port, modality_port = (peers.free_port() for _ in range(4))
+    reports: list[Dataset] = []
+    reported, finished = threading.Event(), threading.Event()
+    sent: list[Any] = []  # the status the node was answered with
+
+    def on_report(event: Any) -> tuple[int, None]:
+        reports.append(event.event_information)
+        reported.set()
+        return 0x0000, None
+
+    def report_later(request: Dataset) -> None:
+        node = AE("PACSX")
+        node.add_requested_context(StorageCommitmentPushModel)
+        assoc = node.associate(
+            "127.0.0.1", out_port, ae_title="CT05", ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)]
+        )
+        if assoc.is_established:
+            result = Dataset()
+            result.TransactionUID = request.TransactionUID
+            result.ReferencedSOPSequence = request.ReferencedSOPSequence
+            status, _ = assoc.send_n_event_report(result, 1, StorageCommitmentPushModel, well_known)
+            sent.append(status.Status if status else None)
+            assoc.release()
+        node.shutdown()
+        finished.set()
+
+    def on_action(event: Any) -> tuple[int, None]:
+        threading.Thread(target=report_later, args=(event.action_information,), daemon=True).start()
+        return 0x0000, None
+
+    node_ae = AE("PACSX")
+    node_ae.add_supported_context(StorageCommitmentPushModel)
+    node_server = node_ae.start_server(("127.0.0.1", node_port), block=False,
+                                       evt_handlers=[(evt.EVT_N_ACTION, on_action)])  # fmt: skip
+    modality = AE("CT05")
+    modality.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    modality.add_requested_context(StorageCommitmentPushModel)
+    modality_server = modality.start_server(("127.0.0.1", modality_port), block=False,
+                                            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])  # fmt: skip
+    try:
+        services = {
+            "dicom": peers.dicom_service(in_port, {"pacsx": f"127.0.0.1:{node_port}"}),
+            "outbound": outbound(out_port, {"CT05": f"127.0.0.1:{modality_port}"}),
+        }
+        lb = pacslb(peers.config_text(services))
+        request = Dataset()
+        request.TransactionUID = generate_uid()
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        item.ReferencedSOPInstanceUID = generate_uid()
+        request.ReferencedSOPSequence = [item]
+        assoc = modality.associate("127.0.0.1", in_port, ae_title="PACSX")
+        assert assoc.is_established
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, well_known)
+        assoc.release()
+        assert status is not None and status.Status == 0, status
+
+        assert reported.wait(30.0), "no N-EVENT-REPORT reached the modality"
+        assert finished.wait(30.0), "the node's reporting association did not end"
+        assert reports[0].TransactionUID == request.TransactionUID and sent == [0], (reports, sent)
+        line = lb.wait_event("assoc", 10.0, service="outbound")
+        assert (line.get("calling"), line.get("called"), line.get("outcome")) == ("PACSX", "CT05", "accepted")
+    finally:
+        node_server.shutdown()
+        modality_server.shutdown()
