@@ -42,6 +42,7 @@ from pacslb.config import Config, ServiceSpec, load_config
 from pacslb.config.values import HostPort
 from pacslb.errors import ConfigError, PacslbError
 from pacslb.logs import log_event, setup_logging
+from pacslb.protocols.proxy import LOCAL_HEADER
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.pool import RelayPool
 from pacslb.proxy.relay import DEFAULT_METHOD
@@ -319,6 +320,7 @@ class Engine:
 
     def _update_monitors(self) -> None:
         wanted: dict[tuple[str, str], tuple[ServiceSpec, ServerState, TlsTarget | None]] = {}
+        local = {"v2": LOCAL_HEADER, "none": b""}
         for name, service in self.services.items():
             if service.spec.check.type == "none":
                 continue
@@ -332,12 +334,13 @@ class Engine:
                 or monitor.spec != want[0].check
                 or monitor.server is not want[1]
                 or monitor.tls is not want[2]
+                or monitor.prefix != local[want[0].proxy_protocol]
             ):
                 del self.monitors[key]
                 self._spawn(monitor.stop())  # held until done: a bare task could be collected mid-stop
         for key, (spec, server, tls) in wanted.items():
             if key not in self.monitors:
-                monitor = Monitor(key[0], spec.check, server, self._health_changed, tls)
+                monitor = Monitor(key[0], spec.check, server, self._health_changed, tls, local[spec.proxy_protocol])
                 self.monitors[key] = monitor
                 monitor.start()
 

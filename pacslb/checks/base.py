@@ -48,10 +48,11 @@ def describe_os_error(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).lower()
 
 
-#: A check kind: (spec, host, port, tls) -> result. It must not block the event loop, and may be cancelled
-#: by the monitor's timeout at any await. ``tls``: the node speaks TLS (tcp and dicom_echo checks then do
-#: too; an http check stays plain HTTP, to a web port).
-CheckFunction = Callable[[CheckSpec, str, int, TlsTarget | None], Awaitable[CheckResult]]
+#: A check kind: (spec, host, port, tls, prefix) -> result. It must not block the event loop, and may be
+#: cancelled by the monitor's timeout at any await. ``tls``: the node speaks TLS (tcp and dicom_echo checks
+#: then do too; an http check stays plain HTTP, to a web port). ``prefix``: bytes a tcp check sends first
+#: (the PROXY protocol's LOCAL header, to a node that expects one).
+CheckFunction = Callable[[CheckSpec, str, int, TlsTarget | None, bytes], Awaitable[CheckResult]]
 
 
 def get_check(kind: str) -> CheckFunction:

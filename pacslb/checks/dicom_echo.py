@@ -93,7 +93,9 @@ def _local_or(result: CheckResult) -> CheckResult:
     return result
 
 
-async def check_dicom_echo(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None = None) -> CheckResult:
+async def check_dicom_echo(
+    spec: CheckSpec, host: str, port: int, tls: TlsTarget | None = None, prefix: bytes = b""
+) -> CheckResult:
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
         _executor(), _echo, host, port, spec.calling_ae, spec.called_ae, spec.timeout, tls

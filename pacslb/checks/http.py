@@ -84,7 +84,9 @@ async def close_clients() -> None:
         await client.aclose()
 
 
-async def check_http(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None = None) -> CheckResult:
+async def check_http(
+    spec: CheckSpec, host: str, port: int, tls: TlsTarget | None = None, prefix: bytes = b""
+) -> CheckResult:
     import httpx
 
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -62,10 +62,12 @@ class Monitor:
         server: ServerState,
         on_change: ChangeCallback | None = None,
         tls: TlsTarget | None = None,
+        prefix: bytes = b"",
     ) -> None:
         self.service = service
         self.spec = spec
         self.tls = tls  # the node speaks TLS (mode dicom's node_tls)
+        self.prefix = prefix  # what a tcp check sends first (the PROXY protocol's LOCAL header)
         self.server = server
         self.on_change = on_change
         self.last: CheckResult | None = None
@@ -110,7 +112,7 @@ class Monitor:
             # the awaited check completes, and the monitor would then outlive its stop().
             try:
                 async with asyncio.timeout(spec.timeout):
-                    result = await self._check(spec, self.server.host, port, self.tls)
+                    result = await self._check(spec, self.server.host, port, self.tls, self.prefix)
             except TimeoutError:
                 result = CheckResult(False, f"no answer within {spec.timeout:g}s")
             except OSError as exc:

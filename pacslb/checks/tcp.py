@@ -15,7 +15,9 @@ from pacslb.checks.base import CheckResult, TlsTarget, describe_os_error, local_
 from pacslb.config.model import CheckSpec
 
 
-async def check_tcp(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None = None) -> CheckResult:
+async def check_tcp(
+    spec: CheckSpec, host: str, port: int, tls: TlsTarget | None = None, prefix: bytes = b""
+) -> CheckResult:
     loop = asyncio.get_running_loop()
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -28,6 +30,8 @@ async def check_tcp(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None
         sock.close()
         return local_result(exc) or CheckResult(False, describe_os_error(exc))
     try:
+        if prefix:
+            await loop.sock_sendall(sock, prefix)
         if tls is None:
             return CheckResult(True, "connected")
         await _handshake(sock, tls)

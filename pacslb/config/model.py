@@ -478,6 +478,9 @@ class ServiceSpec(_Frozen):
     # The address connections to the servers come from (a virtual IP, so that a modality sees the
     # balancer's address whichever balancer holds it); absent: the system chooses.
     source: Annotated[str, BeforeValidator(_ip_address)] | None = None
+    # v2: each node connection starts with a PROXY protocol v2 header giving the client's address (modes tcp
+    # and dicom; nginx's `listen ... proxy_protocol`, HAProxy's `accept-proxy`); none: nothing is added.
+    proxy_protocol: Literal["none", "v2"] = "none"
 
 
 class LogSpec(_Frozen):
@@ -808,6 +811,13 @@ def semantic_issues(
         if service.persistence.type != "none" and not bad("persistence.type"):
             issues.append(((*here, "persistence", "type"), "with dicom.destination: called_ae, the called AE title "
                            "chooses the server: persistence must be none"))  # fmt: skip
+    if service.proxy_protocol != "none" and service.mode == "http":
+        issues.append(((*here, "proxy_protocol"), "not in mode http: node connections there are shared by "
+                       "clients; each request carries its client's address in X-Forwarded-For and Forwarded "
+                       "(http.forward)"))  # fmt: skip
+    if service.proxy_protocol != "none" and kind in ("http", "dicom_echo") and service.check.port is None:
+        issues.append(((*here, "check", "port"), f"needed with proxy_protocol and a check of type {kind}: a port where "
+                       "the node does not expect the PROXY header (a tcp check sends the header itself)"))  # fmt: skip
     if service.source is not None and not bad("servers", "source"):
         version = ipaddress.ip_address(service.source).version
         for server_name, node in service.servers.items():

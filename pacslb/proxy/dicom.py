@@ -66,6 +66,7 @@ from pacslb.protocols.dicom import (
     parse_associate_rq,
     pdu_length,
 )
+from pacslb.protocols.proxy import proxy_header
 from pacslb.proxy.dicomtls import StreamConn, identities, listener_context, node_context
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayCancelled, relay_transports
@@ -231,6 +232,7 @@ class DicomService(TcpService):
         client: _Conn | None = None
         try:
             _tune(sock)
+            record.local = sock.getsockname()
             if self.tls is None:
                 client = _Sock(sock, loop)
             else:
@@ -347,6 +349,7 @@ class DicomService(TcpService):
         )
         tried = record.tried
         refusals: list[tuple[ServerState, Rejection, bytes]] = []  # the nodes' transient rejections
+        header = proxy_header(peer, record.local) if spec.proxy_protocol == "v2" else b""
         while True:
             decision = choose(servers, self.scheduler, table, key, loop.time(), tried)
             if outbound and tried and not refusals:
@@ -371,7 +374,7 @@ class DicomService(TcpService):
             record.rule = decision.rule
             server.active += 1
             try:
-                node = await self._connect(server, client)
+                node = await self._connect(server, client, header)
             except ConnectFailed as exc:
                 server.active -= 1
                 tried.append(server)
@@ -453,11 +456,19 @@ class DicomService(TcpService):
         stats.bytes_down += down
         record.up, record.down = up, down
 
-    async def _connect(self, server: ServerState, client: _Conn) -> _Conn:
+    async def _connect(self, server: ServerState, client: _Conn, header: bytes) -> _Conn:
         """A connection to ``server``: its socket, or a transport when the node speaks TLS (handshake done,
-        its certificate checked) or the client does. Raises ConnectFailed."""
+        its certificate checked) or the client does; ``header`` (the PROXY protocol's) sent first. Raises
+        ConnectFailed."""
         timeout = self.spec.timeouts.connect
         sock = await connect_to(server, timeout, self.spec.source)
+        if header:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._loop.sock_sendall(sock, header)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                raise ConnectFailed(server.name, f"PROXY header not sent: {exc}") from exc
         node_tls = self.node_tls
         if node_tls is None and isinstance(client, _Sock):
             return _Sock(sock, self._loop)
@@ -504,6 +515,7 @@ class _Record:
         "down",
         "end",
         "identity",
+        "local",
         "peer",
         "rule",
         "server",
@@ -528,6 +540,7 @@ class _Record:
         self.end: End | None = None
         self.tls = ""  # TLS version and cipher of the client's side; "" when plain
         self.identity: tuple[str, ...] = ()  # the names of the client's certificate
+        self.local: tuple[str, int] = ("", 0)  # the address the client connected to
 
     def done(self, outcome: str, detail: str, by: str, error: str = "") -> None:
         server = self.server

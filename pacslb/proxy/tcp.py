@@ -41,6 +41,7 @@ from pacslb.config.values import format_rate
 from pacslb.descriptors import EXHAUSTION, LOCAL_ERRNOS, in_reserve
 from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
+from pacslb.protocols.proxy import proxy_header
 from pacslb.proxy.listener import Listener
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayCancelled, RelayResult, relay, start_relay
@@ -762,8 +763,11 @@ class _TcpConn:
         self.sock = None
         try:
             _tune(sock)
+            if service.spec.proxy_protocol == "v2":
+                # A fresh socket's send buffer takes the header whole (at most 52 bytes).
+                sock.send(proxy_header(self.peer, self.client.getsockname()))
         except OSError:
-            pass  # the server is already gone: the relay will find out
+            pass  # the server or the client is already gone: the relay will find out
         server.total += 1
         if service.table is not None and self.key is not None:
             service.table.acquire(self.key, server.name, service._loop.time())

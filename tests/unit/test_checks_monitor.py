@@ -89,7 +89,7 @@ def test_a_hanging_check_counts_as_failed_after_its_timeout() -> None:
         spec = CheckSpec(type="tcp", interval="200ms", timeout="50ms", rise=1, fall=1)
         monitor = Monitor("dicom", spec, server)
 
-        async def hangs(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None) -> CheckResult:
+        async def hangs(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None, prefix: bytes) -> CheckResult:
             await asyncio.sleep(3600)
             return OK
 
@@ -121,7 +121,9 @@ def test_stop_ends_the_monitor_even_when_its_wait_completes_in_the_same_instant(
         answer: asyncio.Future[CheckResult] = loop.create_future()
         runs = 0
 
-        async def waits_for_answer(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None) -> CheckResult:
+        async def waits_for_answer(
+            spec: CheckSpec, host: str, port: int, tls: TlsTarget | None, prefix: bytes
+        ) -> CheckResult:
             nonlocal runs
             runs += 1
             return OK if runs > 1 else await answer
@@ -165,7 +167,7 @@ def test_stop_is_bounded_even_for_a_check_that_ignores_its_cancellation(
         monitor = Monitor("dicom", CheckSpec(type="tcp", interval="10s", timeout="10s"), server)
         release: asyncio.Future[None] = loop.create_future()
 
-        async def stubborn(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None) -> CheckResult:
+        async def stubborn(spec: CheckSpec, host: str, port: int, tls: TlsTarget | None, prefix: bytes) -> CheckResult:
             try:
                 await asyncio.sleep(3600)
             except asyncio.CancelledError:

@@ -843,3 +843,13 @@ def test_source_address_and_outbound_destinations() -> None:
     assert issue.field == "services.a.servers.A-NAME-LONGER-THAN-16" and "AE title" in issue.reason
     issue = one_issue(service(outbound + "\npersistence: {type: calling_ae}", servers="{WS01: 10.1.0.9:104}"))
     assert issue.field == "services.a.persistence.type" and "persistence must be none" in issue.reason
+
+
+def test_proxy_protocol_is_for_tcp_and_dicom_and_its_checks_need_a_plain_port() -> None:
+    assert load(service("proxy_protocol: v2")).services["a"].proxy_protocol == "v2"
+    issue = one_issue(service("mode: http\nproxy_protocol: v2"))
+    assert issue.field == "services.a.proxy_protocol" and "X-Forwarded-For" in issue.reason
+    issue = one_issue(service("mode: dicom\nproxy_protocol: v2\ncheck: {type: dicom_echo}"))
+    assert issue.field == "services.a.check.port" and "PROXY header" in issue.reason
+    checked = load(service("mode: dicom\nproxy_protocol: v2\ncheck: {type: dicom_echo, port: 11112}"))
+    assert checked.services["a"].check.port == 11112
