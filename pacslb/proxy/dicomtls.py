@@ -98,41 +98,39 @@ class StreamConn(asyncio.Protocol):
     async def accept(cls, sock: socket.socket, context: ssl.SSLContext | None, timeout: float) -> StreamConn:
         """The accepted ``sock``, with the TLS handshake done when ``context`` is given. Raises OSError,
         ssl.SSLError or TimeoutError (the socket is closed then)."""
-        loop = asyncio.get_running_loop()
-        conn = cls()
-        try:
-            async with asyncio.timeout(timeout):
-                await loop.connect_accepted_socket(
-                    lambda: conn,
-                    sock=sock,
-                    ssl=context,
-                    ssl_handshake_timeout=timeout if context else None,
-                    ssl_shutdown_timeout=SHUTDOWN_TIMEOUT if context else None,
-                )
-        except BaseException:
-            conn.abort()
-            sock.close()
-            raise
-        return conn
+        return await cls._open(sock, context, timeout, server_side=True, server_name=None)
 
     @classmethod
     async def connect(
         cls, sock: socket.socket, context: ssl.SSLContext | None, server_name: str | None, timeout: float
     ) -> StreamConn:
         """The connected ``sock`` to a node, with the TLS handshake done when ``context`` is given (the
-        node's certificate checked, and its name when ``server_name`` is given)."""
+        node's certificate checked, and its name when ``server_name`` is given). Raises as :meth:`accept`."""
+        return await cls._open(sock, context, timeout, server_side=False, server_name=server_name)
+
+    @classmethod
+    async def _open(
+        cls,
+        sock: socket.socket,
+        context: ssl.SSLContext | None,
+        timeout: float,
+        *,
+        server_side: bool,
+        server_name: str | None,
+    ) -> StreamConn:
         loop = asyncio.get_running_loop()
         conn = cls()
+        tls: dict[str, Any] = {}
+        if context is not None:
+            tls = {"ssl": context, "ssl_handshake_timeout": timeout, "ssl_shutdown_timeout": SHUTDOWN_TIMEOUT}
+            if not server_side:
+                tls["server_hostname"] = server_name or ""  # "": no name to check (check_hostname is off)
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(
-                    lambda: conn,
-                    sock=sock,
-                    ssl=context,
-                    server_hostname=(server_name or "") if context else None,
-                    ssl_handshake_timeout=timeout if context else None,
-                    ssl_shutdown_timeout=SHUTDOWN_TIMEOUT if context else None,
-                )
+                if server_side:
+                    await loop.connect_accepted_socket(lambda: conn, sock=sock, **tls)
+                else:
+                    await loop.create_connection(lambda: conn, sock=sock, **tls)
         except BaseException:
             conn.abort()
             sock.close()
