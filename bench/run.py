@@ -4,9 +4,9 @@ Owns the command line and the order of a run: raise the file descriptor limit, a
 this pacslb accepts, record the machine, run each chosen case in its own process registry (so whatever
 a case started is stopped when it ends, even when it fails or the run is interrupted), print the table,
 save the raw figures under bench/results/, and with ``--write-docs`` put the table into
-docs/performance.md. Cases: bulk (a), dicom (b), conn and echo (c), http (d), memory (e), and the clustered
-pair (f, bench/ha.py): ha (failover in network namespaces, needs root; --repeat failovers per pair) and store
-(the Redis store's cost on new connections).
+docs/performance.md. Cases: bulk (a), dicom and tls (b: C-STORE, plain and over TLS), conn and echo (c),
+http (d), memory (e), and the clustered pair (f, bench/ha.py): ha (failover in network namespaces, needs
+root; --repeat failovers per pair) and store (the Redis store's cost on new connections).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import ha, machine, peers, report
-from bench.cases import bulk, connrate, dicom_store, http, memory
+from bench.cases import bulk, connrate, dicom_store, dicom_tls, http, memory
 from bench.cases.common import Context
 from bench.procs import BenchError, Ports, Processes, file_max, raise_nofile
 
@@ -39,6 +39,7 @@ CACHE = ROOT / "bench" / ".cache"
 CASES: dict[str, tuple[str, Callable[[Context], report.CaseResult], tuple[str, ...]]] = {
     "bulk": ("a", bulk.run, (peers.IPERF3, peers.HAPROXY)),
     "dicom": ("b", dicom_store.run, (peers.STORESCU, peers.STORESCP, peers.HAPROXY)),
+    "tls": ("b", dicom_tls.run, (peers.STORESCU, peers.STORESCP, peers.HAPROXY)),
     "conn": ("c", connrate.run_conn, (peers.NGINX, peers.HAPROXY)),
     "echo": ("c", connrate.run_echo, (peers.ECHOSCU, peers.HAPROXY)),
     "http": ("d", http.run, (peers.WRK, peers.NGINX, peers.HAPROXY)),
