@@ -169,10 +169,16 @@ def test_a_plain_client_a_client_without_a_certificate_and_a_revoked_one_are_ref
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
-def test_the_bcp195_profile_refuses_tls_1_1_and_suites_without_forward_secrecy_or_aead(
+def test_the_bcp195_profile_takes_clients_without_certificates_and_refuses_tls_1_1_and_weak_suites(
     pacslb: PacslbFactory, plain_node: OrthancNode, ca: TestCA, certs: dict[str, Issued]
 ) -> None:
-    _, port, _ = start(pacslb, plain_node, {"tls": listener_tls(certs)})
+    lb, port, _ = start(pacslb, plain_node, {"tls": listener_tls(certs)})
+
+    # No client certificate asked for: dcmtk without one of its own (+tla) is served, over TLS 1.3.
+    anonymous = tls_tool("echoscu", port, ca, None, calling="ANON")
+    assert anonymous.ok and "Received Echo Response (Success)" in anonymous.output, anonymous
+    line = lb.wait_event("assoc", 5.0, calling="ANON")
+    assert (line.get("outcome"), line.get("identity")) == ("accepted", "-") and line.get("tls").startswith("TLSv1.3")
 
     def handshake(configure: Callable[[ssl.SSLContext], None]) -> str:
         context = ssl.create_default_context(cafile=str(ca.certificate))
