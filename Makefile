@@ -13,8 +13,8 @@ STAMP  := $(VENV)/.installed
 # The per-request path compiled with mypyc, next to its sources (pacslb/compiled.py); rebuilt when one of
 # them changes. PACSLB_COMPILE=0 runs it as Python; so does a machine without a C compiler. The demo runs
 # without it (it would wait about a minute for the C compiler); `pip install .` compiles it into the wheel.
-HOT      := pacslb/protocols/http1.py pacslb/proxy/http.py pacslb/balance/cookie.py pacslb/balance/decision.py \
-            pacslb/balance/persistence.py pacslb/balance/server.py pacslb/compiled.py
+# The list is pacslb/compiled.py's (HOT_MODULES), asked of it with any Python: it imports nothing else.
+HOT      := $(shell $(PYTHON) -m pacslb.compiled sources)
 COMPILED := $(VENV)/.compiled
 # Compiled modules older than their sources would run the code before an edit: the targets that do not wait
 # for the compiler (demo, check) drop them, and the stamp, so that the next target compiles again.

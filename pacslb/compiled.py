@@ -187,6 +187,9 @@ def main(argv: list[str]) -> int:
     if command == "clean":
         clean()
         return 0
+    if command == "sources":  # what a build depends on, for the Makefile
+        print(*[_source(module).relative_to(ROOT) for module in HOT_MODULES], "pacslb/compiled.py")
+        return 0
     if command == "check":
         old = stale()
         if old:
@@ -196,7 +199,7 @@ def main(argv: list[str]) -> int:
         print(f"compiled: {', '.join(compiled) or 'none'}")
         print(f"per-request path: {status()}")
         return 0
-    print("usage: python -m pacslb.compiled [build|clean|check]", file=sys.stderr)
+    print("usage: python -m pacslb.compiled [build|clean|check|sources]", file=sys.stderr)
     return 2
 
 

@@ -111,3 +111,32 @@ def test_the_source_finder_answers_only_for_the_per_request_path() -> None:
     spec = finder.find_spec("pacslb.balance.server")
     assert spec is not None and spec.origin is not None and spec.origin.endswith("balance/server.py")
     assert finder.find_spec("pacslb.engine") is None and finder.find_spec("json") is None
+
+
+def test_no_await_inside_an_except_clause_of_a_compiled_module() -> None:
+    """Compiled by mypyc, a coroutine that awaits inside an ``except`` clause can leave its exception as
+    the one the next ``except`` of another coroutine catches (docs/performance.md): a head too large once
+    got a 400 meant for another connection. The compiled modules must answer after the clause instead."""
+    import ast
+
+    found = []
+    for module in compiled.HOT_MODULES:
+        source = compiled._source(module)
+        tree = ast.parse(source.read_text(), str(source))
+        for handler in (node for node in ast.walk(tree) if isinstance(node, ast.ExceptHandler)):
+            for node in ast.walk(handler):
+                if isinstance(node, (ast.Await, ast.AsyncFor, ast.AsyncWith)):
+                    found.append(f"{source.relative_to(compiled.ROOT)}:{node.lineno}")
+    assert not found, f"await inside an except clause of a compiled module: {', '.join(found)}"
+
+
+def test_the_makefile_compiles_when_a_compiled_module_changes() -> None:
+    """The Makefile asks ``python -m pacslb.compiled sources`` for what the build depends on: one list."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pacslb.compiled", "sources"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [str(compiled._source(m).relative_to(compiled.ROOT)) for m in compiled.HOT_MODULES] + [
+        "pacslb/compiled.py"
+    ]
+    makefile = (compiled.ROOT / "Makefile").read_text()
+    assert "-m pacslb.compiled sources" in makefile and "pacslb/proxy/http.py" not in makefile
