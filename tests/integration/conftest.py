@@ -46,7 +46,7 @@ def orthanc_nodes(tmp_path: Path) -> Iterator[Callable[[int], list[OrthancNode]]
     """A factory: ``orthanc_nodes(3)`` starts pacs1, pacs2, pacs3 and returns them, ready to serve."""
     cluster = OrthancCluster(tmp_path / "orthanc")
     yield cluster.start
-    cluster.stop_all()
+    cluster.discard()
 
 
 @pytest.fixture

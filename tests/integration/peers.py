@@ -337,6 +337,15 @@ class OrthancCluster:
         for node in self.nodes:
             node.stop()
 
+    def discard(self) -> None:
+        """SIGKILL every node and reap it: for a teardown, whose folders go with it (a graceful stop costs
+        Orthanc about 3 s, and nothing of its index is read again)."""
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.kill()
+        for node in self.nodes:
+            node.kill()
+
 
 # ---------------------------------------------------------------------------------------- DICOM data
 

@@ -32,7 +32,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancNode]:
     try:
         yield cluster.start(1)[0]
     finally:
-        cluster.stop_all()
+        cluster.discard()
 
 
 def start_guarded(pacslb: PacslbFactory, node: OrthancNode) -> tuple[PacslbProcess, int]:

@@ -37,7 +37,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacslbPr
     finally:
         if lb is not None:
             lb.stop()
-        cluster.stop_all()
+        cluster.discard()
 
 
 def still_serving(lb: PacslbProcess, port: int) -> None:

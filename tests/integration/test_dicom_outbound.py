@@ -52,7 +52,7 @@ def node_and_ports(tmp_path: Path) -> Iterator[tuple[OrthancNode, int]]:
         node.start()
         yield node, out_port
     finally:
-        cluster.stop_all()
+        cluster.discard()
 
 
 def test_a_c_move_reaches_the_workstation_through_the_outbound_service(

@@ -33,7 +33,7 @@ def pacs1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancNode]:
     try:
         yield cluster.start(1)[0]
     finally:
-        cluster.stop_all()
+        cluster.discard()
 
 
 def start(pacslb: PacslbFactory, servers: dict[str, str], **kwargs: Any) -> tuple[PacslbProcess, int]:

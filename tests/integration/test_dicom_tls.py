@@ -40,7 +40,7 @@ def plain_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancNode
     try:
         yield cluster.start(1)[0]
     finally:
-        cluster.stop_all()
+        cluster.discard()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def tls_node(tmp_path_factory: pytest.TempPathFactory, ca: TestCA, certs: dict[s
         cluster.nodes[0].start()
         yield cluster.nodes[0]
     finally:
-        cluster.stop_all()
+        cluster.discard()
 
 
 def listener_tls(certs: dict[str, Issued], **extra: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[OrthancNode
     try:
         yield cluster.start(3)
     finally:
-        cluster.stop_all()
+        cluster.discard()
 
 
 def start(pacslb: PacslbFactory, nodes: list[OrthancNode], **kwargs: Any) -> tuple[PacslbProcess, int]:

@@ -92,7 +92,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancCluster
         cluster.start(3)
         yield cluster
     finally:
-        cluster.stop_all()
+        cluster.discard()
 
 
 @pytest.fixture
