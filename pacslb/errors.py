@@ -7,9 +7,7 @@ bug: it is logged with its traceback and only that connection is closed.
 
     PacslbError
     ├── ConfigError          the config cannot be used; carries every problem found (file:line: field: reason)
-    └── BackendError         a node could not be used for a connection
-        ├── ConnectFailed    connecting to the node failed or timed out
-        └── NoServerAvailable no usable node is left for this connection
+    └── ConnectFailed        connecting to a node failed or timed out (or its TLS handshake failed)
 """
 
 from __future__ import annotations
@@ -43,18 +41,10 @@ class ConfigError(PacslbError):
         super().__init__("\n".join(str(i) for i in issues))
 
 
-class BackendError(PacslbError):
-    """A node could not be used for a connection."""
-
-
-class ConnectFailed(BackendError):
-    """Connecting to a node failed (refused, unreachable) or timed out."""
+class ConnectFailed(PacslbError):
+    """Connecting to a node failed (refused, unreachable), timed out, or its TLS handshake failed."""
 
     def __init__(self, server: str, reason: str) -> None:
         self.server = server
         self.reason = reason
         super().__init__(f"{server}: {reason}")
-
-
-class NoServerAvailable(BackendError):
-    """No node of the service is usable for this connection."""
