@@ -17,7 +17,7 @@ from typing import Any
 
 from pacslb import __version__
 from pacslb.config import load_config
-from pacslb.config.model import AdminSpec
+from pacslb.config.model import AdminSpec, ServiceSpec
 from pacslb.errors import ConfigError, PacslbError
 from pacslb.logs import log_event, setup_logging
 
@@ -39,13 +39,30 @@ def _report(exc: ConfigError) -> None:
     print(f"{len(exc.issues)} error(s)", file=sys.stderr)
 
 
+def _summary(spec: ServiceSpec) -> str:
+    """One service as ``pacslb check`` names it: "dicom 0.0.0.0:2762, TLS (client certificate required), 2
+    servers over TLS"."""
+    words = [f"{spec.mode} {spec.listen}"]
+    dicom = spec.dicom
+    if dicom is not None and dicom.tls is not None:
+        words.append(f"TLS (client certificate {dicom.tls.client_certificate})")
+    if spec.http is not None and spec.http.tls is not None:
+        words.append("TLS")
+    kind = "destinations by called AE" if dicom is not None and dicom.destination == "called_ae" else "servers"
+    over = " over TLS" if dicom is not None and dicom.node_tls is not None else ""
+    words.append(f"{len(spec.servers)} {kind}{over}")
+    if spec.proxy_protocol != "none":
+        words.append(f"PROXY {spec.proxy_protocol}")
+    return ", ".join(words)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         _report(exc)
         return 1
-    names = ", ".join(f"{n} ({s.mode} {s.listen}, {len(s.servers)} servers)" for n, s in config.services.items())
+    names = ", ".join(f"{n} ({_summary(s)})" for n, s in config.services.items())
     print(f"{args.config}: OK: {names}")
     from pacslb import compiled
 

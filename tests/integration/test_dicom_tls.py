@@ -106,6 +106,9 @@ def test_dcmtk_stores_a_study_over_tls_with_a_client_certificate_and_it_lands_wh
 ) -> None:
     tls = listener_tls(certs, client_certificate="required", ca=str(ca.certificate), crl=str(ca.crl))
     lb, port, _admin = start(pacslb, plain_node, {"tls": tls})
+    check = peers.run_pacslb_cli("check", str(lb.config_path))
+    assert check.ok and "dicom 127.0.0.1:" in check.output, check
+    assert "TLS (client certificate required), 1 servers" in check.output, check
 
     echo = tls_tool("echoscu", port, ca, certs["ct01.radiology.test"], calling="CT01")
     assert echo.ok and "Received Echo Response (Success)" in echo.output, echo
