@@ -149,14 +149,19 @@ async def _read_pdu(conn: _Conn, buffer: bytearray, deadline: float, limit: int)
                 raise DicomProtocolError(f"PDU of {total} bytes exceeds {limit}", build_abort())
             if len(buffer) >= total:
                 return bytes(buffer[:total]), buffer[total:]
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise TimeoutError
-        async with asyncio.timeout(remaining):
-            data = await conn.recv()
-        if not data:
-            raise _Closed
-        buffer += data
+        await _receive(conn, buffer, deadline, loop)
+
+
+async def _receive(conn: _Conn, buffer: bytearray, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
+    """Add what ``conn`` sends next to ``buffer``. Raises TimeoutError past ``deadline``, _Closed at its end."""
+    remaining = deadline - loop.time()
+    if remaining <= 0:
+        raise TimeoutError
+    async with asyncio.timeout(remaining):
+        data = await conn.recv()
+    if not data:
+        raise _Closed
+    buffer += data
 
 
 async def _send_and_close(conn: _Conn, pdu: bytes) -> None:
@@ -247,14 +252,7 @@ class DicomService(TcpService):
             deadline = started + spec.timeouts.negotiation
             try:
                 while (rq := parse_associate_rq(buffer)) is None:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    async with asyncio.timeout(remaining):
-                        data = await client.recv()
-                    if not data:
-                        raise _Closed
-                    buffer += data
+                    await _receive(client, buffer, deadline, loop)
             except DicomProtocolError as exc:
                 await _send_and_close(client, exc.response)
                 record.calling, record.called = exc.calling_ae or "-", exc.called_ae or "-"
