@@ -1,7 +1,9 @@
 """The relay on its own: byte integrity, half-close each way, idle timeout, cancellation, no fd leaks.
 
 These drive pacslb.proxy.relay directly with real TCP sockets on loopback (a client, pacslb's two
-sockets, a server), under uvloop as in production.
+sockets, a server), under uvloop as in production: the splice relay, the buffered one, and the buffered
+one over transports that already exist (``relay_transports``, what a TLS association in mode dicom uses;
+plain transports here, made the way it makes them).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from collections.abc import Iterator
 import pytest
 from inproc import run, tcp_pair
 
+from pacslb.proxy.dicomtls import StreamConn
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import RelayResult, close_idle_pipes, relay
+from pacslb.proxy.relay import RelayResult, close_idle_pipes, relay, relay_transports
 
 
 async def recv_all(sock: socket.socket) -> bytes:
@@ -31,7 +34,7 @@ async def recv_all(sock: socket.socket) -> bytes:
 METHOD = "splice"
 
 
-@pytest.fixture(autouse=True, params=["splice", "buffered"])
+@pytest.fixture(autouse=True, params=["splice", "buffered", "transports"])
 def relay_method(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test runs against both ways of moving bytes: they must behave the same."""
     global METHOD
@@ -43,7 +46,11 @@ def relay_method(request: pytest.FixtureRequest) -> Iterator[str]:
 async def start_relay(idle: float = 30.0) -> tuple[socket.socket, socket.socket, asyncio.Task[RelayResult]]:
     client, lb_client = await tcp_pair()
     server, lb_server = await tcp_pair()
-    task = asyncio.get_running_loop().create_task(relay(lb_client, lb_server, idle_timeout=idle, method=METHOD))
+    loop = asyncio.get_running_loop()
+    if METHOD == "transports":
+        sides = (await StreamConn.accept(lb_client, None, 5.0), await StreamConn.connect(lb_server, None, None, 5.0))
+        return client, server, loop.create_task(relay_transports(*sides, idle_timeout=idle))
+    task = loop.create_task(relay(lb_client, lb_server, idle_timeout=idle, method=METHOD))
     return client, server, task
 
 
