@@ -76,7 +76,7 @@ from pacslb.protocols.http1 import (
 )
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import RelayCancelled
+from pacslb.proxy.relay import RelayCancelled, relay_transports
 from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
 
 if TYPE_CHECKING:
@@ -469,42 +469,19 @@ class _Pool:
         self.low = 0
 
 
-class _Pump(asyncio.Protocol):
-    """One direction of a tunnel between two transports (used where the relay cannot go: TLS)."""
+class _Held:
+    """One side of a TLS tunnel as the transport relay takes it (pacslb.proxy.relay.Side): its transport, and
+    what it sent after its head, still to be passed on."""
 
-    __slots__ = ("done", "moved", "other", "transport")
+    def __init__(self, transport: asyncio.Transport, held: bytes) -> None:
+        self.transport: asyncio.Transport | None = transport
+        self.held = held
+        self.eof = False
+        self.lost = transport.is_closing()
 
-    def __init__(self, transport: asyncio.Transport, done: asyncio.Future[None]) -> None:
-        self.transport = transport
-        self.other: _Pump | None = None
-        self.done = done
-        self.moved = 0
-
-    def data_received(self, data: bytes) -> None:
-        assert self.other is not None
-        self.moved += len(data)
-        self.other.transport.write(data)
-
-    def eof_received(self) -> bool:
-        assert self.other is not None
-        if self.other.transport.can_write_eof():
-            self.other.transport.write_eof()
-            return True
-        return False
-
-    def pause_writing(self) -> None:
-        assert self.other is not None
-        self.other.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        assert self.other is not None
-        self.other.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        assert self.other is not None
-        self.other.transport.close()
-        if not self.done.done():
-            self.done.set_result(None)
+    def take(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
 
 
 class _Flight:
@@ -1736,72 +1713,47 @@ class HttpService(TcpService):
             return
         assert client.held is not None and conn.held is not None
         to_node, to_client = bytes(client.held), bytes(conn.held)
-        record.bytes_up += len(to_node)
-        record.bytes_down += len(to_client)
         client_transport, node_transport = client.transport, conn.transport
         assert client_transport is not None and node_transport is not None
-        if self.settings.tls is None:
-            # Plain: take the sockets back from the transports (a duplicate descriptor each, then the
-            # transports let go) and hand them to the relay, which splices without Python in the path.
-            client_sock = _take_socket(client_transport)
-            node_sock = _take_socket(node_transport)
-            try:
-                for sock, data in ((node_sock, to_node), (client_sock, to_client)):
-                    if data:
-                        async with asyncio.timeout(self.settings.http.timeouts.client):
-                            await self.loop.sock_sendall(sock, data)
-            except (OSError, TimeoutError):
-                client_sock.close()
-                node_sock.close()
-                record.end = "client_closed"
-                return
-            task = asyncio.current_task()
-            if task is not None:
-                record.cut = functools.partial(_cancel, task)
-            try:
-                result = await self.relayer(client_sock, node_sock, idle_timeout=idle, timeout_end=End.CLIENT_TIMEOUT)
-            except asyncio.CancelledError as exc:
-                if isinstance(exc, RelayCancelled):  # what the tunnel moved until the halt or shutdown
-                    record.bytes_up += exc.result.bytes_up
-                    record.bytes_down += exc.result.bytes_down
-                if not record.halted or task is None:
-                    raise
-                task.uncancel()  # cut by a halt (the relay closed both sockets): this exchange ends here
-                record.end = "halted"
-                return
-            record.bytes_up += result.bytes_up
-            record.bytes_down += result.bytes_down
-            record.end = result.end.value
-            return
-        # TLS: the bytes must pass through the TLS transport; pump them between the two transports.
-        done: asyncio.Future[None] = self.loop.create_future()
-        up = _Pump(client_transport, done)
-        down = _Pump(node_transport, done)
-        up.other, down.other = down, up
-        client_transport.set_protocol(up)
-        node_transport.set_protocol(down)
-        record.cut = node_transport.abort
-        if to_node:
-            node_transport.write(to_node)
-        if to_client:
-            client_transport.write(to_client)
-        client_transport.resume_reading()
-        node_transport.resume_reading()
-        last = (-1, -1)
+        task = asyncio.current_task()
+        if task is not None:
+            record.cut = functools.partial(_cancel, task)
         try:
-            while not done.done():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(idle):
-                        await asyncio.shield(done)
-                if (up.moved, down.moved) == last and not done.done():
-                    record.end = End.CLIENT_TIMEOUT.value
-                    break
-                last = (up.moved, down.moved)
-        finally:
-            client_transport.abort()
-            node_transport.abort()
-            record.bytes_up += up.moved
-            record.bytes_down += down.moved
+            if self.settings.tls is None:
+                # Plain: take the sockets back from the transports (a duplicate descriptor each, then the
+                # transports let go) and hand them to the relay, which splices without Python in the path.
+                client_sock = _take_socket(client_transport)
+                node_sock = _take_socket(node_transport)
+                record.bytes_up += len(to_node)  # (sent here; the relay counts what it moves)
+                record.bytes_down += len(to_client)
+                try:
+                    for sock, data in ((node_sock, to_node), (client_sock, to_client)):
+                        if data:
+                            async with asyncio.timeout(self.settings.http.timeouts.client):
+                                await self.loop.sock_sendall(sock, data)
+                except (OSError, TimeoutError):
+                    client_sock.close()
+                    node_sock.close()
+                    record.end = "client_closed"
+                    return
+                result = await self.relayer(client_sock, node_sock, idle_timeout=idle, timeout_end=End.CLIENT_TIMEOUT)
+            else:
+                # TLS: the bytes must pass through the TLS transports: the buffered relay over them, which
+                # passes on (and counts) what each side sent after its head first.
+                sides = (_Held(client_transport, to_node), _Held(node_transport, to_client))
+                result = await relay_transports(*sides, idle_timeout=idle, timeout_end=End.CLIENT_TIMEOUT)
+        except asyncio.CancelledError as exc:
+            if isinstance(exc, RelayCancelled):  # what the tunnel moved until the halt or shutdown
+                record.bytes_up += exc.result.bytes_up
+                record.bytes_down += exc.result.bytes_down
+            if not record.halted or task is None:
+                raise
+            task.uncancel()  # cut by a halt (the relay closed both sides): this exchange ends here
+            record.end = "halted"
+            return
+        record.bytes_up += result.bytes_up
+        record.bytes_down += result.bytes_down
+        record.end = result.end.value
 
     @staticmethod
     def _hold(side: _Side) -> None:

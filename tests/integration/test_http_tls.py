@@ -86,3 +86,34 @@ def test_websocket_over_tls(pacslb: PacslbFactory, certificate: tuple[Path, Path
         with connect(f"wss://127.0.0.1:{port}/socket", ssl=context, open_timeout=5) as ws:
             ws.send("over tls")
             assert ws.recv(timeout=5) == "ws1:over tls"
+
+
+def test_a_halt_closes_a_websocket_over_tls_after_its_grace_counting_what_it_moved(
+    pacslb: PacslbFactory, certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from test_http_upgrade import EchoServer
+    from websockets.exceptions import ConnectionClosed
+
+    cert, key = certificate
+    token = "wss-halt-token-0123456789abcdef"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    with EchoServer("ws1") as server:
+        port, admin = peers.free_port(), peers.free_port()
+        spec = peers.service(
+            port, {"ws1": f"127.0.0.1:{server.port}"}, mode="http", check={"type": "none"},
+            http={"tls": {"certificate": str(cert), "key": str(key)}},
+        )  # fmt: skip
+        lb = pacslb(peers.http_config({"web": spec}, admin=peers.admin_section(admin, token_file), halt_grace="300ms"))
+        context = ssl.create_default_context(cafile=str(cert))
+        message = "x" * 20000
+        with connect(f"wss://127.0.0.1:{port}/socket", ssl=context, open_timeout=5, compression=None) as ws:
+            ws.send(message)
+            assert ws.recv(timeout=5) == "ws1:" + message
+            halted = peers.admin_api(admin, "POST", "/api/v1/services/web/servers/ws1/halt", token=token)
+            assert halted.status_code == 200, halted.text
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)  # the tunnel is closed once the grace is over
+    line = lb.wait_event("request", timeout=5)
+    assert (line.get("status"), line.get("end"), line.level) == ("101", "halted", "warning"), line.line
+    assert int(line.get("bytes_up") or 0) > len(message) and int(line.get("bytes_down") or 0) > len(message)
