@@ -69,7 +69,7 @@ def nginx(tmp_path: Path) -> Iterator[int]:
 def test_nginx_behind_a_tcp_service_sees_the_clients_address(pacslb: PacslbFactory, nginx: int) -> None:
     port, admin = peers.free_port(), peers.free_port()
     spec = peers.service(port, {"web1": f"127.0.0.1:{nginx}"}, proxy_protocol="v2",
-                         check={"type": "tcp", "interval": "200ms", "timeout": "200ms"})  # fmt: skip
+                         check={"type": "tcp", "interval": "500ms", "timeout": "500ms"})  # fmt: skip
     lb = pacslb(peers.config_text({"web": spec}, admin={"listen": f"127.0.0.1:{admin}"}))
     transport = httpx.HTTPTransport(local_address=CLIENT)
     with httpx.Client(transport=transport, timeout=10.0) as client:
@@ -79,7 +79,7 @@ def test_nginx_behind_a_tcp_service_sees_the_clients_address(pacslb: PacslbFacto
     assert address.startswith(f"client={CLIENT}:") and rest.strip() == "peer=127.0.0.1", answer.text
     conn = lb.wait_event("conn", 5.0)
     assert conn.get("client") == address.removeprefix("client="), conn.line  # the same client, port and all
-    # The checks (every 200 ms) send the LOCAL header: nginx takes them without a broken-header error
+    # The checks (every 500 ms) send the LOCAL header: nginx takes them without a broken-header error
     # (the fixture reads its log), and the node stays up.
     first = peers.admin_server(admin, "web", "web1")["check"]["at"]
     peers.wait_for(lambda: peers.admin_server(admin, "web", "web1")["check"]["at"] != first, 10.0, "another check")
