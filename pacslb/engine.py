@@ -10,11 +10,10 @@ Theory of operation.
   touched. A removed service stops accepting; its connections run to their end.
 - stop (SIGTERM/SIGINT): stop accepting and checking, let connections finish for ``shutdown_grace``,
   then close the rest.
-- operations (pacslb/admin): admin states (online | drain | halt) and run-time weights are set here, by
-  node in every service or in one; they are recorded in the admin state file and applied again to the
-  servers of every reload and at start. A halt drops the node's persistence entries and closes its
-  connections after ``halt_grace``. With ``fate_sharing``, a node whose check fails in one service is taken
-  out of every service. Changes are told to the event log (dashboard, alerts) and to systemd.
+- node administration (pacslb/nodeadmin.py, ``engine.nodes``): admin states (online | drain | halt) and
+  run-time weights, by node in every service or in one, recorded in the admin state file and applied
+  again to the servers of every reload and at start; halts and their grace; fate sharing. The engine asks
+  it after each reload and each change of a node's health.
 Signals are handled here and nowhere else.
 """
 
@@ -32,8 +31,8 @@ from pacslb import descriptors
 from pacslb.admin import sdnotify
 from pacslb.admin.alerts import Alerter
 from pacslb.admin.events import EventLog
-from pacslb.admin.state import AdminStates, NotFound
-from pacslb.balance.server import AdminState, Health, ServerState
+from pacslb.admin.state import AdminStates
+from pacslb.balance.server import Health, ServerState
 from pacslb.checks.base import CheckResult, TlsTarget
 from pacslb.checks.http import close_clients as close_http_clients
 from pacslb.checks.monitor import Monitor
@@ -42,6 +41,7 @@ from pacslb.config import Config, ServiceSpec, load_config
 from pacslb.config.values import HostPort
 from pacslb.errors import ConfigError, PacslbError
 from pacslb.logs import log_event, setup_logging
+from pacslb.nodeadmin import NodeAdmin
 from pacslb.protocols.proxy import LOCAL_HEADER
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.pool import RelayPool
@@ -126,7 +126,7 @@ class Engine:
         self.reloaded_at: float | None = None
         self.reload_errors: list[str] = []  # why the last reload was refused (empty when it was applied)
         self.reload_counts = {"applied": 0, "refused": 0}
-        self._halt_timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self.nodes = NodeAdmin(self)  # drain, halt, weights, fate sharing (pacslb/nodeadmin.py)
         self._usable: dict[str, bool] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -146,7 +146,7 @@ class Engine:
             self.pool.start()
         self.events.watch_clock_skew()
         self._apply(self.config, bound)
-        self.store.on_admin = self._admin_from_peer
+        self.store.on_admin = self.nodes.from_peer
         await self.store.start()  # connects and synchronises in the background; connections never wait
         await self._configure_operations(self.config, admin_sock)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -275,9 +275,9 @@ class Engine:
         self.config = config
         self._update_web_pool(config)
         self._update_monitors()
-        self._apply_admin_states()
-        self._update_fate()
-        self._check_services()
+        self.nodes.apply_recorded()
+        self.nodes.update_fate()
+        self.check_services()
 
     def _update_web_pool(self, config: Config) -> None:
         """Start the web workers with the first http service (when there are workers), or send them the
@@ -355,10 +355,10 @@ class Engine:
             "health", "info" if new == "up" else "warning", f"{server.name} is {new} in {name} ({result.reason})",
             service=name, server=server.name, old=old, new=new, reason=result.reason,
         )  # fmt: skip
-        self._update_fate()
-        self._check_services()
+        self.nodes.update_fate()
+        self.check_services()
 
-    def _check_services(self) -> None:
+    def check_services(self) -> None:
         """Log (and tell the event log) each service that is left with no usable server, or has one again.
         (Called after every change of a node's state: the web workers are told of it here too.)"""
         if self.web_pool is not None:
@@ -378,184 +378,6 @@ class Engine:
                 )
         for name in [n for n in self._usable if n not in self.services]:
             del self._usable[name]
-
-    def _update_fate(self) -> None:
-        """Fate sharing: a node whose own check is down in one service takes nothing in any other."""
-        failing: dict[str, list[str]] = {}
-        if self.config.fate_sharing:
-            for name, service in self.services.items():
-                for server in service.servers:
-                    if server.health == "down":
-                        failing.setdefault(server.name, []).append(name)
-        changed: dict[str, list[str]] = {}
-        for name, service in self.services.items():
-            for server in service.servers:
-                elsewhere = next((f for f in failing.get(server.name, ()) if f != name), None)
-                if elsewhere != server.down_elsewhere:
-                    server.down_elsewhere = elsewhere
-                    changed.setdefault(server.name, []).append(name)
-                    log_event(
-                        log, "fate_shared" if elsewhere else "fate_cleared",
-                        logging.WARNING if elsewhere else logging.INFO,
-                        service=name, server=server.name, failing_in=elsewhere or "-",
-                    )  # fmt: skip
-        for node, services in changed.items():
-            if node in failing:
-                because = ", ".join(failing[node])
-                message = f"{node} taken out of {', '.join(services)} (its check fails in {because})"
-                self.events.add("fate", "warning", message, server=node, services=services)
-            else:
-                self.events.add("fate", "info", f"{node} back in {', '.join(services)}", server=node, services=services)
-
-    # -- admin states (pacslb/admin) -------------------------------------------------------------------------
-
-    def _targets(self, node: str, service: str | None) -> list[tuple[str, ServerState]]:
-        """The servers an admin operation on ``node`` (in ``service``, or every service) acts on.
-
-        Raises:
-            NotFound: no such service, or no such node in it (or anywhere).
-        """
-        if service is not None:
-            found = self.services.get(service)
-            if found is None:
-                raise NotFound(f"no service named {service!r} (services: {', '.join(self.services) or 'none'})")
-            for server in found.servers:
-                if server.name == node:
-                    return [(service, server)]
-            names = ", ".join(s.name for s in found.servers)
-            raise NotFound(f"service {service!r} has no server named {node!r} (its servers: {names})")
-        targets = [(name, s) for name, svc in self.services.items() for s in svc.servers if s.name == node]
-        if not targets:
-            nodes = sorted({s.name for svc in self.services.values() for s in svc.servers})
-            raise NotFound(f"no node named {node!r} (nodes: {', '.join(nodes)})")
-        return targets
-
-    def set_admin(self, node: str, state: AdminState, service: str | None = None, by: str = "api") -> list[str]:
-        """Put ``node`` online, in drain or in halt, in every service it is in or in ``service`` only.
-        Returns the services it acted on.
-
-        Raises:
-            NotFound: no such node or service.
-        """
-        targets = self._targets(node, service)
-        before = self.admin_states.fields()
-        self.admin_states.set_admin(node, state, service)
-        self.store.admin_changed(self.admin_states.changes(before, self.admin_states.fields()))
-        changed = [name for name, server in targets if self._set_server_admin(name, server, state, by)]
-        if changed:
-            level = "info" if state == "online" else "warning"
-            self.events.add(
-                "admin", level, f"{node} set to {state} in {', '.join(changed)} (by {by})",
-                server=node, state=state, services=changed, by=by,
-            )  # fmt: skip
-        self._check_services()
-        return [name for name, _ in targets]
-
-    def set_weight(self, node: str, weight: int | None, service: str | None = None, by: str = "api") -> list[str]:
-        """Give ``node`` a run-time weight (None: back to the config's), everywhere or in ``service``.
-
-        Raises:
-            NotFound: no such node or service.
-        """
-        targets = self._targets(node, service)
-        before = self.admin_states.fields()
-        self.admin_states.set_weight(node, weight, service)
-        self.store.admin_changed(self.admin_states.changes(before, self.admin_states.fields()))
-        for name, server in targets:
-            old = server.weight
-            self._apply_weight(name, server)
-            if server.weight != old:
-                log_event(log, "weight", service=name, server=node, old=old, new=server.weight, by=by)
-        self.events.add(
-            "admin", "info", f"{node} weight {weight if weight is not None else 'as configured'} in "
-            f"{', '.join(n for n, _ in targets)} (by {by})", server=node, weight=weight, by=by,
-        )  # fmt: skip
-        self._check_services()
-        return [name for name, _ in targets]
-
-    def _admin_from_peer(self, changes: dict[str, dict[str, Any]], origin: str) -> None:
-        """Settings another balancer made (or the shared store held at start): applied as if made here."""
-        try:
-            self.admin_states.apply_fields(changes)
-        except ValueError as exc:
-            log_event(log, "store_admin_ignored", logging.WARNING, origin=origin, reason=str(exc))
-            return
-        by = f"peer:{origin}"
-        for name, service in self.services.items():
-            for server in service.servers:
-                old_weight = server.weight
-                self._apply_weight(name, server)
-                if server.weight != old_weight:
-                    log_event(log, "weight", service=name, server=server.name, old=old_weight, new=server.weight, by=by)
-                wanted = self.admin_states.admin(name, server.name)
-                if self._set_server_admin(name, server, wanted, by):
-                    level = "info" if wanted == "online" else "warning"
-                    self.events.add(
-                        "admin", level, f"{server.name} set to {wanted} in {name} (by {origin})",
-                        server=server.name, state=wanted, services=[name], by=by,
-                    )  # fmt: skip
-        self._check_services()
-
-    def _apply_weight(self, service: str, server: ServerState) -> None:
-        wanted = self.admin_states.weight(service, server.name)
-        if wanted is None:
-            spec = self.services[service].spec.servers.get(server.name)
-            wanted = spec.weight if spec is not None else server.weight
-        server.weight = wanted
-
-    def _apply_admin_states(self) -> None:
-        """Give every server the admin state and weight recorded for it (after a reload, at start)."""
-        for name, service in self.services.items():
-            for server in service.servers:
-                self._apply_weight(name, server)
-                wanted = self.admin_states.admin(name, server.name)
-                if self._set_server_admin(name, server, wanted, "state"):
-                    self.events.add(
-                        "admin", "info", f"{server.name} is {wanted} in {name} (kept from before)",
-                        server=server.name, state=wanted, services=[name], by="state",
-                    )  # fmt: skip
-
-    def _set_server_admin(self, service: str, server: ServerState, state: AdminState, by: str) -> bool:
-        """Change one server's admin state; returns whether it changed."""
-        key = (service, server.name)
-        timer = self._halt_timers.get(key)
-        if timer is not None and state != "halt":
-            timer.cancel()
-            del self._halt_timers[key]
-        old = server.admin
-        if old == state:
-            return False
-        server.admin = state
-        if state != "halt":
-            log_event(log, "admin", service=service, server=server.name, old=old, new=state, by=by)
-            return True
-        table = self.services[service].table
-        dropped = table.drop_server(server.name) if table is not None else 0
-        grace = self.config.halt_grace
-        self._halt_timers[key] = asyncio.get_running_loop().call_later(grace, self._halt_expired, service, server)
-        log_event(
-            log, "admin", logging.WARNING, service=service, server=server.name, old=old, new=state, by=by,
-            persistence_dropped=dropped, active=server.active, closing_in=grace,
-        )  # fmt: skip
-        return True
-
-    def _halt_expired(self, service: str, server: ServerState) -> None:
-        """A halt's grace is over: close the connections still relaying to the server."""
-        self._halt_timers.pop((service, server.name), None)
-        if server.admin != "halt":
-            return
-        closed = sum(s.close_server_connections(server) for s in [*self.services.values(), *self.retired])
-        if closed:
-            log_event(log, "halt_closed", logging.WARNING, service=service, server=server.name, connections=closed)
-            self.events.add(
-                "halt", "warning", f"{server.name} halted in {service}: {closed} connection(s) closed",
-                service=service, server=server.name, connections=closed,
-            )  # fmt: skip
-
-    def halt_deadline(self, service: str, node: str) -> float | None:
-        """When a halted server's connections will be closed (event-loop time), or None."""
-        timer = self._halt_timers.get((service, node))
-        return timer.when() if timer is not None else None
 
     # -- reload --------------------------------------------------------------------------------------
 
@@ -631,9 +453,7 @@ class Engine:
         """Stop accepting and checking, wait up to ``grace`` for connections to end, close the rest."""
         grace = self.config.shutdown_grace if grace is None else grace
         sdnotify.stopping()
-        for timer in self._halt_timers.values():
-            timer.cancel()
-        self._halt_timers.clear()
+        self.nodes.cancel_halts()
         for service in self.services.values():
             service.stop_accepting()
         if self._sweeper is not None:

@@ -2,7 +2,7 @@
 
 What this module owns: the HTTP contract of operations (docs/operations.md; tests outside this repository
 rely on it), authentication, and running the admin listener. It turns requests into calls on the engine
-(``set_admin``, ``set_weight``, ``reload``) and reads state through status.py and metrics.py; it decides
+(``nodes.set_admin``, ``nodes.set_weight``, ``reload``) and reads state through status.py and metrics.py; it decides
 nothing about traffic itself. Every endpoint is ``async def`` so it runs on the event loop that owns the
 engine's state, never in a worker thread.
 
@@ -403,7 +403,7 @@ def create_app(server: AdminServer) -> FastAPI:
     def acting(node: str, action: str, service: str | None) -> ActionResult:
         state = action_of(action)
         try:
-            services = engine.set_admin(node, state, service)
+            services = engine.nodes.set_admin(node, state, service)
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from exc
         return ActionResult(
@@ -412,7 +412,7 @@ def create_app(server: AdminServer) -> FastAPI:
 
     def weighing(node: str, body: WeightBody, service: str | None) -> WeightResult:
         try:
-            services = engine.set_weight(node, body.weight, service)
+            services = engine.nodes.set_weight(node, body.weight, service)
         except NotFound as exc:
             raise HTTPException(404, str(exc)) from exc
         return WeightResult(node=node, weight=body.weight, services=services)

@@ -36,7 +36,7 @@ def server_status(engine: Engine, service: str, server: ServerState, loop_now: f
             "duration": last.duration if last is not None else None,
             "at": monitor.last_at,
         }
-    deadline = engine.halt_deadline(service, server.name)
+    deadline = engine.nodes.halt_deadline(service, server.name)
     return {
         "name": server.name,
         "address": server.address,

@@ -177,7 +177,7 @@ def test_metrics_follow_prometheus_conventions(tmp_path: Path) -> None:
             writer.close()
             await writer.wait_closed()
             await asyncio.sleep(0.2)
-            r.engine.set_admin("n2", "drain")  # type: ignore[union-attr]
+            r.engine.nodes.set_admin("n2", "drain")  # type: ignore[union-attr]
             response = await r.http.get("/metrics")
             assert response.headers["content-type"].startswith("text/plain")
             return response.text
