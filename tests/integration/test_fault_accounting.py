@@ -245,7 +245,9 @@ class Gate:
             _close(client, server)
 
     def _downstream(self, server: socket.socket, client: socket.socket) -> None:
-        """Server to client, whole PDUs at a time, counting the responses once the client has them."""
+        """Server to client, whole PDUs at a time, counting each response as it passes. (Counted once
+        the client had it, a response let the client's next request through the upstream check before the
+        count caught up: one acknowledgment more than the test allowed, seen once.)"""
         buffer = b""
         try:
             while data := server.recv(65536):
@@ -257,11 +259,11 @@ class Gate:
                     if ends and not self._wait_to_pass(ends, server):
                         self.dropped += ends
                         return
-                    client.sendall(pdu)
-                    if ends:
+                    if ends:  # counted before the client has it: it may send its next request at once
                         with self._cond:
                             self.responses += ends
                             self._cond.notify_all()
+                    client.sendall(pdu)
         except OSError:
             pass
         finally:
