@@ -1,10 +1,11 @@
 """The admin HTTP API, the dashboard's files and /metrics, served by uvicorn inside pacslb's event loop.
 
 What this module owns: the HTTP contract of operations (docs/operations.md; tests outside this repository
-rely on it), authentication, and running the admin listener. It turns requests into calls on the engine
-(``nodes.set_admin``, ``nodes.set_weight``, ``reload``) and reads state through status.py and metrics.py; it decides
-nothing about traffic itself. Every endpoint is ``async def`` so it runs on the event loop that owns the
-engine's state, never in a worker thread.
+rely on it), authentication, and running the admin listener. It turns requests into calls on the running
+balancer (``nodes.set_admin``, ``nodes.set_weight``, ``reload``; what it sees of it is balancer.py's
+protocol) and reads state through status.py and metrics.py; it decides nothing about traffic itself.
+Every endpoint is ``async def`` so it runs on the event loop that owns the balancer's state, never in a
+worker thread.
 
 Endpoints (JSON unless said otherwise; the OpenAPI document is at /openapi.json):
     GET  /                                            the dashboard (HTML; its files under /static/)
@@ -62,7 +63,7 @@ from pacslb.config.model import MAX_WEIGHT, AdminSpec
 from pacslb.logs import log_event
 
 if TYPE_CHECKING:
-    from pacslb.engine import Engine
+    from pacslb.admin.balancer import Balancer
 
 log = logging.getLogger("pacslb.admin")
 
@@ -254,7 +255,7 @@ class _Uvicorn(uvicorn.Server):
 class AdminServer:
     """The admin listener of one engine."""
 
-    def __init__(self, engine: Engine, spec: AdminSpec, sock: socket.socket, history: History | None = None) -> None:
+    def __init__(self, engine: Balancer, spec: AdminSpec, sock: socket.socket, history: History | None = None) -> None:
         self.engine = engine
         self.sock = sock
         self.spec = spec

@@ -25,7 +25,7 @@ from pacslb.cluster.role import ROLES
 from pacslb.descriptors import EXHAUSTION, RECENT, reserve
 
 if TYPE_CHECKING:
-    from pacslb.engine import Engine
+    from pacslb.admin.balancer import Balancer
 
 ADMIN_STATES: tuple[AdminState, ...] = ("online", "drain", "halt")
 #: Calling AE titles exported per DICOM service. The service keeps up to 10,000 (most recently seen);
@@ -38,7 +38,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "PacslbCollector", "make_registry", "render"]
 class PacslbCollector(Collector):
     """Reads the engine at each scrape."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Balancer) -> None:
         self.engine = engine
 
     def collect(self) -> Iterable[Metric]:
@@ -178,7 +178,7 @@ def _descriptor_metrics() -> Iterable[Metric]:
     )
 
 
-def _store_metrics(engine: Engine) -> Iterable[Metric]:
+def _store_metrics(engine: Balancer) -> Iterable[Metric]:
     """The state store (pacslb/state/): connected and synced (always 1 for the memory store), and what a
     shared store has moved."""
     status = engine.store.status()
@@ -202,7 +202,7 @@ def _store_metrics(engine: Engine) -> Iterable[Metric]:
     yield moved
 
 
-def make_registry(engine: Engine) -> CollectorRegistry:
+def make_registry(engine: Balancer) -> CollectorRegistry:
     """A registry of pacslb's metrics plus the process's own (CPU, memory, open files)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PacslbCollector(engine))

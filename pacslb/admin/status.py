@@ -15,7 +15,7 @@ from pacslb import __version__
 from pacslb.balance.server import ServerState
 
 if TYPE_CHECKING:
-    from pacslb.engine import Engine
+    from pacslb.admin.balancer import Balancer
     from pacslb.proxy.tcp import TcpService
 
 
@@ -24,7 +24,7 @@ def effective_health(server: ServerState) -> str:
     return "down" if server.health == "down" or server.down_elsewhere is not None else "up"
 
 
-def server_status(engine: Engine, service: str, server: ServerState, loop_now: float) -> dict[str, Any]:
+def server_status(engine: Balancer, service: str, server: ServerState, loop_now: float) -> dict[str, Any]:
     monitor = engine.monitors.get((service, server.name))
     check: dict[str, Any] | None = None
     if monitor is not None and monitor.server is server:
@@ -54,7 +54,7 @@ def server_status(engine: Engine, service: str, server: ServerState, loop_now: f
     }
 
 
-def service_status(engine: Engine, name: str, service: TcpService, loop_now: float) -> dict[str, Any]:
+def service_status(engine: Balancer, name: str, service: TcpService, loop_now: float) -> dict[str, Any]:
     spec = service.spec
     servers = [server_status(engine, name, s, loop_now) for s in service.servers]
     usable = sum(1 for s in service.servers if s.schedulable)
@@ -98,7 +98,7 @@ def node_status(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda n: n["name"])
 
 
-def build_status(engine: Engine) -> dict[str, Any]:
+def build_status(engine: Balancer) -> dict[str, Any]:
     """The whole status document."""
     import asyncio
 
