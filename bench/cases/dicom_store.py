@@ -34,9 +34,11 @@ DCMTK_ENV = {"TCP_NODELAY": "1"}
 SHM = Path("/dev/shm")
 
 
-def storescu(port: int, folder: Path) -> float:
-    """Send every file of ``folder`` in one association; the wall time in seconds."""
-    argv = [peers.STORESCU, "-aet", "BENCH", "-aec", "STORESCP", "+sd", "+r", "127.0.0.1", str(port), str(folder)]
+def storescu(port: int, folder: Path, options: tuple[str, ...] = ()) -> float:
+    """Send every file of ``folder`` in one association (``options``: more storescu options, e.g. TLS); the
+    wall time in seconds."""
+    argv = [peers.STORESCU, *options, "-aet", "BENCH", "-aec", "STORESCP", "+sd", "+r", "127.0.0.1", str(port)]
+    argv.append(str(folder))
     started = time.monotonic()
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=STORE_TIMEOUT, env=os.environ | DCMTK_ENV)

@@ -10,14 +10,12 @@ relays the decrypted association in its main process: TLS cannot be spliced), HA
 
 from __future__ import annotations
 
-import os
 import subprocess
-import time
 from pathlib import Path
 
 from bench import dicomdata, peers
 from bench.cases.common import Context, Subject, measure_all
-from bench.cases.dicom_store import DCMTK_ENV, STORE_TIMEOUT
+from bench.cases.dicom_store import DCMTK_ENV, storescu
 from bench.procs import BenchError
 from bench.report import CaseResult, Comparison, Metric
 
@@ -51,20 +49,9 @@ def certificates(cache: Path) -> dict[str, Path]:
 
 
 def storescu_tls(port: int, folder: Path, certs: dict[str, Path]) -> float:
-    """The whole study over one TLS association; the wall time in seconds."""
-    argv = [
-        peers.STORESCU, "+tls", str(certs["client.key"]), str(certs["client.pem"]), "+cf", str(certs["ca.pem"]),
-        "-aet", "BENCH", "-aec", "STORESCP", "+sd", "+r", "127.0.0.1", str(port), str(folder),
-    ]  # fmt: skip
-    started = time.monotonic()
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=STORE_TIMEOUT, env=os.environ | DCMTK_ENV)
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"storescu did not finish within {STORE_TIMEOUT:.0f}s") from exc
-    elapsed = time.monotonic() - started
-    if done.returncode != 0 or "E:" in done.stderr:
-        raise BenchError(f"storescu failed ({done.returncode}): {(done.stderr or done.stdout).strip()[:300]}")
-    return elapsed
+    """Case (b)'s storescu run over TLS, with the client certificate; the wall time in seconds."""
+    tls = ("+tls", str(certs["client.key"]), str(certs["client.pem"]), "+cf", str(certs["ca.pem"]))
+    return storescu(port, folder, tls)
 
 
 def run(ctx: Context) -> CaseResult:
