@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pacslb.admin.state import NotFound
+from pacslb.admin.state import AdminStates, NotFound
 from pacslb.balance.server import AdminState, ServerState
 from pacslb.logs import log_event
 
@@ -88,6 +89,13 @@ class NodeAdmin:
             raise NotFound(f"no node named {node!r} (nodes: {', '.join(nodes)})")
         return targets
 
+    def _record(self, change: Callable[[AdminStates], None]) -> None:
+        """Make ``change`` to the recorded admin states, and tell the store (the other balancers) what changed."""
+        states = self.engine.admin_states
+        before = states.fields()
+        change(states)
+        self.engine.store.admin_changed(states.changes(before, states.fields()))
+
     def set_admin(self, node: str, state: AdminState, service: str | None = None, by: str = "api") -> list[str]:
         """Put ``node`` online, in drain or in halt, in every service it is in or in ``service`` only.
         Returns the services it acted on.
@@ -96,9 +104,7 @@ class NodeAdmin:
             NotFound: no such node or service.
         """
         targets = self.targets(node, service)
-        before = self.engine.admin_states.fields()
-        self.engine.admin_states.set_admin(node, state, service)
-        self.engine.store.admin_changed(self.engine.admin_states.changes(before, self.engine.admin_states.fields()))
+        self._record(lambda states: states.set_admin(node, state, service))
         changed = [name for name, server in targets if self._set_server_admin(name, server, state, by)]
         if changed:
             level = "info" if state == "online" else "warning"
@@ -116,9 +122,7 @@ class NodeAdmin:
             NotFound: no such node or service.
         """
         targets = self.targets(node, service)
-        before = self.engine.admin_states.fields()
-        self.engine.admin_states.set_weight(node, weight, service)
-        self.engine.store.admin_changed(self.engine.admin_states.changes(before, self.engine.admin_states.fields()))
+        self._record(lambda states: states.set_weight(node, weight, service))
         for name, server in targets:
             old = server.weight
             self.apply_weight(name, server)
