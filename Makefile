@@ -98,6 +98,12 @@ bench: $(COMPILED)
 	sh bench/install.sh
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
+# `make instructions` counts the machine instructions of one proxied HTTP request in a running pacslb, with
+# callgrind (bench/instructions.py): the steady measure of a change to the per-request path.
+.PHONY: instructions
+instructions: $(COMPILED)
+	BENCH_PACSLB=checkout $(BIN)/python -m bench.instructions
+
 # `make fuzz` runs the fuzz campaign (docs/fuzzing.md): 1,000,000 DICOM first PDUs and HTTP request heads,
 # in-process through the parsers (coverage-guided with atheris) and through a running pacslb. Options go in
 # FUZZ_ARGS, e.g. `make fuzz FUZZ_ARGS="--total 100000 --seed 7"`. Seeds, corpus, crashes and figures: .fuzz/
