@@ -41,6 +41,7 @@ from typing import Any
 HOT_MODULES = (
     "pacslb.protocols.http1",
     "pacslb.proxy.http",
+    "pacslb.balance.claim",
     "pacslb.balance.cookie",
     "pacslb.balance.decision",
     "pacslb.balance.persistence",

@@ -35,6 +35,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from pacslb.balance.claim import Claim
 from pacslb.balance.decision import choose
 from pacslb.balance.dicom_policy import (
     AT_LIMIT,
@@ -370,23 +371,23 @@ class DicomService(TcpService):
                 return
             server = decision.server
             record.rule = decision.rule
-            server.active += 1
+            claim = self.claims.take(server)
             try:
                 node = await self._connect(server, client, header)
             except ConnectFailed as exc:
-                server.active -= 1
+                claim.release(loop.time())
                 tried.append(server)
                 self.connect_failed(peer, server, exc.reason, len(tried))
                 continue
             try:
                 answer, rest = await self._offer(node, rq)
             except BaseException:
-                server.active -= 1
+                claim.release(loop.time())
                 node.abort()
                 raise
             if isinstance(answer, str) or answer[0] != PDUType.A_ASSOCIATE_AC:
                 node.abort()
-                server.active -= 1
+                claim.release(loop.time())
                 if not isinstance(answer, str) and answer[0] == PDUType.A_ASSOCIATE_RJ:
                     rejection = parse_associate_rj(answer)
                     if not rejection.transient:
@@ -412,13 +413,32 @@ class DicomService(TcpService):
             break
         record.server = server
         try:
+            await self._relay_association(client, node, claim, key, rq, early, answer, rest, stats, record)
+        finally:
+            claim.release(loop.time())  # (released already, unless the association ended before its relay)
+
+    async def _relay_association(
+        self,
+        client: _Conn,
+        node: _Conn,
+        claim: Claim,
+        key: str | None,
+        rq: AssociateRQ,
+        early: bytes,
+        answer: bytes,
+        rest: bytes,
+        stats: AEStats,
+        record: _Record,
+    ) -> None:
+        """The node accepted: the client gets its A-ASSOCIATE-AC, and the association is relayed."""
+        spec = self.spec
+        try:
             await client.send(answer + rest)
             if early:
                 await node.send(early)
             if isinstance(client, _Sock) and isinstance(node, StreamConn):  # a TLS node: relayed as transports
                 client = await StreamConn.accept(client.sock, None, spec.timeouts.connect)
         except (OSError, TimeoutError):
-            server.active -= 1
             node.abort()
             client.abort()
             record.done("closed", "client went away before the A-ASSOCIATE-AC", "client")
@@ -426,12 +446,12 @@ class DicomService(TcpService):
         record.accepted = True
         try:
             if isinstance(client, _Sock) and isinstance(node, _Sock):
-                up, down, end = await self.relay(client.sock, node.sock, server, key)
+                up, down, end = await self.relay(client.sock, node.sock, claim, key)
             else:
                 assert isinstance(client, StreamConn) and isinstance(node, StreamConn)
                 sides = (client, node)
                 up, down, end = await self.relay_with(
-                    lambda idle, ending: relay_transports(*sides, idle_timeout=idle, timeout_end=ending), server, key
+                    lambda idle, ending: relay_transports(*sides, idle_timeout=idle, timeout_end=ending), claim, key
                 )
         except asyncio.CancelledError as exc:  # a halt or the shutdown
             if isinstance(exc, RelayCancelled):

@@ -42,6 +42,7 @@ import termios
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, cast
 
+from pacslb.balance.claim import Claim
 from pacslb.balance.cookie import CookieCodec, choose_with_cookie
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
 from pacslb.balance.server import ServerState
@@ -494,24 +495,20 @@ class _Flight:
         self,
         client: _Client,
         conn: _NodeConn,
-        server: ServerState,
+        claim: Claim,
         head: RequestHead,
         record: _Record,
         rule: str,
         offered: list[bytes],
-        key: str | None,
-        table: PersistenceTable | None,
         deadline: float,
     ) -> None:
         self.client = client
         self.conn = conn
-        self.server = server
+        self.claim = claim
         self.head = head
         self.record = record
         self.rule = rule
         self.offered = offered
-        self.key = key
-        self.table = table
         self.deadline = deadline  # for the response (``http.timeouts.server``)
         self.handed = False  # given to the client's task to finish (see HttpService._fast_handover)
 
@@ -663,7 +660,7 @@ class HttpService(TcpService):
         self.redirect: Listener | None = None
         self.stopping = False
         self.idle: set[_Side] = set()  # client sides waiting between requests (closed at once on stop)
-        self.exchanges: dict[ServerState, set[_Record]] = {}  # in progress, by node (a halt cuts them)
+        self.claims_now = self.claims  # the exchanges' holds on their nodes (a halt cuts them)
         self.sweeper: asyncio.TimerHandle | None = None  # closes idle pooled connections (see _sweep)
         # The main process's HTTP worker processes (pacslb/proxy/webpool.py), which serve some of the
         # connections this service accepts; None where there are none, and in a worker itself.
@@ -894,9 +891,8 @@ class HttpService(TcpService):
                 client.flight = None
                 record = flight.record
                 exchange = self._exchange_tail(
-                    client, flight.conn, flight.server, flight.head, flight.key, flight.table, record, flight.rule,
-                    flight.offered, flight.deadline,
-                )  # fmt: skip
+                    client, flight.conn, flight.claim, flight.head, record, flight.rule, flight.offered, flight.deadline
+                )
             else:
                 assert head is not None
                 client.served += 1
@@ -926,30 +922,12 @@ class HttpService(TcpService):
         if self.web_pool is not None and server in self.servers_now:
             # The workers' exchanges (by name: only if it is this service's node): each reports how many.
             self.web_pool.cut(self, server)
-        records = self.exchanges.pop(server, set())
-        for record in records:
-            record.cut_short()
+        cut = self.claims_now.cut(server)
         pool = self.pools.pop(server, None)
         for conn in list(pool.conns) if pool is not None else []:
             conn.leave_pool()
             conn.close()
-        return len(records)
-
-    def _begin(self, server: ServerState, record: _Record) -> None:
-        records = self.exchanges.get(server)
-        if records is None:
-            records = self.exchanges[server] = set()
-        records.add(record)
-
-    def _end(self, server: ServerState, record: _Record) -> None:
-        """An exchange is over: no longer cut by a halt; its bytes count for the node."""
-        records = self.exchanges.get(server)
-        if records is not None:
-            records.discard(record)
-            if not records:
-                del self.exchanges[server]
-        server.bytes_up += record.bytes_up
-        server.bytes_down += record.bytes_down
+        return cut
 
     def _client_key(self, client: _Client) -> str | None:
         """The client's source-IP persistence key (None when the service keeps no table)."""
@@ -1011,7 +989,7 @@ class HttpService(TcpService):
         table = (client.lease if client.lease is not None else self.table_now) if settings.use_table else None
         tried: list[ServerState] = []
         conn: _NodeConn | None = None
-        server: ServerState | None = None
+        claim: Claim | None = None
         rule = "-"
         decided, client.decided = client.decided, None
         picked: tuple[ServerState, str] | None
@@ -1030,55 +1008,47 @@ class HttpService(TcpService):
             else:
                 server, rule = picked
             record.server, record.rule = server.name, rule
-            server.active += 1
+            claim = self.claims_now.take(server)
             try:
                 conn = self._pooled(server)
                 record.reused = conn is not None
                 if conn is None:
                     conn = await self._connect(server)
             except ConnectFailed as exc:
-                server.active -= 1
+                claim.release(loop.time())
                 tried.append(server)
                 record.retries = len(tried)
                 if server is not settings.fallback:
                     self.connect_failed(client.peer, server, exc.reason, len(tried))
-        assert server is not None
-        server.total += 1
+        assert claim is not None
         record.connected = now = loop.time()
         if rule == "fallback":
             table = None  # the fallback server is no persistence target
-        if key is not None and table is not None:
-            table.acquire(key, server.name, now)
-        return await self._exchange_tail(client, conn, server, head, key, table, record, rule, offered, None)
+        claim.bind(table, key, now, record)
+        return await self._exchange_tail(client, conn, claim, head, record, rule, offered, None)
 
     async def _exchange_tail(
         self,
         client: _Client,
         conn: _NodeConn,
-        server: ServerState,
+        claim: Claim,
         head: RequestHead,
-        key: str | None,
-        table: PersistenceTable | None,
         record: _Record,
         rule: str,
         offered: list[bytes],
         sent_until: float | None,
     ) -> bool:
-        """The exchange once its node connection is there (``server.active`` counts it, the persistence
-        entry is held): proxy it, then give both back. ``sent_until``: the request was sent already (by the
-        fast path), and its response is due by then."""
-        self._begin(server, record)
+        """The exchange once its node connection is there (``claim`` bound): proxy it, then release the
+        claim. ``sent_until``: the request was sent already (by the fast path), and its response is due by
+        then."""
         try:
-            return await self._proxy(client, conn, server, head, record, rule, offered, sent_until)
+            return await self._proxy(client, conn, claim.server, head, record, rule, offered, sent_until)
         except BaseException:
             if record.conn is not None:
                 record.conn.abort()  # whatever state it is in, it cannot serve another request
             raise
         finally:
-            server.active -= 1
-            self._end(server, record)
-            if key is not None and table is not None:
-                table.release(key, server.name, self.loop.time())
+            claim.release(self.loop.time(), record.bytes_up, record.bytes_down)
 
     def _offered(self, head: RequestHead) -> list[bytes]:
         """The values of the persistence cookie the request carries."""
@@ -1144,16 +1114,13 @@ class HttpService(TcpService):
         record.reused = True
         record.started = record.connected = now
         record.conn = conn
-        server.active += 1
-        server.total += 1
-        self._begin(server, record)
-        if key is not None and table is not None:
-            table.acquire(key, server.name, now)
+        claim = self.claims_now.take(server)
+        claim.bind(table, key, now, record)
         self._expect_response(conn, head)
         default_host = server.address.encode() if head.version == "1.0" else b""
         conn.write(proxy_request_head(head, client.peer[0], settings.rewrite, default_host))
         deadline = now + settings.server_timeout
-        flight = _Flight(client, conn, server, head, record, rule, offered, key, table, deadline)
+        flight = _Flight(client, conn, claim, head, record, rule, offered, deadline)
         client.flight = conn.flight = flight
         conn.hook = self.response_hook
         conn.deadline = deadline
@@ -1183,7 +1150,7 @@ class HttpService(TcpService):
         return True
 
     def _fast_finish(self, flight: _Flight) -> None:
-        conn, client, server, record = flight.conn, flight.client, flight.server, flight.record
+        conn, client, claim, record = flight.conn, flight.client, flight.claim, flight.record
         conn.hook = None
         conn.flight = client.flight = None
         reader = conn.reader
@@ -1191,12 +1158,11 @@ class HttpService(TcpService):
         response = reader.take()
         assert isinstance(response, ResponseHead)
         try:
-            keep = self._respond_whole(client, conn, server, flight.head, response, record, flight.rule, flight.offered)
+            keep = self._respond_whole(
+                client, conn, claim.server, flight.head, response, record, flight.rule, flight.offered
+            )
         finally:
-            server.active -= 1
-            self._end(server, record)
-            if flight.key is not None and flight.table is not None:
-                flight.table.release(flight.key, server.name, self.loop.time())
+            claim.release(self.loop.time(), record.bytes_up, record.bytes_down)
         self._log_request(record)
         if not keep or self.stopping:
             client.close()  # its task wakes when the connection is lost, and ends
@@ -1217,15 +1183,12 @@ class HttpService(TcpService):
 
     def _fast_abandon(self, flight: _Flight) -> None:
         """The client's task ended (the service stopped) during a fast exchange: drop it."""
-        conn, server, record = flight.conn, flight.server, flight.record
+        conn, record = flight.conn, flight.record
         conn.hook = None
         conn.flight = None
         flight.client.flight = None
         conn.abort()
-        server.active -= 1
-        self._end(server, record)
-        if flight.key is not None and flight.table is not None:
-            flight.table.release(flight.key, server.name, self.loop.time())
+        flight.claim.release(self.loop.time(), record.bytes_up, record.bytes_down)
         record.end, record.detail = "shutdown", "the service stopped during the exchange"
         self._log_request(record)
 

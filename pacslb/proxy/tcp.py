@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pacslb.balance.claim import Claim, Claims
 from pacslb.balance.decision import choose
 from pacslb.balance.limits import ClientLimits, Limit, RefusalLog, client_key, retry_after
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
@@ -174,9 +175,8 @@ class TcpService:
         self.total = 0
         self.tasks: set[asyncio.Task[None]] = set()  # connections with a task of their own (dicom, http)
         self.conns: set[_TcpConn] = set()  # tcp-mode connections (callbacks, no task)
-        # Connections relaying to each server (their handler tasks, or tcp-mode connections), so that a
-        # halt can close them.
-        self.by_server: dict[ServerState, set[asyncio.Task[None] | _TcpConn]] = {}
+        # Every connection's hold on its node, by node: a halt cuts them (pacslb/balance/claim.py).
+        self.claims = Claims()
         self.halting: set[asyncio.Task[None]] = set()  # tasks being closed by a halt (logged end=halted)
         self._drained: asyncio.Future[None] | None = None  # see wait_drained()
         # Connections refused by the balancer itself, by the reason the log gives (metrics read it).
@@ -397,15 +397,7 @@ class TcpService:
 
     def close_server_connections(self, server: ServerState) -> int:
         """Close every connection relaying to ``server`` (a halt's grace is over); returns how many."""
-        relaying = list(self.by_server.get(server, ()))
-        for item in relaying:
-            if isinstance(item, _TcpConn):
-                item.cancel(End.HALTED)
-            else:
-                self.halting.add(item)
-                item.add_done_callback(self.halting.discard)
-                item.cancel()
-        return len(relaying)
+        return self.claims.cut(server)
 
     def connect_failed(self, peer: tuple[str, int], server: ServerState, reason: str, attempt: int) -> None:
         """Log a failed attempt and have the server checked at once (unless the failure was pacslb's own)."""
@@ -420,35 +412,28 @@ class TcpService:
         )  # fmt: skip
 
     async def relay(
-        self, client: socket.socket, server_sock: socket.socket, server: ServerState, key: str | None
+        self, client: socket.socket, server_sock: socket.socket, claim: Claim, key: str | None
     ) -> tuple[int, int, End]:
-        """Relay a connection whose server was chosen and connected (``server.active`` already counts it),
-        keeping the persistence entry and the server's counters. Returns bytes up, bytes down, the end."""
+        """Relay a connection whose server was chosen (``claim``) and connected, binding the claim (the
+        persistence entry of ``key``, the node's counters, a halt's cut) and releasing it at the end.
+        Returns bytes up, bytes down, the end."""
         return await self.relay_with(
-            lambda idle, end: self.relayer(client, server_sock, idle_timeout=idle, timeout_end=end), server, key
+            lambda idle, end: self.relayer(client, server_sock, idle_timeout=idle, timeout_end=end), claim, key
         )
 
     async def relay_with(
-        self, run: Callable[[float, End], Awaitable[RelayResult]], server: ServerState, key: str | None
+        self, run: Callable[[float, End], Awaitable[RelayResult]], claim: Claim, key: str | None
     ) -> tuple[int, int, End]:
         """:meth:`relay`, with the relay that ``run(idle_timeout, timeout_end)`` runs (mode dicom's TLS
         associations: the buffered relay over their transports)."""
         loop = self._loop
-        table = self.table
-        server.total += 1
-        if table is not None and key is not None:
-            table.acquire(key, server.name, loop.time())
+        task = asyncio.current_task()
+        claim.bind(self.table, key, loop.time(), _TaskCut(task, self.halting) if task is not None else None)
         timeouts = self.spec.timeouts
         idle = min(timeouts.client_idle, timeouts.server_idle)
         timeout_end = End.CLIENT_TIMEOUT if timeouts.client_idle <= timeouts.server_idle else End.SERVER_TIMEOUT
         up = down = 0
         end = End.ERROR
-        task = asyncio.current_task()
-        relaying = self.by_server.get(server)
-        if relaying is None:
-            relaying = self.by_server[server] = set()
-        if task is not None:
-            relaying.add(task)
         try:
             result = await run(idle, timeout_end)
             up, down, end = result.bytes_up, result.bytes_down, result.end
@@ -458,14 +443,7 @@ class TcpService:
         except Exception:
             log.exception("relay failed on service %s", self.name)
         finally:
-            server.active -= 1
-            server.bytes_up += up
-            server.bytes_down += down
-            relaying.discard(task)
-            if not relaying and self.by_server.get(server) is relaying:
-                del self.by_server[server]
-            if table is not None and key is not None:
-                table.release(key, server.name, loop.time())
+            claim.release(loop.time(), up, down)
         return up, down, end
 
     def _log(
@@ -615,6 +593,7 @@ class _TcpConn:
     step is a callback from the event loop or the relay."""
 
     __slots__ = (
+        "claim",
         "client",
         "ending",
         "handle",
@@ -637,6 +616,7 @@ class _TcpConn:
         self.key: str | None = None
         self.tried: list[ServerState] = []
         self.server: ServerState | None = None  # the server being connected to, then relayed to
+        self.claim: Claim | None = None  # its hold on that server
         self.rule = "-"
         self.sock: socket.socket | None = None  # the server socket while connecting
         self.timer: asyncio.TimerHandle | None = None  # the connect timeout
@@ -665,7 +645,7 @@ class _TcpConn:
             return
         server = self.server = decision.server
         self.rule = decision.rule
-        server.active += 1
+        self.claim = service.claims.take(server)
         family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -701,10 +681,7 @@ class _TcpConn:
         connection: the count goes to the rate-limited ``descriptors_exhausted`` line and to the service's
         rejections (``no_descriptors``). Every listener stops accepting for a moment (pacslb/descriptors.py)."""
         service = self.service
-        server = self.server
-        assert server is not None
-        server.active -= 1
-        self.server = None
+        self._unclaim()
         self.client.close()
         service.rejections[End.NO_DESCRIPTORS.value] += 1
         EXHAUSTION.note(place, reason, service._loop)
@@ -735,15 +712,20 @@ class _TcpConn:
         if self.sock is not None:
             self.service._loop.remove_writer(self.sock.fileno())
 
+    def _unclaim(self) -> ServerState:
+        """The server being connected to is not reached (or no longer wanted): give it back and return it."""
+        server, claim = self.server, self.claim
+        assert server is not None and claim is not None
+        claim.release(self.service._loop.time())
+        self.server = self.claim = None
+        return server
+
     def _failed(self, reason: str) -> None:
         service = self.service
-        server = self.server
-        assert server is not None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        server.active -= 1
-        self.server = None
+        server = self._unclaim()
         self.tried.append(server)
         service.connect_failed(self.peer, server, reason, len(self.tried))
         if len(self.tried) > service.spec.retries:
@@ -768,13 +750,8 @@ class _TcpConn:
                 sock.send(proxy_header(self.peer, self.client.getsockname()))
         except OSError:
             pass  # the server or the client is already gone: the relay will find out
-        server.total += 1
-        if service.table is not None and self.key is not None:
-            service.table.acquire(self.key, server.name, service._loop.time())
-        relaying = service.by_server.get(server)
-        if relaying is None:
-            relaying = service.by_server[server] = set()
-        relaying.add(self)
+        assert self.claim is not None
+        self.claim.bind(service.table, self.key, service._loop.time(), self)
         timeouts = service.spec.timeouts
         idle = min(timeouts.client_idle, timeouts.server_idle)
         timeout_end = End.CLIENT_TIMEOUT if timeouts.client_idle <= timeouts.server_idle else End.SERVER_TIMEOUT
@@ -790,24 +767,18 @@ class _TcpConn:
 
     def _relayed(self, result: RelayResult) -> None:
         service = self.service
-        server = self.server
-        assert server is not None
+        server, claim = self.server, self.claim
+        assert server is not None and claim is not None
         self.handle = None
-        server.active -= 1
-        server.bytes_up += result.bytes_up
-        server.bytes_down += result.bytes_down
-        relaying = service.by_server.get(server)
-        if relaying is not None:
-            relaying.discard(self)
-            if not relaying:
-                del service.by_server[server]
-        if service.table is not None and self.key is not None:
-            service.table.release(self.key, server.name, service._loop.time())
+        claim.release(service._loop.time(), result.bytes_up, result.bytes_down)
         end = self.ending or result.end
         service._log(
             self.peer, server, self.rule, self.started, result.bytes_up, result.bytes_down, end, len(self.tried)
         )
         service._conn_finished(self)
+
+    def cut_short(self) -> None:
+        self.cancel(End.HALTED)
 
     def cancel(self, end: End) -> None:
         """Close the connection now (a halt of its server, or the end of the shutdown grace)."""
@@ -821,12 +792,25 @@ class _TcpConn:
             self._stop_connecting()
             self.sock.close()
             self.sock = None
-            assert self.server is not None
-            self.server.active -= 1
-            self.server = None
+            self._unclaim()
         self.client.close()
         self.service._log(self.peer, None, None, self.started, 0, 0, end, len(self.tried))
         self.service._conn_finished(self)
+
+
+class _TaskCut:
+    """How a halt cuts a connection served by a task: cancelled, and logged as halted."""
+
+    __slots__ = ("halting", "task")
+
+    def __init__(self, task: asyncio.Task[Any], halting: set[asyncio.Task[None]]) -> None:
+        self.task = task
+        self.halting = halting
+
+    def cut_short(self) -> None:
+        self.halting.add(self.task)
+        self.task.add_done_callback(self.halting.discard)
+        self.task.cancel()
 
 
 def addr_text(peer: tuple[str, int]) -> str:
