@@ -36,7 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from pacslb.balance.claim import Claim
-from pacslb.balance.decision import choose
+from pacslb.balance.decision import Attempts, choose
 from pacslb.balance.dicom_policy import (
     AT_LIMIT,
     CALLED_AE_NOT_RECOGNIZED,
@@ -346,18 +346,19 @@ class DicomService(TcpService):
             if table is not None
             else None
         )
-        tried = record.tried
+        attempts = Attempts(lambda tried: choose(servers, self.scheduler, table, key, loop.time(), tried), spec.retries)
+        tried = record.tried = attempts.tried
         refusals: list[tuple[ServerState, Rejection, bytes]] = []  # the nodes' transient rejections
         header = proxy_header(peer, record.local) if spec.proxy_protocol == "v2" else b""
         while True:
-            decision = choose(servers, self.scheduler, table, key, loop.time(), tried)
+            decision = attempts.next()
             if outbound and tried and not refusals:
                 if loop.time() + OUTBOUND_RETRY_PAUSE < record.started + spec.timeouts.negotiation:
                     await asyncio.sleep(OUTBOUND_RETRY_PAUSE)
-                    tried.clear()
+                    attempts.again()
                     continue
                 decision = None
-            if decision is None or len(tried) > spec.retries:
+            if decision is None:
                 stats.rejected += 1
                 if not refusals:
                     await _send_and_close(client, _rj(NO_NODE))
@@ -376,8 +377,7 @@ class DicomService(TcpService):
                 node = await self._connect(server, client, header)
             except ConnectFailed as exc:
                 claim.release(loop.time())
-                tried.append(server)
-                self.connect_failed(peer, server, exc.reason, len(tried))
+                self.connect_failed(peer, server, exc.reason, attempts.failed())
                 continue
             try:
                 answer, rest = await self._offer(node, rq)
@@ -403,11 +403,10 @@ class DicomService(TcpService):
                     reason = answer if isinstance(answer, str) else "A-ABORT before answering"
                     if self.on_connect_failed is not None:
                         self.on_connect_failed(self.name, server)  # the node may be failing: check it now
-                tried.append(server)
                 log_event(
                     log, "assoc_retry", logging.WARNING,
                     service=self.name, client=addr_text(peer), calling=rq.calling_ae, called=rq.called_ae,
-                    server=server.name, reason=reason, attempt=len(tried),
+                    server=server.name, reason=reason, attempt=attempts.failed(),
                 )  # fmt: skip
                 continue
             break

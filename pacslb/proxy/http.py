@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from pacslb.balance.claim import Claim
 from pacslb.balance.cookie import CookieCodec, choose_with_cookie
+from pacslb.balance.decision import Attempts, Decision
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
 from pacslb.balance.server import ServerState
 from pacslb.config.model import HttpSpec, ServiceSpec
@@ -403,7 +404,7 @@ class _Client(_Side):
         self.flight: _Flight | None = None  # the exchange the fast path is running for it
         # The node the fast path chose for the request it left to the task (no pooled connection to it):
         # the task uses that choice rather than asking the scheduler again, which would skip a node.
-        self.decided: tuple[ServerState, str] | None = None
+        self.decided: Decision | None = None
         self.idle_from = loop.time()  # when it last had nothing to do (its keep-alive timeout counts from here)
         self.served = 0  # requests taken from it
         # In an HTTP worker process: its view of the persistence table (see balance/persistence.py, Lease).
@@ -987,26 +988,24 @@ class HttpService(TcpService):
         loop = self.loop
         offered = self._offered(head)
         table = (client.lease if client.lease is not None else self.table_now) if settings.use_table else None
-        tried: list[ServerState] = []
         conn: _NodeConn | None = None
         claim: Claim | None = None
         rule = "-"
-        decided, client.decided = client.decided, None
-        picked: tuple[ServerState, str] | None
+
+        def decide(tried: list[ServerState]) -> Decision | None:
+            picked = choose_with_cookie(
+                self.servers_now, self.scheduler_now, table, key, offered, settings.codec, loop.time(), tried
+            )
+            return None if picked is None else Decision(picked[0], picked[1])
+
+        first = client.decided
+        client.decided = None
+        attempts = Attempts(decide, settings.retries, settings.fallback, first)
         while conn is None:
-            if decided is not None:
-                picked, decided = decided, None
-            else:
-                picked = choose_with_cookie(
-                    self.servers_now, self.scheduler_now, table, key, offered, settings.codec, loop.time(), tried
-                )
-            if picked is None or len(tried) > settings.retries:
-                server = settings.fallback
-                if server is None or server in tried:
-                    raise _Abort(503, "no_server", "no node can serve", self._unavailable(head))
-                rule = "fallback"
-            else:
-                server, rule = picked
+            decision = attempts.next()
+            if decision is None:
+                raise _Abort(503, "no_server", "no node can serve", self._unavailable(head))
+            server, rule = decision.server, decision.rule
             record.server, record.rule = server.name, rule
             claim = self.claims_now.take(server)
             try:
@@ -1016,10 +1015,9 @@ class HttpService(TcpService):
                     conn = await self._connect(server)
             except ConnectFailed as exc:
                 claim.release(loop.time())
-                tried.append(server)
-                record.retries = len(tried)
+                record.retries = attempts.failed()
                 if server is not settings.fallback:
-                    self.connect_failed(client.peer, server, exc.reason, len(tried))
+                    self.connect_failed(client.peer, server, exc.reason, record.retries)
         assert claim is not None
         record.connected = now = loop.time()
         if rule == "fallback":
@@ -1103,7 +1101,7 @@ class HttpService(TcpService):
         server, rule = picked
         conn = self._pooled(server, now)
         if conn is None:
-            client.decided = picked
+            client.decided = Decision(server, rule)
             return False
         events.pop(0)  # the head and its end: no body bytes to count
         events.pop(0)

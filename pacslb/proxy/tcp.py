@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pacslb.balance.claim import Claim, Claims
-from pacslb.balance.decision import choose
+from pacslb.balance.decision import Attempts, Decision, choose
 from pacslb.balance.limits import ClientLimits, Limit, RefusalLog, client_key, retry_after
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
 from pacslb.balance.scheduler import Scheduler, make_scheduler
@@ -593,6 +593,7 @@ class _TcpConn:
     step is a callback from the event loop or the relay."""
 
     __slots__ = (
+        "attempts",
         "claim",
         "client",
         "ending",
@@ -614,7 +615,8 @@ class _TcpConn:
         self.peer = peer
         self.started = service._loop.time()
         self.key: str | None = None
-        self.tried: list[ServerState] = []
+        self.attempts = Attempts(self._decide, service.spec.retries)
+        self.tried = self.attempts.tried  # the servers that failed
         self.server: ServerState | None = None  # the server being connected to, then relayed to
         self.claim: Claim | None = None  # its hold on that server
         self.rule = "-"
@@ -635,11 +637,15 @@ class _TcpConn:
             pass  # the client is already gone: the relay will find out
         self._next()
 
+    def _decide(self, tried: list[ServerState]) -> Decision | None:
+        service = self.service
+        return choose(service.servers, service.scheduler, service.table, self.key, service._loop.time(), tried)
+
     def _next(self) -> None:
         """Choose a server (not one tried already) and connect to it."""
         service = self.service
         loop = service._loop
-        decision = choose(service.servers, service.scheduler, service.table, self.key, loop.time(), self.tried)
+        decision = self.attempts.next()
         if decision is None:
             self._refuse(End.REFUSED if self.tried else End.NO_SERVER)
             return
@@ -726,12 +732,8 @@ class _TcpConn:
             self.sock.close()
             self.sock = None
         server = self._unclaim()
-        self.tried.append(server)
-        service.connect_failed(self.peer, server, reason, len(self.tried))
-        if len(self.tried) > service.spec.retries:
-            self._refuse(End.REFUSED)
-        else:
-            self._next()
+        service.connect_failed(self.peer, server, reason, self.attempts.failed())
+        self._next()
 
     def _refuse(self, end: End) -> None:
         self.client.close()

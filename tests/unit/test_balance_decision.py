@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pacslb.balance.decision import Decision, choose
+from pacslb.balance.decision import Attempts, Decision, choose
 from pacslb.balance.leastconn import LeastConnections
 from pacslb.balance.persistence import Lease, PersistenceTable
 from pacslb.balance.roundrobin import RoundRobin
@@ -229,3 +229,79 @@ def test_a_fresh_lease_is_the_schedulers_choice_until_a_request_used_it() -> Non
     assert moves == []
     assert not Lease(None, True, moves.append).fresh  # nothing leased: nothing fresh either
     assert not PersistenceTable(timeout=1.0, max_entries=1).fresh
+
+
+# --- retry on another node ------------------------------------------------------------------------------
+
+
+def _attempts(
+    servers: list[ServerState], retries: int, fallback: ServerState | None = None, first: Decision | None = None
+) -> Attempts:
+    return Attempts(lambda tried: choose(servers, RoundRobin(), None, None, NOW, tried), retries, fallback, first)
+
+
+def test_attempts_try_each_node_once_within_the_retries() -> None:
+    servers = pool("a", "b", "c")
+    attempts = _attempts(servers, retries=5)
+    seen = []
+    while (decision := attempts.next()) is not None:
+        seen.append(decision.server.name)
+        assert attempts.failed() == len(seen)
+    assert sorted(seen) == ["a", "b", "c"]  # never one that failed, and none left after the three
+
+
+def test_attempts_stop_after_the_retries() -> None:
+    attempts = _attempts(pool("a", "b", "c"), retries=1)
+    assert attempts.next() is not None
+    attempts.failed()
+    assert attempts.next() is not None
+    attempts.failed()
+    assert attempts.next() is None  # 1 + retries nodes tried
+    assert len(attempts.tried) == 2
+
+
+def test_attempts_end_with_the_fallback_once() -> None:
+    servers = pool("a")
+    fallback = ServerState("sorry", "10.0.0.99", 80)
+    attempts = _attempts(servers, retries=3, fallback=fallback)
+    assert attempts.next() == Decision(servers[0], "balance")
+    attempts.failed()
+    assert attempts.next() == Decision(fallback, "fallback")
+    attempts.failed()
+    assert attempts.next() is None
+
+
+def test_attempts_take_a_decision_made_already_first() -> None:
+    servers = pool("a", "b")
+    attempts = _attempts(servers, retries=1, first=Decision(servers[1], "cookie"))
+    assert attempts.next() == Decision(servers[1], "cookie")
+    attempts.failed()
+    assert attempts.next() == Decision(servers[0], "balance")
+
+
+def test_attempts_start_over() -> None:
+    servers = pool("a")
+    attempts = _attempts(servers, retries=0)
+    assert attempts.next() is not None
+    attempts.failed()
+    assert attempts.next() is None
+    attempts.again()  # a modality restarting: tried again after a pause
+    assert attempts.next() == Decision(servers[0], "balance")
+
+
+@given(st.integers(0, 4), st.lists(st.booleans(), min_size=1, max_size=12))
+def test_attempts_never_repeat_a_failed_node_nor_exceed_the_retries(retries: int, fails: list[bool]) -> None:
+    servers = pool("a", "b", "c", "d")
+    attempts = _attempts(servers, retries=retries)
+    given_out = 0
+    for fail in fails:
+        decision = attempts.next()
+        if decision is None:
+            break
+        given_out += 1
+        assert decision.server not in attempts.tried
+        if not fail:
+            break
+        attempts.failed()
+    assert given_out <= retries + 1
+    assert len(set(attempts.tried)) == len(attempts.tried)
