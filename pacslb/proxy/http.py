@@ -104,6 +104,8 @@ WRITE_HIGH = 512 * 1024
 WRITE_LOW = 128 * 1024
 #: Body data gathered into one write when several events are ready at once.
 GATHER_BYTES: Final = 256 * 1024
+#: How an exchange that was served ends (read per request: a constant, not the enum's attribute).
+_OK: Final = End.OK
 #: A TLS handshake must complete within this (a client that connects and stays silent holds a socket).
 TLS_HANDSHAKE_TIMEOUT = 10.0
 #: After the balancer answered with an error and Connection: close, how long the socket may linger so the
@@ -539,7 +541,7 @@ class _Record:
         self.started = started
         self.connected = 0.0
         self.responded = 0.0
-        self.end = "ok"
+        self.end: End = _OK
         self.detail = ""
         self.conn: _NodeConn | None = None  # the node connection in use, closed if the exchange fails
         self.cut: Callable[[], None] | None = None  # ends a tunnel (else cutting aborts ``conn``)
@@ -631,7 +633,7 @@ def make_tls_context(http: HttpSpec) -> ssl.SSLContext:
 class _Abort(Exception):
     """The exchange cannot go on; the client connection is closed (after ``response``, if any)."""
 
-    def __init__(self, status: int, end: str, detail: str, response: bytes | None = None) -> None:
+    def __init__(self, status: int, end: End, detail: str, response: bytes | None = None) -> None:
         self.status = status
         self.end = end
         self.detail = detail
@@ -831,7 +833,7 @@ class HttpService(TcpService):
                             await client.drain(timeouts.client)
                         except TimeoutError:
                             client.abort()
-                            raise _Abort(0, "client_timeout", "client stopped reading its responses") from None
+                            raise _Abort(0, End.CLIENT_TIMEOUT, "client stopped reading its responses") from None
                         except ConnectionError:
                             return
                         continue
@@ -863,7 +865,7 @@ class HttpService(TcpService):
                         remaining += timeouts.request_head if client.served == 0 else timeouts.keep_alive
                     if remaining <= 0:
                         if reader.in_message:
-                            raise _Abort(408, "client_timeout", "request head not received in time", _error(408))
+                            raise _Abort(408, End.CLIENT_TIMEOUT, "request head not received in time", _error(408))
                         return  # idle keep-alive connection: close quietly
                     try:
                         await client.wait(remaining)
@@ -875,7 +877,7 @@ class HttpService(TcpService):
             except HttpProtocolError as exc:
                 record.started = head_started or loop.time()
                 record.status = exc.status
-                record.end = "bad_request"
+                record.end = End.BAD_REQUEST
                 record.detail = str(exc)
                 failed, refusal = True, _error(exc.status)
             except _Abort as abort:  # (not ``exc``: one name, one type, for mypyc)
@@ -981,10 +983,10 @@ class HttpService(TcpService):
         settings = self.settings
         if head.method == b"CONNECT":
             raise _Abort(
-                405, "bad_request", "CONNECT is not served", simple_response(405, b"405 CONNECT is not served\n")
+                405, End.BAD_REQUEST, "CONNECT is not served", simple_response(405, b"405 CONNECT is not served\n")
             )
         if head.upgrade and head.framing is not Framing.NONE:
-            raise _Abort(400, "bad_request", "Upgrade with a request body", _error(400))
+            raise _Abort(400, End.BAD_REQUEST, "Upgrade with a request body", _error(400))
         loop = self.loop
         offered = self._offered(head)
         table = (client.lease if client.lease is not None else self.table_now) if settings.use_table else None
@@ -1004,7 +1006,7 @@ class HttpService(TcpService):
         while conn is None:
             decision = attempts.next()
             if decision is None:
-                raise _Abort(503, "no_server", "no node can serve", self._unavailable(head))
+                raise _Abort(503, End.NO_SERVER, "no node can serve", self._unavailable(head))
             server, rule = decision.server, decision.rule
             record.server, record.rule = server.name, rule
             claim = self.claims_now.take(server)
@@ -1187,7 +1189,7 @@ class HttpService(TcpService):
         flight.client.flight = None
         conn.abort()
         flight.claim.release(self.loop.time(), record.bytes_up, record.bytes_down)
-        record.end, record.detail = "shutdown", "the service stopped during the exchange"
+        record.end, record.detail = End.SHUTDOWN, "the service stopped during the exchange"
         self._log_request(record)
 
     def _unavailable(self, head: RequestHead) -> bytes:
@@ -1322,7 +1324,7 @@ class HttpService(TcpService):
                     # Its end is queued right behind the head (an Upgrade request's Upgrade event after
                     # that); a retry has taken it already.
                     if attempts == 1 and not isinstance(client.take(), EndOfMessage):
-                        raise _Abort(400, "bad_request", "request without its end", _error(400))
+                        raise _Abort(400, End.BAD_REQUEST, "request without its end", _error(400))
                 else:
                     body_done = await self._send_body(client, conn, head, record, request)
             try:
@@ -1333,13 +1335,13 @@ class HttpService(TcpService):
             # A reused connection the node had closed while idle: once more on a fresh connection.
             conn.close()
             if record.halted:
-                raise _Abort(502, "halted", "node halted", _error(502))
+                raise _Abort(502, End.HALTED, "node halted", _error(502))
             if not record.reused or head.framing is not Framing.NONE or attempts > 1:
-                raise _Abort(502, "server_closed", "node closed the connection", _error(502))
+                raise _Abort(502, End.SERVER_CLOSED, "node closed the connection", _error(502))
             try:
                 conn = record.conn = await self._connect(server)
             except ConnectFailed as exc:
-                raise _Abort(502, "server_closed", exc.reason, _error(502)) from None
+                raise _Abort(502, End.SERVER_CLOSED, exc.reason, _error(502)) from None
             record.reused = False
         reader = conn.reader
         assert isinstance(reader, ResponseReader)
@@ -1478,9 +1480,9 @@ class HttpService(TcpService):
             try:
                 event = await client.next_event(timeouts.client) if not parts else client.take()
             except TimeoutError:
-                raise _Abort(408, "client_timeout", "request body stalled", _error(408)) from None
+                raise _Abort(408, End.CLIENT_TIMEOUT, "request body stalled", _error(408)) from None
             except HttpProtocolError as exc:
-                raise _Abort(exc.status, "bad_request", str(exc), _error(exc.status)) from None
+                raise _Abort(exc.status, End.BAD_REQUEST, str(exc), _error(exc.status)) from None
             if event is None and parts:
                 conn.write(b"".join(parts))
                 parts, size = [], 0
@@ -1498,8 +1500,8 @@ class HttpService(TcpService):
                 try:
                     reader.eof()
                 except HttpProtocolError:
-                    raise _Abort(400, "client_closed", "client closed during the request body") from None
-                raise _Abort(400, "client_closed", "client closed during the request body")
+                    raise _Abort(400, End.CLIENT_CLOSED, "client closed during the request body") from None
+                raise _Abort(400, End.CLIENT_CLOSED, "client closed during the request body")
             if type(event) is bytes:
                 record.bytes_up += len(event)
                 parts.append(chunk(event) if chunked else event)
@@ -1536,15 +1538,15 @@ class HttpService(TcpService):
             event = conn.take()
             if event is None:
                 if conn.error is not None:
-                    raise _Abort(502, "bad_response", str(conn.error), _error(502))
+                    raise _Abort(502, End.BAD_RESPONSE, str(conn.error), _error(502))
                 if conn.eof:
                     if reader.head is None and not reader.in_message:
                         raise _Retry
-                    raise _Abort(502, "server_closed", "node closed before its response head", _error(502))
+                    raise _Abort(502, End.SERVER_CLOSED, "node closed before its response head", _error(502))
                 try:
                     await conn.wait(first_wait)
                 except TimeoutError:
-                    raise _Abort(504, "server_timeout", f"no response within {timeout:g}s", _error(504)) from None
+                    raise _Abort(504, End.SERVER_TIMEOUT, f"no response within {timeout:g}s", _error(504)) from None
                 first_wait = timeout
                 continue
             if isinstance(event, ResponseHead):
@@ -1552,12 +1554,12 @@ class HttpService(TcpService):
                     interim += 1
                     if interim > MAX_INTERIM:
                         detail = f"more than {MAX_INTERIM} interim responses"
-                        raise _Abort(502, "bad_response", detail, _error(502))
+                        raise _Abort(502, End.BAD_RESPONSE, detail, _error(502))
                     if head.version == "1.1" and event.status != 100:  # our own 100 was already sent
                         client.write(serialize_head(b"HTTP/1.1 %d %s" % (event.status, event.reason), event.headers))
                     continue
                 return event
-            raise _Abort(502, "bad_response", "response data before its head", _error(502))  # pragma: no cover
+            raise _Abort(502, End.BAD_RESPONSE, "response data before its head", _error(502))  # pragma: no cover
 
     async def _send_response_body(
         self, client: _Side, conn: _NodeConn, rechunk: bool, record: _Record, response: bytes
@@ -1578,26 +1580,26 @@ class HttpService(TcpService):
                     client.write(data)
                     parts, size = [], 0
                 if client.lost:
-                    record.end, record.detail = "client_closed", "client left during the response"
+                    record.end, record.detail = End.CLIENT_CLOSED, "client left during the response"
                     return False
                 if client.write_paused:
                     if not await self._drain_client(client, record):
                         return False
                     continue
                 if conn.error is not None:
-                    record.end, record.detail = "bad_response", str(conn.error)
+                    record.end, record.detail = End.BAD_RESPONSE, str(conn.error)
                     return False
                 if conn.eof:
                     try:
                         reader.eof()
                     except HttpProtocolError as exc:
-                        record.end, record.detail = "server_closed", str(exc)
+                        record.end, record.detail = End.SERVER_CLOSED, str(exc)
                         return False
                     continue
                 try:
                     await conn.wait(timeouts.server)
                 except TimeoutError:
-                    record.end, record.detail = "server_timeout", "node stalled during the response"
+                    record.end, record.detail = End.SERVER_TIMEOUT, "node stalled during the response"
                     return False
                 continue
             if type(event) is bytes:
@@ -1621,7 +1623,7 @@ class HttpService(TcpService):
                     record.bytes_down += len(data)
                     client.write(data)
                 return True
-            record.end, record.detail = "bad_response", "unexpected event in a response body"  # pragma: no cover
+            record.end, record.detail = End.BAD_RESPONSE, "unexpected event in a response body"  # pragma: no cover
             return False  # pragma: no cover
 
     async def _drain_client(self, client: _Side, record: _Record) -> bool:
@@ -1630,10 +1632,10 @@ class HttpService(TcpService):
         try:
             await client.drain(self.settings.http.timeouts.client)
         except TimeoutError:
-            record.end, record.detail = "client_timeout", "client stopped reading the response"
+            record.end, record.detail = End.CLIENT_TIMEOUT, "client stopped reading the response"
             return False
         except ConnectionError:
-            record.end, record.detail = "client_closed", "client left during the response"
+            record.end, record.detail = End.CLIENT_CLOSED, "client left during the response"
             return False
         return True
 
@@ -1665,12 +1667,12 @@ class HttpService(TcpService):
         except TimeoutError:
             client.abort()
             conn.abort()
-            record.end = "client_timeout"
+            record.end = End.CLIENT_TIMEOUT
             return
         if client.lost or conn.lost:
             client.abort()
             conn.abort()
-            record.end = "client_closed" if client.lost else "server_closed"
+            record.end = End.CLIENT_CLOSED if client.lost else End.SERVER_CLOSED
             return
         assert client.held is not None and conn.held is not None
         to_node, to_client = bytes(client.held), bytes(conn.held)
@@ -1695,7 +1697,7 @@ class HttpService(TcpService):
                 except (OSError, TimeoutError):
                     client_sock.close()
                     node_sock.close()
-                    record.end = "client_closed"
+                    record.end = End.CLIENT_CLOSED
                     return
                 result = await self.relayer(client_sock, node_sock, idle_timeout=idle, timeout_end=End.CLIENT_TIMEOUT)
             else:
@@ -1710,11 +1712,11 @@ class HttpService(TcpService):
             if not record.halted or task is None:
                 raise
             task.uncancel()  # cut by a halt (the relay closed both sides): this exchange ends here
-            record.end = "halted"
+            record.end = End.HALTED
             return
         record.bytes_up += result.bytes_up
         record.bytes_down += result.bytes_down
-        record.end = result.end.value
+        record.end = result.end
 
     @staticmethod
     def _hold(side: _Side) -> None:
@@ -1778,13 +1780,13 @@ class HttpService(TcpService):
 
     def _log_request(self, record: _Record) -> None:
         status = record.status
-        if 0 < status < 500 and record.end == "ok" and not record.halted and not log.isEnabledFor(logging.INFO):
+        if 0 < status < 500 and record.end is _OK and not record.halted and not log.isEnabledFor(logging.INFO):
             return  # the usual exchange, and no info lines wanted
         # A tunnel (101) ends when either side closes it: that is its normal end, not trouble (unless a halt cut it).
-        end = "halted" if record.halted else record.end
-        if end == "no_server":
-            self.rejections[end] += 1
-        trouble = end in _TROUBLE and (status != 101 or end == "halted")
+        end = End.HALTED if record.halted else record.end
+        if end is End.NO_SERVER:
+            self.rejections[end.value] += 1
+        trouble = end in _TROUBLE and (status != 101 or end is End.HALTED)
         level = logging.WARNING if not status or status >= 500 or trouble else logging.INFO
         if not log.isEnabledFor(level):
             return
@@ -1805,7 +1807,7 @@ class HttpService(TcpService):
             "duration": now - started,
             "reused": int(record.reused),
             "retries": record.retries,
-            "end": end,
+            "end": end.value,
         }
         if record.detail:
             fields["detail"] = record.detail
@@ -1815,7 +1817,7 @@ class HttpService(TcpService):
 
 
 #: How an exchange can end that is the node's fault (logged as a warning).
-_TROUBLE = frozenset({"server_closed", "server_timeout", "bad_response", "no_server", "halted"})
+_TROUBLE = frozenset({End.SERVER_CLOSED, End.SERVER_TIMEOUT, End.BAD_RESPONSE, End.NO_SERVER, End.HALTED})
 
 
 class _Retry(Exception):
