@@ -44,10 +44,10 @@ from pacslb.logs import log_event, setup_logging
 from pacslb.nodeadmin import NodeAdmin
 from pacslb.protocols.proxy import LOCAL_HEADER
 from pacslb.proxy.listener import Listener, bind_listener
-from pacslb.proxy.pool import RelayPool
 from pacslb.proxy.relay import DEFAULT_METHOD
 from pacslb.proxy.tcp import TcpService
-from pacslb.proxy.webpool import WebPool
+from pacslb.proxy.workers.relaypool import RelayPool
+from pacslb.proxy.workers.webpool import WebPool
 from pacslb.state.store import StateStore, open_store, snapshot_path
 from pacslb.tasks import cancel_and_wait
 

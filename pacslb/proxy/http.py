@@ -82,7 +82,7 @@ from pacslb.proxy.relay import RelayCancelled, relay_transports
 from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
 
 if TYPE_CHECKING:
-    from pacslb.proxy.webpool import WebPool
+    from pacslb.proxy.workers.webpool import WebPool
 
 log: Final = logging.getLogger("pacslb.http")
 
@@ -665,7 +665,7 @@ class HttpService(TcpService):
         self.idle: set[_Side] = set()  # client sides waiting between requests (closed at once on stop)
         self.claims_now = self.claims  # the exchanges' holds on their nodes (a halt cuts them)
         self.sweeper: asyncio.TimerHandle | None = None  # closes idle pooled connections (see _sweep)
-        # The main process's HTTP worker processes (pacslb/proxy/webpool.py), which serve some of the
+        # The main process's HTTP worker processes (pacslb/proxy/workers/webpool.py), which serve some of the
         # connections this service accepts; None where there are none, and in a worker itself.
         self.web_pool: WebPool | None = None
         self.worker: int | None = None  # in an HTTP worker process: its number (its log lines say it)

@@ -204,7 +204,9 @@ def _assert_clean_exit(demo: Demo, study_dir: Path) -> None:
     # them too.
     children = _run("ps", "-o", "pid=,args=", "--ppid", str(demo.proc.pid)).stdout.splitlines()
     kinds = sorted(line.split()[3] for line in children)
-    assert kinds == sorted(["pacslb.proxy.workers", "pacslb.proxy.webworker"] * (len(children) // 2)), children
+    assert kinds == sorted(
+        ["pacslb.proxy.workers.relayworker", "pacslb.proxy.workers.webworker"] * (len(children) // 2)
+    ), children
     assert demo.stop() == 0, demo.stderr()
     pids = [line.split()[0] for line in children]
     left = [pid for pid in pids if _run("ps", "-o", "stat=", "-p", pid).stdout.strip() not in ("", "Z")]

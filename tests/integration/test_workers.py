@@ -17,8 +17,8 @@ from inproc import echo_server, free_port, run, tcp_pair
 from pacslb.config import load_config_text
 from pacslb.engine import Engine
 from pacslb.proxy.outcome import End
-from pacslb.proxy.pool import RelayPool
 from pacslb.proxy.relay import IDLE_PIPES, close_idle_pipes
+from pacslb.proxy.workers.relaypool import RelayPool
 
 
 def config(port: int, backend: int, workers: int = 3) -> str:

@@ -1,4 +1,4 @@
-"""HTTP served in worker processes too: the main process's side (pacslb/proxy/webworker.py is the workers').
+"""HTTP served in worker processes too: the main process's side (pacslb/proxy/workers/webworker.py is the workers').
 
 Theory of operation. In http mode each request costs the balancer tens of microseconds of Python (parsing,
 both heads, the decision, the bookkeeping), so one process saturates a core long before the network
@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 from pacslb.balance.decision import choose
 from pacslb.balance.persistence import source_ip_key
-from pacslb.proxy.control import Channel
 from pacslb.proxy.outcome import End
+from pacslb.proxy.workers.control import Channel
 
 if TYPE_CHECKING:
     from pacslb.balance.server import ServerState
@@ -118,7 +118,11 @@ class _Worker(Channel):
 
     def __init__(self, pool: WebPool, loop: asyncio.AbstractEventLoop, index: int) -> None:
         super().__init__(
-            loop, index, "pacslb.proxy.webworker", lambda: pool._on_message(self), lambda: pool._worker_lost(self)
+            loop,
+            index,
+            "pacslb.proxy.workers.webworker",
+            lambda: pool._on_message(self),
+            lambda: pool._worker_lost(self),
         )
         self.conns: dict[int, _Handed] = {}
         # What its reports added to each node's open connections, taken back if it dies.

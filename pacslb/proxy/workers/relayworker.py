@@ -7,8 +7,8 @@ socket (SCM_RIGHTS), and wait for the worker to report how the connection ended.
 counters and limits stay exact (one table, one process), while the work that grows with traffic, moving
 bytes, is spread over the cores. ``workers: N`` means N processes in all: the main process relays too,
 and each connection goes to whichever process relays the fewest connections, the main process's own
-counting :data:`pacslb.proxy.pool.MAIN_RELAY_WEIGHT` times (it does all the accepting and deciding
-besides). The main process's side is pacslb/proxy/pool.py; this module is the workers' side, and is
+counting :data:`pacslb.proxy.workers.relaypool.MAIN_RELAY_WEIGHT` times (it does all the accepting and deciding
+besides). The main process's side is pacslb/proxy/workers/relaypool.py; this module is the workers' side, and is
 what a worker process imports.
 
 Messages on each worker's control socket (SOCK_SEQPACKET, so each is one packet):
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pacslb.workers")
 
-#: The messages on a control socket (see above), shared with the main process's side (pool.py).
+#: The messages on a control socket (see above), shared with the main process's side (relaypool.py).
 RELAY_MSG = struct.Struct(">cQdB")
 ABORT_MSG = struct.Struct(">cQ")
 DONE_MSG = struct.Struct(">cQQQB")
@@ -58,7 +58,7 @@ WORKER_STOP_TIMEOUT = 5.0
 # -- the worker process -------------------------------------------------------------------------------------
 #
 # A worker imports as little as it can: with the splice relay it runs on its own small epoll loop
-# (pacslb/proxy/eventloop.py) and never imports asyncio; only the buffered relay (where splice is not
+# (pacslb/proxy/workers/eventloop.py) and never imports asyncio; only the buffered relay (where splice is not
 # available, or PACSLB_RELAY=buffered) needs asyncio's transports.
 
 
@@ -137,8 +137,8 @@ class _Serving:
 
 
 def _serve_splice(control: socket.socket) -> None:
-    from pacslb.proxy.eventloop import EpollLoop
     from pacslb.proxy.pumps import start_splice
+    from pacslb.proxy.workers.eventloop import EpollLoop
 
     loop = EpollLoop()
 

@@ -1,4 +1,4 @@
-"""The relay pool: the main process's side of the relay workers (pacslb/proxy/workers.py has the theory
+"""The relay pool: the main process's side of the relay workers (pacslb/proxy/workers/relayworker.py has the theory
 of operation, the messages, and the workers' side)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import socket
 from collections.abc import Callable
 
 from pacslb.descriptors import EXHAUSTION
-from pacslb.proxy.control import Channel
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayHandle, RelayResult, cancelled_relay, start_relay
-from pacslb.proxy.workers import ABORT_MSG, DONE_MSG, END_CODE, ENDS, RELAY_MSG, WORKER_STOP_TIMEOUT
+from pacslb.proxy.workers.control import Channel
+from pacslb.proxy.workers.relayworker import ABORT_MSG, DONE_MSG, END_CODE, ENDS, RELAY_MSG, WORKER_STOP_TIMEOUT
 
 log = logging.getLogger("pacslb.workers")
 
@@ -31,7 +31,11 @@ class _Worker(Channel):
 
     def __init__(self, pool: RelayPool, loop: asyncio.AbstractEventLoop, index: int) -> None:
         super().__init__(
-            loop, index, "pacslb.proxy.workers", lambda: pool._on_message(self), lambda: pool._worker_lost(self)
+            loop,
+            index,
+            "pacslb.proxy.workers.relayworker",
+            lambda: pool._on_message(self),
+            lambda: pool._worker_lost(self),
         )
         self.pending: dict[int, Callable[[RelayResult], None]] = {}  # told how each connection ended
         self.full_until = 0.0  # out of descriptors: given no connection before this (loop time)

@@ -1,6 +1,6 @@
 """A web worker process: serves the http-mode connections the main process hands it.
 
-The theory of operation and the messages are in pacslb/proxy/webpool.py (the main process's side). A
+The theory of operation and the messages are in pacslb/proxy/workers/webpool.py (the main process's side). A
 worker runs the same :class:`~pacslb.proxy.http.HttpService` as the main process, one per http service of
 the config it was sent, with no listener and no persistence table of its own: each connection decides
 with its lease. The nodes' state is what the main process last pushed; the counters its requests change
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from pacslb.balance.persistence import Lease
 from pacslb.balance.server import ServerState
 from pacslb.logs import setup_logging
-from pacslb.proxy.control import next_size
-from pacslb.proxy.webpool import COUNT_INTERVAL
+from pacslb.proxy.workers.control import next_size
+from pacslb.proxy.workers.webpool import COUNT_INTERVAL
 
 if TYPE_CHECKING:
     from pacslb.config.model import Config

@@ -1,6 +1,6 @@
 """The main process's side of one worker process: the process and its control socket.
 
-Both kinds of worker (relay workers, pacslb/proxy/pool.py; web workers, pacslb/proxy/webpool.py) are
+Both kinds of worker (relay workers, relaypool.py beside this module; web workers, webpool.py) are
 started the same way and spoken to the same way: a SOCK_SEQPACKET socket pair, one message per packet,
 descriptors passed with SCM_RIGHTS. A message that cannot be sent at once (the worker is busy and its
 socket buffer full) waits in order with copies of its descriptors, and goes when the socket is writable.
