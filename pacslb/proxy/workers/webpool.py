@@ -19,18 +19,9 @@ reload, a halt's cut when its grace is over, and the stop. The workers send back
 bytes), so the dashboard, the metrics and leastconn see every process's traffic. Each worker writes its
 own access-log lines (they say ``worker=N``).
 
-Messages (pickled tuples, one per SOCK_SEQPACKET packet; a connection's socket travels with its message):
-    main -> worker  ("config", config)                      the services, at start and on reload
-    main -> worker  ("state", {service: [(node, health, admin, weight, down_elsewhere)]})
-    main -> worker  ("conn", conn_id, service, peer, node, fresh)   + the client socket
-    main -> worker  ("abort", conn_id)                      the shutdown grace is over for it
-    main -> worker  ("cut", service, node)                  a halt's grace is over
-    main -> worker  ("stop", service)                       no new requests; close what idles
-    worker -> main  ("end", conn_id)                        the connection closed
-    worker -> main  ("bind", conn_id, node or None)         the client moved to another node
-    worker -> main  ("counts", {service: {node: (active, total, up, down)}}, {service: {reason: n}})
-    worker -> main  ("cut", service, node, exchanges cut)
-    worker -> main  ("connect_failed", service, node)      check it now
+The messages, one class per kind, are in messages.py beside this module:
+    main -> worker  Configure, State (the nodes), Conn (+ the client socket), Abort, Cut (a halt), Stop
+    worker -> main  Ended, Bind (the client moved to another node), Counts, CutDone, ConnectFailed
 A worker exits when its control socket closes, once its connections have ended (the main process closes
 it after its own shutdown grace, and kills a worker that takes longer than :data:`STOP_TIMEOUT`).
 """
@@ -39,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,6 +38,24 @@ from pacslb.balance.decision import choose
 from pacslb.balance.persistence import source_ip_key
 from pacslb.proxy.outcome import End
 from pacslb.proxy.workers.control import Channel
+from pacslb.proxy.workers.messages import (
+    Abort,
+    BadMessage,
+    Bind,
+    Configure,
+    Conn,
+    ConnectFailed,
+    Counts,
+    Cut,
+    CutDone,
+    Ended,
+    NodeState,
+    State,
+    Stop,
+    ToWorker,
+    decode_to_main,
+    encode,
+)
 
 if TYPE_CHECKING:
     from pacslb.balance.server import ServerState
@@ -69,9 +77,9 @@ STOP_TIMEOUT = 5.0
 MAIN_WEIGHT = 1
 
 
-def server_states(servers: list[ServerState]) -> list[tuple[str, str, str, int, str | None]]:
-    """What a worker needs of each node's state (the message ``state``)."""
-    return [(s.name, s.health, s.admin, s.weight, s.down_elsewhere) for s in servers]
+def server_states(servers: list[ServerState]) -> list[NodeState]:
+    """What a worker needs of each node's state (the message :class:`State`)."""
+    return [NodeState.of(s) for s in servers]
 
 
 class _Handed:
@@ -91,7 +99,7 @@ class _Handed:
 
     def cancel(self, end: End) -> None:
         """The shutdown grace is over (``end``): the worker closes it, and reports its end as usual."""
-        self.pool._send(self.worker, ("abort", self.conn_id))
+        self.pool._send(self.worker, Abort(self.conn_id))
 
     def rebind(self, node: str | None, now: float) -> None:
         table = self.service.table
@@ -148,7 +156,7 @@ class WebPool:
         self._next_id = 0
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._synced: dict[str, list[tuple[str, str, str, int, str | None]]] = {}
+        self._synced: dict[str, list[NodeState]] = {}
         self._syncer: asyncio.TimerHandle | None = None
 
     def start(self, config: Config) -> None:
@@ -166,14 +174,14 @@ class WebPool:
     def configure(self, config: Config) -> None:
         """The services a worker serves (at start and on reload); the nodes' state follows."""
         for worker in self.workers:
-            self._send(worker, ("config", config))
+            self._send(worker, Configure(config))
         self._synced = {}
         self.sync()
 
     def sync(self) -> None:
         """Push the nodes' state of every http service where it changed since the last push."""
-        changed: dict[str, list[tuple[str, str, str, int, str | None]]] = {}
-        current: dict[str, list[tuple[str, str, str, int, str | None]]] = {}
+        changed: dict[str, list[NodeState]] = {}
+        current: dict[str, list[NodeState]] = {}
         for name, service in self.services().items():
             if service.spec.mode != "http":
                 continue
@@ -184,7 +192,7 @@ class WebPool:
         self._synced = current
         if changed:
             for worker in self.workers:
-                self._send(worker, ("state", changed))
+                self._send(worker, State(changed))
 
     def _tick(self) -> None:
         self.sync()
@@ -226,23 +234,23 @@ class WebPool:
         service.conns.add(conn)  # type: ignore[arg-type]  # counted, cancelled and drained as a connection
         service._admitted(conn)  # its end releases what the per-client limits admitted
         try:
-            self._send(worker, ("conn", conn.conn_id, service.name, peer, node, fresh), [sock.fileno()])
+            self._send(worker, Conn(conn.conn_id, service.name, peer, node, fresh), [sock.fileno()])
         finally:
             sock.close()  # the worker has its own copy now
         return True
 
     def cut(self, service: HttpService, server: ServerState) -> None:
         for worker in self.workers:
-            self._send(worker, ("cut", service.name, server.name))
+            self._send(worker, Cut(service.name, server.name))
 
     def stop_service(self, service: HttpService) -> None:
         for worker in self.workers:
-            self._send(worker, ("stop", service.name))
+            self._send(worker, Stop(service.name))
 
-    def _send(self, worker: _Worker, message: tuple[Any, ...], fds: Sequence[int] = ()) -> None:
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    def _send(self, worker: _Worker, message: ToWorker, fds: Sequence[int] = ()) -> None:
+        data = encode(message)
         if len(data) > MAX_MESSAGE:
-            log.error("web worker message too large (%d bytes): %s not sent", len(data), message[0])
+            log.error("web worker message too large (%d bytes): %s not sent", len(data), type(message).__name__)
             return
         worker.send(data, fds)
 
@@ -254,31 +262,33 @@ class WebPool:
                 self._worker_lost(worker)
                 return
             try:
-                self._handle(worker, pickle.loads(data))
+                self._handle(worker, decode_to_main(data))
+            except BadMessage as exc:
+                log.error("web worker %d: %s", worker.index, exc)
             except Exception:
                 log.exception("bad message from web worker %d", worker.index)
 
-    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+    def _handle(self, worker: _Worker, message: object) -> None:
         assert self._loop is not None
-        kind = message[0]
-        if kind == "end":
-            conn = worker.conns.pop(message[1], None)
-            if conn is not None:
-                conn.release(self._loop.time())
-                conn.service._conn_finished(conn)  # type: ignore[arg-type]
-        elif kind == "bind":
-            conn = worker.conns.get(message[1])
-            if conn is not None:
-                conn.rebind(message[2], self._loop.time())
-        elif kind == "counts":
-            self._add_counts(worker, message[1], message[2])
-        elif kind == "cut":
-            if message[3]:
-                self.on_cut(message[1], message[2], message[3])
-        elif kind == "connect_failed":
-            server = self._server(message[1], message[2])
-            if server is not None:
-                self.on_connect_failed(message[1], server)
+        match message:
+            case Ended(conn_id):
+                conn = worker.conns.pop(conn_id, None)
+                if conn is not None:
+                    conn.release(self._loop.time())
+                    conn.service._conn_finished(conn)  # type: ignore[arg-type]
+            case Bind(conn_id, node):
+                conn = worker.conns.get(conn_id)
+                if conn is not None:
+                    conn.rebind(node, self._loop.time())
+            case Counts(nodes, rejections):
+                self._add_counts(worker, nodes, rejections)
+            case CutDone(service, node, cut):
+                if cut:
+                    self.on_cut(service, node, cut)
+            case ConnectFailed(service, node):
+                server = self._server(service, node)
+                if server is not None:
+                    self.on_connect_failed(service, server)
 
     def _server(self, service_name: str, node: str) -> ServerState | None:
         service = self.services().get(service_name)

@@ -14,17 +14,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import pickle
 import signal
 import socket
 import sys
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pacslb.balance.persistence import Lease
 from pacslb.balance.server import ServerState
 from pacslb.logs import setup_logging
 from pacslb.proxy.workers.control import next_size
+from pacslb.proxy.workers.messages import (
+    Abort,
+    BadMessage,
+    Bind,
+    Configure,
+    Conn,
+    ConnectFailed,
+    Counts,
+    Cut,
+    CutDone,
+    Ended,
+    State,
+    Stop,
+    ToMain,
+    decode_to_worker,
+    encode,
+)
 from pacslb.proxy.workers.webpool import COUNT_INTERVAL
 
 if TYPE_CHECKING:
@@ -68,56 +84,61 @@ class _Worker:
                 self.closed.set()
                 return
             try:
-                self.handle(pickle.loads(data), fds)
+                self.handle(decode_to_worker(data), fds)
+            except BadMessage as exc:
+                log.error("web worker %d: %s", self.index, exc)
+                for fd in fds:
+                    socket.socket(fileno=fd).close()
             except Exception:
                 log.exception("web worker %d: a message failed", self.index)
                 for fd in fds:
                     socket.socket(fileno=fd).close()
 
-    def handle(self, message: tuple[Any, ...], fds: list[int]) -> None:
-        kind = message[0]
-        if kind == "conn":
-            _, conn_id, name, peer, node, fresh = message
-            sock = socket.socket(fileno=fds[0])
-            service = self.services.get(name)
-            if service is None:  # the main process handed it just before a reload removed the service
-                sock.close()
-                self.send(("end", conn_id))
-                return
-            sock.setblocking(False)
-            lease = Lease(node, fresh, lambda new: self.send(("bind", conn_id, new)))
-            service.active += 1
-            service.total += 1
-            self.conns[conn_id] = (service, service.adopt(sock, tuple(peer), lease, lambda: self.ended(conn_id)))
-        elif kind == "abort":
-            entry = self.conns.get(message[1])
-            if entry is not None:
-                entry[1].cancel()
-        elif kind == "state":
-            for name, states in message[1].items():
+    def handle(self, message: object, fds: list[int]) -> None:
+        match message:
+            case Conn(conn_id, name, peer, node, fresh):
+                sock = socket.socket(fileno=fds[0])
                 service = self.services.get(name)
-                if service is None:
-                    continue
-                by_name = {s.name: s for s in service.servers}
-                for node, health, admin, weight, down_elsewhere in states:
-                    server = by_name.get(node)
-                    if server is not None:
-                        server.health, server.admin, server.weight = health, admin, weight
-                        server.down_elsewhere = down_elsewhere
-        elif kind == "cut":  # in the service of that name, and in one a reload retired that still has exchanges
-            cut = 0
-            for service in [*self.retired, *self.services.values()]:
-                if service.name == message[1]:
-                    server = next((s for s in service.servers if s.name == message[2]), None)
-                    if server is not None:
-                        cut += service.close_server_connections(server)
-            self.send(("cut", message[1], message[2], cut))
-        elif kind == "stop":
-            service = self.services.get(message[1])
-            if service is not None:
-                service.stop_accepting()
-        elif kind == "config":
-            self.configure(message[1])
+                if service is None:  # the main process handed it just before a reload removed the service
+                    sock.close()
+                    self.send(Ended(conn_id))
+                    return
+                sock.setblocking(False)
+                lease = Lease(node, fresh, lambda new: self.send(Bind(conn_id, new)))
+                service.active += 1
+                service.total += 1
+                task = service.adopt(sock, (peer[0], peer[1]), lease, lambda: self.ended(conn_id))
+                self.conns[conn_id] = (service, task)
+            case Abort(conn_id):
+                entry = self.conns.get(conn_id)
+                if entry is not None:
+                    entry[1].cancel()
+            case State(by_service):
+                for name, states in by_service.items():
+                    service = self.services.get(name)
+                    if service is None:
+                        continue
+                    by_name = {s.name: s for s in service.servers}
+                    for state in states:
+                        server = by_name.get(state.name)
+                        if server is not None:
+                            server.health, server.admin, server.weight = state.health, state.admin, state.weight
+                            server.down_elsewhere = state.down_elsewhere
+            case Cut(name, node):
+                # In the service of that name, and in one a reload retired that still has exchanges.
+                cut = 0
+                for service in [*self.retired, *self.services.values()]:
+                    if service.name == name:
+                        server = next((s for s in service.servers if s.name == node), None)
+                        if server is not None:
+                            cut += service.close_server_connections(server)
+                self.send(CutDone(name, node, cut))
+            case Stop(name):
+                service = self.services.get(name)
+                if service is not None:
+                    service.stop_accepting()
+            case Configure(config):
+                self.configure(config)
 
     def configure(self, config: Config) -> None:
         from pacslb.proxy.http import HttpService
@@ -153,8 +174,8 @@ class _Worker:
 
     # -- worker -> main ------------------------------------------------------------------------------------
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    def send(self, message: ToMain) -> None:
+        data = encode(message)
         if self.outbox:  # behind what waits already: the main process reads them in order
             self.outbox.append(data)
             return
@@ -168,10 +189,10 @@ class _Worker:
 
     def ended(self, conn_id: int) -> None:
         self.conns.pop(conn_id, None)
-        self.send(("end", conn_id))
+        self.send(Ended(conn_id))
 
     def connect_failed(self, service: str, server: ServerState) -> None:
-        self.send(("connect_failed", service, server.name))
+        self.send(ConnectFailed(service, server.name))
 
     def report(self) -> None:
         """Send what the requests added to the counters since the last report."""
@@ -204,7 +225,7 @@ class _Worker:
                 rejections[service.name] = dict(service.rejections)
                 service.rejections.clear()
         if nodes or rejections:
-            self.send(("counts", nodes, rejections))
+            self.send(Counts(nodes, rejections))
         self.retired = [s for s in self.retired if s.connections]
         for gone in [server for server in self.reported if server not in current]:
             del self.reported[gone]  # reported to the end above: no longer in any service
