@@ -20,12 +20,13 @@ Signals are handled here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pacslb import descriptors
 from pacslb.admin import sdnotify
@@ -53,6 +54,7 @@ from pacslb.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from pacslb.admin.api import AdminServer
+    from pacslb.proxy.http import HttpService
 
 log = logging.getLogger("pacslb.engine")
 
@@ -266,7 +268,7 @@ class Engine:
                     service.attach(Listener(name, sock, service.accept))
         for name, service in old_services.items():
             if new_services.get(name) is not service:
-                service.stop_accepting()
+                self._stop_accepting(service)
                 if name not in new_services:
                     self.store.discard(name)
                 self.retired.append(service)
@@ -292,7 +294,23 @@ class Engine:
             self.web_pool.configure(config)
         for service in self.services.values():
             if service.spec.mode == "http":
-                service.web_pool = self.web_pool  # type: ignore[attr-defined]
+                service.hand_over = functools.partial(self.web_pool.take, cast("HttpService", service))
+
+    def _stop_accepting(self, service: TcpService) -> None:
+        """No new connection for ``service``, here nor in the web workers (they close what idles)."""
+        service.stop_accepting()
+        if self.web_pool is not None and service.spec.mode == "http":
+            self.web_pool.stop_service(cast("HttpService", service))
+
+    def close_server_connections(self, server: ServerState) -> int:
+        """A halt's grace is over: close the connections still relaying to ``server`` in every service
+        holding it (here; the web workers cut their own and report how many). Returns how many here."""
+        closed = 0
+        for service in [*self.services.values(), *self.retired]:
+            closed += service.close_server_connections(server)
+            if self.web_pool is not None and service.spec.mode == "http" and server in service.servers:
+                self.web_pool.cut(cast("HttpService", service), server)
+        return closed
 
     def _worker_cut(self, service: str, node: str, cut: int) -> None:
         """A web worker cut ``cut`` exchanges with a halted node (its part of :meth:`_halt_expired`)."""
@@ -455,7 +473,7 @@ class Engine:
         sdnotify.stopping()
         self.nodes.cancel_halts()
         for service in self.services.values():
-            service.stop_accepting()
+            self._stop_accepting(service)
         if self._sweeper is not None:
             self._sweeper.cancel()
         await asyncio.gather(*(m.stop() for m in self.monitors.values()), return_exceptions=True)

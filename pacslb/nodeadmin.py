@@ -206,7 +206,7 @@ class NodeAdmin:
         self.halt_timers.pop((service, server.name), None)
         if server.admin != "halt":
             return
-        closed = sum(s.close_server_connections(server) for s in [*self.engine.services.values(), *self.engine.retired])
+        closed = self.engine.close_server_connections(server)
         if closed:
             log_event(log, "halt_closed", logging.WARNING, service=service, server=server.name, connections=closed)
             self.engine.events.add(

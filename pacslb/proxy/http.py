@@ -40,7 +40,7 @@ import ssl
 import struct
 import termios
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 from pacslb.balance.claim import Claim
 from pacslb.balance.cookie import CookieCodec, choose_with_cookie
@@ -80,9 +80,6 @@ from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayCancelled, relay_transports
 from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
-
-if TYPE_CHECKING:
-    from pacslb.proxy.workers.webpool import WebPool
 
 log: Final = logging.getLogger("pacslb.http")
 
@@ -665,9 +662,6 @@ class HttpService(TcpService):
         self.idle: set[_Side] = set()  # client sides waiting between requests (closed at once on stop)
         self.claims_now = self.claims  # the exchanges' holds on their nodes (a halt cuts them)
         self.sweeper: asyncio.TimerHandle | None = None  # closes idle pooled connections (see _sweep)
-        # The main process's HTTP worker processes (pacslb/proxy/workers/webpool.py), which serve some of the
-        # connections this service accepts; None where there are none, and in a worker itself.
-        self.web_pool: WebPool | None = None
         self.worker: int | None = None  # in an HTTP worker process: its number (its log lines say it)
 
     # -- configuration -----------------------------------------------------------------------------------
@@ -692,8 +686,6 @@ class HttpService(TcpService):
     def stop_accepting(self) -> None:
         super().stop_accepting()
         self.stopping = True
-        if self.web_pool is not None:
-            self.web_pool.stop_service(self)
         if self.redirect is not None:
             self.redirect.close()
             self.redirect = None
@@ -733,9 +725,6 @@ class HttpService(TcpService):
     # -- client connections --------------------------------------------------------------------------------
 
     def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        pool = self.web_pool
-        if pool is not None and pool.take(self, sock, peer):
-            return  # a worker process serves it
         self._spawn(self._handle(sock, peer))  # a task per connection: it reads from the client first
 
     def adopt(
@@ -922,9 +911,6 @@ class HttpService(TcpService):
         """A halt's grace is over: cut the exchanges still in progress with ``server`` (a request waiting
         for its response gets 502, a response or tunnel in progress is cut off) and close its pooled
         connections. Returns how many exchanges were cut."""
-        if self.web_pool is not None and server in self.servers_now:
-            # The workers' exchanges (by name: only if it is this service's node): each reports how many.
-            self.web_pool.cut(self, server)
         cut = self.claims_now.cut(server)
         pool = self.pools.pop(server, None)
         for conn in list(pool.conns) if pool is not None else []:

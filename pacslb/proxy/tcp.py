@@ -186,6 +186,9 @@ class TcpService:
         # Set by the engine: what moves the bytes (here, or in a relay worker process).
         self.relayer: Relayer = relay
         self.starter: RelayStarter = start_relay
+        # Set by the engine where other processes serve this mode too (http's web workers): gives a new
+        # connection, admitted here, to one of them (True), or leaves it to this process (False).
+        self.hand_over: Callable[[socket.socket, tuple[str, int]], bool] | None = None
         self._loop = asyncio.get_running_loop()
         # Per-client limits: the counts (kept across reloads), each admitted connection's client, the
         # client of the connection being started (see _admitted), and the rate-limited log of refusals.
@@ -248,7 +251,8 @@ class TcpService:
         if self.active >= self.accept_limit and self.listener is not None:
             self.listener.pause()
         try:
-            self._start(sock, peer)
+            if self.hand_over is None or not self.hand_over(sock, peer):
+                self._start(sock, peer)
         finally:
             if self._admitting is not None:  # no connection took it (a bug): let it go at once
                 self.limits.release(self._admitting, self._loop.time())
