@@ -46,6 +46,7 @@ from pacslb.nodeadmin import NodeAdmin
 from pacslb.protocols.proxy import LOCAL_HEADER
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.relay import DEFAULT_METHOD
+from pacslb.proxy.service import Service
 from pacslb.proxy.tcp import TcpService
 from pacslb.proxy.workers.relaypool import RelayPool
 from pacslb.proxy.workers.webpool import WebPool
@@ -67,7 +68,7 @@ SWEEP_INTERVAL = 30.0
 BACKGROUND_STOP_TIMEOUT = 5.0
 
 
-def service_class(mode: str) -> type[TcpService]:
+def service_class(mode: str) -> type[Service]:
     """The service class of a config ``mode``. The dicom and http modules are imported when a service of
     their mode is first made: the HTTP proxy and its parser cost megabytes that a balancer of plain TCP
     services would carry for nothing."""
@@ -111,8 +112,8 @@ class Engine:
         # (The memory store keeps a snapshot beside the admin state file, so a restart keeps the pins.)
         snapshot = snapshot_path(config.admin.state_file if config.admin is not None else None)
         self.store: StateStore = store if store is not None else open_store(config.cluster, snapshot)
-        self.services: dict[str, TcpService] = {}
-        self.retired: list[TcpService] = []
+        self.services: dict[str, Service] = {}
+        self.retired: list[Service] = []
         self.monitors: dict[tuple[str, str], Monitor] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
@@ -236,7 +237,7 @@ class Engine:
     def _apply(self, config: Config, bound: dict[str, socket.socket]) -> None:
         old_services = self.services
         by_address = {str(s.spec.listen): s for s in old_services.values() if s.listener is not None}
-        new_services: dict[str, TcpService] = {}
+        new_services: dict[str, Service] = {}
         for name, spec in config.services.items():
             previous = old_services.get(name)
             if previous is not None and previous.spec.mode != spec.mode:
@@ -296,7 +297,7 @@ class Engine:
             if service.spec.mode == "http":
                 service.hand_over = functools.partial(self.web_pool.take, cast("HttpService", service))
 
-    def _stop_accepting(self, service: TcpService) -> None:
+    def _stop_accepting(self, service: Service) -> None:
         """No new connection for ``service``, here nor in the web workers (they close what idles)."""
         service.stop_accepting()
         if self.web_pool is not None and service.spec.mode == "http":

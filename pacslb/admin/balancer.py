@@ -16,14 +16,14 @@ if TYPE_CHECKING:
     from pacslb.cluster.role import ClusterRole
     from pacslb.config import Config
     from pacslb.nodeadmin import NodeAdmin
-    from pacslb.proxy.tcp import TcpService
+    from pacslb.proxy.service import Service
     from pacslb.state.store import StateStore
 
 
 class Balancer(Protocol):
     config: Config
     config_path: str | None
-    services: dict[str, TcpService]
+    services: dict[str, Service]
     monitors: dict[tuple[str, str], Monitor]
     events: EventLog
     role: ClusterRole

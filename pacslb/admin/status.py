@@ -16,7 +16,7 @@ from pacslb.balance.server import ServerState
 
 if TYPE_CHECKING:
     from pacslb.admin.balancer import Balancer
-    from pacslb.proxy.tcp import TcpService
+    from pacslb.proxy.service import Service
 
 
 def effective_health(server: ServerState) -> str:
@@ -54,7 +54,7 @@ def server_status(engine: Balancer, service: str, server: ServerState, loop_now:
     }
 
 
-def service_status(engine: Balancer, name: str, service: TcpService, loop_now: float) -> dict[str, Any]:
+def service_status(engine: Balancer, name: str, service: Service, loop_now: float) -> dict[str, Any]:
     spec = service.spec
     servers = [server_status(engine, name, s, loop_now) for s in service.servers]
     usable = sum(1 for s in service.servers if s.schedulable)

@@ -33,6 +33,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pacslb.balance.claim import Claim
@@ -70,8 +71,8 @@ from pacslb.protocols.dicom import (
 from pacslb.protocols.proxy import proxy_header
 from pacslb.proxy.dicomtls import StreamConn, identities, listener_context, node_context
 from pacslb.proxy.outcome import End
-from pacslb.proxy.relay import RelayCancelled, relay_transports
-from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
+from pacslb.proxy.relay import RelayCancelled, RelayResult, relay_transports
+from pacslb.proxy.service import Service, TaskCut, addr_text, connect_to, tune
 
 log = logging.getLogger("pacslb.dicom")
 
@@ -181,15 +182,17 @@ async def _send_and_close(conn: _Conn, pdu: bytes) -> None:
         conn.close()
 
 
-class DicomService(TcpService):
+class DicomService(Service):
     """One dicom-mode virtual service."""
 
     ae_stats: OrderedDict[str, AEStats]
     tls: ssl.SSLContext | None  # the listener's (dicom.tls)
     node_tls: TlsTarget | None  # toward the nodes, and for their checks (dicom.node_tls)
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self, name: str, spec: ServiceSpec, servers: list[ServerState], table: PersistenceTable | None
+    ) -> None:
+        super().__init__(name, spec, servers, table)
         self.ae_stats = OrderedDict()
         self.tls = self.node_tls = None
         self._tls_contexts(self.spec)
@@ -225,6 +228,8 @@ class DicomService(TcpService):
     def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         self._spawn(self._handle(sock, peer))  # a task per connection: it reads from the client first
 
+    limit_word = "A-ASSOCIATE-RJ"
+
     def limit_answer(self) -> tuple[bytes, bool] | None:
         # Local limit exceeded, transient (PS3.8 9.3.4): the modality retries later, as it does on maxconn.
         return _rj(AT_LIMIT), True
@@ -237,7 +242,7 @@ class DicomService(TcpService):
         record = _Record(self, peer, started)
         client: _Conn | None = None
         try:
-            _tune(sock)
+            tune(sock)
             record.local = sock.getsockname()
             if self.tls is None:
                 client = _Sock(sock, loop)
@@ -461,6 +466,41 @@ class DicomService(TcpService):
         self._count(stats, record, rq, early, answer, rest, up, down)
         record.end = end
         record.done("accepted", "", "")
+
+    async def relay(
+        self, client: socket.socket, server_sock: socket.socket, claim: Claim, key: str | None
+    ) -> tuple[int, int, End]:
+        """Relay a connection whose server was chosen (``claim``) and connected, binding the claim (the
+        persistence entry of ``key``, the node's counters, a halt's cut) and releasing it at the end.
+        Returns bytes up, bytes down, the end."""
+        return await self.relay_with(
+            lambda idle, end: self.relayer(client, server_sock, idle_timeout=idle, timeout_end=end), claim, key
+        )
+
+    async def relay_with(
+        self, run: Callable[[float, End], Awaitable[RelayResult]], claim: Claim, key: str | None
+    ) -> tuple[int, int, End]:
+        """:meth:`relay`, with the relay that ``run(idle_timeout, timeout_end)`` runs (mode dicom's TLS
+        associations: the buffered relay over their transports)."""
+        loop = self._loop
+        task = asyncio.current_task()
+        claim.bind(self.table, key, loop.time(), TaskCut(task, self.halting) if task is not None else None)
+        timeouts = self.spec.timeouts
+        idle = min(timeouts.client_idle, timeouts.server_idle)
+        timeout_end = End.CLIENT_TIMEOUT if timeouts.client_idle <= timeouts.server_idle else End.SERVER_TIMEOUT
+        up = down = 0
+        end = End.ERROR
+        try:
+            result = await run(idle, timeout_end)
+            up, down, end = result.bytes_up, result.bytes_down, result.end
+        except RelayCancelled as exc:  # a halt or the shutdown: what was moved still counts
+            up, down = exc.result.bytes_up, exc.result.bytes_down
+            raise
+        except Exception:
+            log.exception("relay failed on service %s", self.name)
+        finally:
+            claim.release(loop.time(), up, down)
+        return up, down, end
 
     @staticmethod
     def _count(

@@ -45,6 +45,7 @@ from typing import Final, cast
 from pacslb.balance.claim import Claim
 from pacslb.balance.cookie import CookieCodec, choose_with_cookie
 from pacslb.balance.decision import Attempts, Decision
+from pacslb.balance.limits import retry_after
 from pacslb.balance.persistence import PersistenceTable, source_ip_key
 from pacslb.balance.server import ServerState
 from pacslb.config.model import HttpSpec, ServiceSpec
@@ -79,7 +80,7 @@ from pacslb.protocols.http1 import (
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayCancelled, relay_transports
-from pacslb.proxy.tcp import TcpService, _tune, addr_text, connect_to
+from pacslb.proxy.service import Service, addr_text, connect_to, tune
 
 log: Final = logging.getLogger("pacslb.http")
 
@@ -637,7 +638,7 @@ class _Abort(Exception):
         self.response = response
 
 
-class HttpService(TcpService):
+class HttpService(Service):
     """One http-mode virtual service."""
 
     def __init__(
@@ -724,6 +725,16 @@ class HttpService(TcpService):
 
     # -- client connections --------------------------------------------------------------------------------
 
+    limit_word = "429"
+
+    def limit_answer(self) -> tuple[bytes, bool] | None:
+        """429 Too Many Requests (RFC 6585 section 4) with Retry-After, and the connection closes; over TLS
+        nothing can be said without a handshake: closed at once."""
+        if self.settings.tls is not None:
+            return None
+        retry = b"%d" % retry_after(self.spec.limits)
+        return simple_response(429, b"429 Too Many Requests\n", extra=[(b"Retry-After", retry)]), False
+
     def _start(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         self._spawn(self._handle(sock, peer))  # a task per connection: it reads from the client first
 
@@ -749,7 +760,7 @@ class HttpService(TcpService):
         loop = self.loop
         settings = self.settings
         try:
-            _tune(client_sock)
+            tune(client_sock)
             limits = settings.http.limits
             client = _Client(loop, RequestReader(limits.max_head_size, limits.max_headers), peer)
             client.lease = lease

@@ -252,9 +252,10 @@ def test_a_node_socket_pacslb_cannot_afford_is_its_own_failure_not_the_node_s(mo
     from pacslb.balance.server import ServerState
     from pacslb.config import load_config_text
     from pacslb.errors import ConnectFailed
+    from pacslb.proxy import service as base
     from pacslb.proxy import tcp
 
-    monkeypatch.setattr(tcp, "in_reserve", lambda fd: True)  # every new descriptor is in the reserve
+    monkeypatch.setattr(base, "in_reserve", lambda fd: True)  # every new descriptor is in the reserve
     spec = load_config_text("services:\n  svc:\n    listen: 127.0.0.1:1\n    servers: {a: 127.0.0.1:1}\n")
     woken: list[str] = []
 
@@ -262,7 +263,7 @@ def test_a_node_socket_pacslb_cannot_afford_is_its_own_failure_not_the_node_s(mo
         service = tcp.TcpService("svc", spec.services["svc"], [ServerState("a", "127.0.0.1", 1, 1)], None)
         service.on_connect_failed = lambda name, server: woken.append(server.name)
         try:
-            await tcp.connect_to(service.servers[0], 1.0)
+            await base.connect_to(service.servers[0], 1.0)
         except ConnectFailed as exc:
             service.connect_failed(("127.0.0.1", 5), service.servers[0], exc.reason, 1)
             return exc
@@ -270,6 +271,6 @@ def test_a_node_socket_pacslb_cannot_afford_is_its_own_failure_not_the_node_s(mo
 
     before = descriptors.EXHAUSTION.by_place["reserve"]
     failed = run(scenario)
-    assert failed.reason.startswith(tcp.LOCAL_FAILURE), failed.reason
+    assert failed.reason.startswith(base.LOCAL_FAILURE), failed.reason
     assert descriptors.EXHAUSTION.by_place["reserve"] == before + 1
     assert woken == []  # the node is not checked for pacslb's own shortage

@@ -5,4 +5,7 @@
 - Web workers (:mod:`.webworker`; :mod:`.webpool`) serve whole http-mode connections the main process
   accepted and handed them.
 - :mod:`.control` starts a worker and carries the messages and descriptors of either kind.
+
+The modes (pacslb/proxy/tcp.py, dicom.py, http.py) import nothing of this package: the engine gives them
+the relay pool's relay and the web pool's hand-over.
 """

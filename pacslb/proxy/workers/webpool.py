@@ -231,7 +231,7 @@ class WebPool:
         self._next_id += 1
         conn = _Handed(self, worker, service, self._next_id, key, node)
         worker.conns[conn.conn_id] = conn
-        service.conns.add(conn)  # type: ignore[arg-type]  # counted, cancelled and drained as a connection
+        service.conns.add(conn)  # counted, cancelled and drained as a connection
         service._admitted(conn)  # its end releases what the per-client limits admitted
         try:
             self._send(worker, Conn(conn.conn_id, service.name, peer, node, fresh), [sock.fileno()])
@@ -275,7 +275,7 @@ class WebPool:
                 conn = worker.conns.pop(conn_id, None)
                 if conn is not None:
                     conn.release(self._loop.time())
-                    conn.service._conn_finished(conn)  # type: ignore[arg-type]
+                    conn.service._conn_finished(conn)
             case Bind(conn_id, node):
                 conn = worker.conns.get(conn_id)
                 if conn is not None:
@@ -331,7 +331,7 @@ class WebPool:
         worker.conns.clear()
         for conn in lost:
             conn.release(now)
-            conn.service._conn_finished(conn)  # type: ignore[arg-type]
+            conn.service._conn_finished(conn)
         if expected:
             return
         if worker.proc.poll() is None:
