@@ -314,7 +314,8 @@ class Engine:
         return closed
 
     def _worker_cut(self, service: str, node: str, cut: int) -> None:
-        """A web worker cut ``cut`` exchanges with a halted node (its part of :meth:`_halt_expired`)."""
+        """A web worker cut ``cut`` exchanges with a halted node (its part of
+        :meth:`~pacslb.nodeadmin.NodeAdmin._halt_expired`)."""
         log_event(log, "halt_closed", logging.WARNING, service=service, server=node, connections=cut, by="worker")
         self.events.add(
             "halt", "warning", f"{node} halted in {service}: {cut} connection(s) closed in a worker",

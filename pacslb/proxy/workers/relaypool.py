@@ -121,7 +121,7 @@ class RelayPool:
         self, client: socket.socket, server: socket.socket, *, idle_timeout: float, timeout_end: End
     ) -> RelayResult:
         """:meth:`start_relay` as a coroutine. When cancelled, the relay is aborted and its report awaited for a
-        moment; the cancellation goes on as :class:`RelayCancelled`, with what was moved."""
+        moment; the cancellation goes on as :class:`~pacslb.proxy.relay.RelayCancelled`, with what was moved."""
         assert self._loop is not None
         done: asyncio.Future[RelayResult] = self._loop.create_future()
 
