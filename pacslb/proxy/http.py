@@ -401,7 +401,7 @@ class _Client(_Side):
         self.text = addr_text(peer)
         self.key: str | None = None  # its source-IP persistence key...
         self.key_spec: ServiceSpec | None = None  # ... as worked out for this spec (a reload may change it)
-        self.flight: _Flight | None = None  # the exchange the fast path is running for it
+        self.flight: _Exchange | None = None  # the exchange the fast path is running for it
         # The node the fast path chose for the request it left to the task (no pooled connection to it):
         # the task uses that choice rather than asking the scheduler again, which would skip a node.
         self.decided: Decision | None = None
@@ -423,7 +423,7 @@ class _NodeConn(_Side):
         self.idle_since = 0.0  # when it went into the pool
         self.responses: ResponseReader | None = None  # its reader, kept for the next request while pooled
         self.uses = 0
-        self.flight: _Flight | None = None  # the fast path's exchange waiting for this connection's response
+        self.flight: _Exchange | None = None  # the fast path's exchange waiting for this connection's response
 
     def _tick(self) -> None:
         if self.flight is None:
@@ -486,8 +486,11 @@ class _Held:
         return held
 
 
-class _Flight:
-    """An exchange the fast path started: the request went to a pooled node connection, with no task.
+class _Exchange:
+    """One exchange once its node is chosen and its connection there: what serving it needs, whoever
+    serves it. The fast path makes one when it sends a request to a pooled node connection itself (the
+    exchange is then in flight: ``client.flight``, ``conn.flight``), the client's task when it connects
+    (or when it finishes one the fast path handed it).
 
     (This class and :class:`_Record`, made for every request, are written out rather than dataclasses:
     compiled, a dataclass's generated ``__init__`` runs as interpreted Python.)"""
@@ -510,7 +513,7 @@ class _Flight:
         self.record = record
         self.rule = rule
         self.offered = offered
-        self.deadline = deadline  # for the response (``http.timeouts.server``)
+        self.deadline = deadline  # for the response (``http.timeouts.server``), once the request is sent
         self.handed = False  # given to the client's task to finish (see HttpService._fast_handover)
 
 
@@ -812,7 +815,7 @@ class HttpService(Service):
             record = _Record(client.text)
             # Wait for a request head: the keep-alive timeout until its first byte, then the head timeout.
             head: RequestHead | None = None
-            flight: _Flight | None = None
+            flight: _Exchange | None = None
             failed = False  # the request failed; what to answer then (None: no answer, only the log line)
             refusal: bytes | None = None
             self.idle.add(client)
@@ -893,18 +896,16 @@ class HttpService(Service):
             if flight is not None:  # the fast path's exchange, to finish here
                 client.flight = None
                 record = flight.record
-                exchange = self._exchange_tail(
-                    client, flight.conn, flight.claim, flight.head, record, flight.rule, flight.offered, flight.deadline
-                )
+                serving = self._exchange_tail(flight, True)
             else:
                 assert head is not None
                 client.served += 1
                 record.started = loop.time()
                 record.method = head.method.decode("latin-1")
                 record.target = head.target
-                exchange = self._exchange(client, head, self._client_key(client), record)
+                serving = self._exchange(client, head, self._client_key(client), record)
             try:
-                keep = await exchange
+                keep = await serving
             except _Abort as abort:
                 record.status = record.status or abort.status
                 record.end, record.detail = abort.end, abort.detail
@@ -1022,24 +1023,15 @@ class HttpService(Service):
         if rule == "fallback":
             table = None  # the fallback server is no persistence target
         claim.bind(table, key, now, record)
-        return await self._exchange_tail(client, conn, claim, head, record, rule, offered, None)
+        return await self._exchange_tail(_Exchange(client, conn, claim, head, record, rule, offered, 0.0), False)
 
-    async def _exchange_tail(
-        self,
-        client: _Client,
-        conn: _NodeConn,
-        claim: Claim,
-        head: RequestHead,
-        record: _Record,
-        rule: str,
-        offered: list[bytes],
-        sent_until: float | None,
-    ) -> bool:
-        """The exchange once its node connection is there (``claim`` bound): proxy it, then release the
-        claim. ``sent_until``: the request was sent already (by the fast path), and its response is due by
-        then."""
+    async def _exchange_tail(self, exchange: _Exchange, sent: bool) -> bool:
+        """The exchange once its node connection is there (its claim bound): proxy it, then release the
+        claim. ``sent``: the request was sent already (by the fast path), and its response is due by
+        ``exchange.deadline``."""
+        record, claim = exchange.record, exchange.claim
         try:
-            return await self._proxy(client, conn, claim.server, head, record, rule, offered, sent_until)
+            return await self._proxy(exchange, sent)
         except BaseException:
             if record.conn is not None:
                 record.conn.abort()  # whatever state it is in, it cannot serve another request
@@ -1117,7 +1109,7 @@ class HttpService(Service):
         default_host = server.address.encode() if head.version == "1.0" else b""
         conn.write(proxy_request_head(head, client.peer[0], settings.rewrite, default_host))
         deadline = now + settings.server_timeout
-        flight = _Flight(client, conn, claim, head, record, rule, offered, deadline)
+        flight = _Exchange(client, conn, claim, head, record, rule, offered, deadline)
         client.flight = conn.flight = flight
         conn.hook = self.response_hook
         conn.deadline = deadline
@@ -1146,7 +1138,7 @@ class HttpService(Service):
         self._fast_handover(flight)
         return True
 
-    def _fast_finish(self, flight: _Flight) -> None:
+    def _fast_finish(self, flight: _Exchange) -> None:
         conn, client, claim, record = flight.conn, flight.client, flight.claim, flight.record
         conn.hook = None
         conn.flight = client.flight = None
@@ -1170,7 +1162,7 @@ class HttpService(Service):
         if client.eof or client.error is not None or (client.reader is not None and client.reader.events):
             client.wake()
 
-    def _fast_handover(self, flight: _Flight) -> None:
+    def _fast_handover(self, flight: _Exchange) -> None:
         """Let the client's task finish a fast exchange: it waits for the response (what is left of its
         deadline), retries on a fresh connection, streams, or answers 502/504, as :meth:`_proxy` does."""
         flight.conn.hook = None
@@ -1178,7 +1170,7 @@ class HttpService(Service):
         flight.handed = True
         flight.client.wake()
 
-    def _fast_abandon(self, flight: _Flight) -> None:
+    def _fast_abandon(self, flight: _Exchange) -> None:
         """The client's task ended (the service stopped) during a fast exchange: drop it."""
         conn, record = flight.conn, flight.record
         conn.hook = None
@@ -1287,19 +1279,11 @@ class HttpService(Service):
         if left and not self.stopping:
             self.sweeper = self.loop.call_later(pool_idle / POOL_SWEEPS, self._sweep)
 
-    async def _proxy(
-        self,
-        client: _Client,
-        conn: _NodeConn,
-        server: ServerState,
-        head: RequestHead,
-        record: _Record,
-        rule: str,
-        offered: list[bytes],
-        sent_until: float | None = None,
-    ) -> bool:
+    async def _proxy(self, exchange: _Exchange, sent: bool) -> bool:
         """Send the request to the node and its response to the client. Returns whether the client
-        connection stays open. ``sent_until``: see :meth:`_exchange_tail`."""
+        connection stays open. ``sent``: see :meth:`_exchange_tail`."""
+        client, conn, server, head = exchange.client, exchange.conn, exchange.claim.server, exchange.head
+        record, rule, offered = exchange.record, exchange.rule, exchange.offered
         settings = self.settings
         loop = self.loop
         record.conn = conn
@@ -1310,8 +1294,8 @@ class HttpService(Service):
         while True:
             attempts += 1
             deadline: float | None = None
-            if sent_until is not None and attempts == 1:
-                deadline = sent_until
+            if sent and attempts == 1:
+                deadline = exchange.deadline
             else:
                 self._expect_response(conn, head)
                 if head.expect_continue and attempts == 1 and head.version == "1.1":
@@ -1336,7 +1320,7 @@ class HttpService(Service):
             if not record.reused or head.framing is not Framing.NONE or attempts > 1:
                 raise _Abort(502, End.SERVER_CLOSED, "node closed the connection", _error(502))
             try:
-                conn = record.conn = await self._connect(server)
+                conn = exchange.conn = record.conn = await self._connect(server)
             except ConnectFailed as exc:
                 raise _Abort(502, End.SERVER_CLOSED, exc.reason, _error(502)) from None
             record.reused = False
