@@ -37,25 +37,8 @@ from typing import TYPE_CHECKING, Any
 from pacslb.balance.decision import choose
 from pacslb.balance.persistence import source_ip_key
 from pacslb.proxy.outcome import End
+from pacslb.proxy.workers import messages as msg
 from pacslb.proxy.workers.control import Channel
-from pacslb.proxy.workers.messages import (
-    Abort,
-    BadMessage,
-    Bind,
-    Configure,
-    Conn,
-    ConnectFailed,
-    Counts,
-    Cut,
-    CutDone,
-    Ended,
-    NodeState,
-    State,
-    Stop,
-    ToWorker,
-    decode_to_main,
-    encode,
-)
 
 if TYPE_CHECKING:
     from pacslb.balance.server import ServerState
@@ -77,9 +60,9 @@ STOP_TIMEOUT = 5.0
 MAIN_WEIGHT = 1
 
 
-def server_states(servers: list[ServerState]) -> list[NodeState]:
-    """What a worker needs of each node's state (the message :class:`State`)."""
-    return [NodeState.of(s) for s in servers]
+def server_states(servers: list[ServerState]) -> list[msg.NodeState]:
+    """What a worker needs of each node's state (the message :class:`msg.State`)."""
+    return [msg.NodeState.of(s) for s in servers]
 
 
 class _Handed:
@@ -99,7 +82,7 @@ class _Handed:
 
     def cancel(self, end: End) -> None:
         """The shutdown grace is over (``end``): the worker closes it, and reports its end as usual."""
-        self.pool._send(self.worker, Abort(self.conn_id))
+        self.pool._send(self.worker, msg.Abort(self.conn_id))
 
     def rebind(self, node: str | None, now: float) -> None:
         table = self.service.table
@@ -156,7 +139,7 @@ class WebPool:
         self._next_id = 0
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._synced: dict[str, list[NodeState]] = {}
+        self._synced: dict[str, list[msg.NodeState]] = {}
         self._syncer: asyncio.TimerHandle | None = None
 
     def start(self, config: Config) -> None:
@@ -174,14 +157,14 @@ class WebPool:
     def configure(self, config: Config) -> None:
         """The services a worker serves (at start and on reload); the nodes' state follows."""
         for worker in self.workers:
-            self._send(worker, Configure(config))
+            self._send(worker, msg.Configure(config))
         self._synced = {}
         self.sync()
 
     def sync(self) -> None:
         """Push the nodes' state of every http service where it changed since the last push."""
-        changed: dict[str, list[NodeState]] = {}
-        current: dict[str, list[NodeState]] = {}
+        changed: dict[str, list[msg.NodeState]] = {}
+        current: dict[str, list[msg.NodeState]] = {}
         for name, service in self.services().items():
             if service.spec.mode != "http":
                 continue
@@ -192,7 +175,7 @@ class WebPool:
         self._synced = current
         if changed:
             for worker in self.workers:
-                self._send(worker, State(changed))
+                self._send(worker, msg.State(changed))
 
     def _tick(self) -> None:
         self.sync()
@@ -234,21 +217,21 @@ class WebPool:
         service.conns.add(conn)  # counted, cancelled and drained as a connection
         service._admitted(conn)  # its end releases what the per-client limits admitted
         try:
-            self._send(worker, Conn(conn.conn_id, service.name, peer, node, fresh), [sock.fileno()])
+            self._send(worker, msg.Conn(conn.conn_id, service.name, peer, node, fresh), [sock.fileno()])
         finally:
             sock.close()  # the worker has its own copy now
         return True
 
     def cut(self, service: HttpService, server: ServerState) -> None:
         for worker in self.workers:
-            self._send(worker, Cut(service.name, server.name))
+            self._send(worker, msg.Cut(service.name, server.name))
 
     def stop_service(self, service: HttpService) -> None:
         for worker in self.workers:
-            self._send(worker, Stop(service.name))
+            self._send(worker, msg.Stop(service.name))
 
-    def _send(self, worker: _Worker, message: ToWorker, fds: Sequence[int] = ()) -> None:
-        data = encode(message)
+    def _send(self, worker: _Worker, message: msg.ToWorker, fds: Sequence[int] = ()) -> None:
+        data = msg.encode(message)
         if len(data) > MAX_MESSAGE:
             log.error("web worker message too large (%d bytes): %s not sent", len(data), type(message).__name__)
             return
@@ -262,8 +245,8 @@ class WebPool:
                 self._worker_lost(worker)
                 return
             try:
-                self._handle(worker, decode_to_main(data))
-            except BadMessage as exc:
+                self._handle(worker, msg.decode_to_main(data))
+            except msg.BadMessage as exc:
                 log.error("web worker %d: %s", worker.index, exc)
             except Exception:
                 log.exception("bad message from web worker %d", worker.index)
@@ -271,21 +254,21 @@ class WebPool:
     def _handle(self, worker: _Worker, message: object) -> None:
         assert self._loop is not None
         match message:
-            case Ended(conn_id):
+            case msg.Ended(conn_id):
                 conn = worker.conns.pop(conn_id, None)
                 if conn is not None:
                     conn.release(self._loop.time())
                     conn.service._conn_finished(conn)
-            case Bind(conn_id, node):
+            case msg.Bind(conn_id, node):
                 conn = worker.conns.get(conn_id)
                 if conn is not None:
                     conn.rebind(node, self._loop.time())
-            case Counts(nodes, rejections):
+            case msg.Counts(nodes, rejections):
                 self._add_counts(worker, nodes, rejections)
-            case CutDone(service, node, cut):
+            case msg.CutDone(service, node, cut):
                 if cut:
                     self.on_cut(service, node, cut)
-            case ConnectFailed(service, node):
+            case msg.ConnectFailed(service, node):
                 server = self._server(service, node)
                 if server is not None:
                     self.on_connect_failed(service, server)

@@ -23,24 +23,8 @@ from typing import TYPE_CHECKING
 from pacslb.balance.persistence import Lease
 from pacslb.balance.server import ServerState
 from pacslb.logs import setup_logging
+from pacslb.proxy.workers import messages as msg
 from pacslb.proxy.workers.control import next_size
-from pacslb.proxy.workers.messages import (
-    Abort,
-    BadMessage,
-    Bind,
-    Configure,
-    Conn,
-    ConnectFailed,
-    Counts,
-    Cut,
-    CutDone,
-    Ended,
-    State,
-    Stop,
-    ToMain,
-    decode_to_worker,
-    encode,
-)
 from pacslb.proxy.workers.webpool import COUNT_INTERVAL
 
 if TYPE_CHECKING:
@@ -84,8 +68,8 @@ class _Worker:
                 self.closed.set()
                 return
             try:
-                self.handle(decode_to_worker(data), fds)
-            except BadMessage as exc:
+                self.handle(msg.decode_to_worker(data), fds)
+            except msg.BadMessage as exc:
                 log.error("web worker %d: %s", self.index, exc)
                 for fd in fds:
                     socket.socket(fileno=fd).close()
@@ -96,24 +80,24 @@ class _Worker:
 
     def handle(self, message: object, fds: list[int]) -> None:
         match message:
-            case Conn(conn_id, name, peer, node, fresh):
+            case msg.Conn(conn_id, name, peer, node, fresh):
                 sock = socket.socket(fileno=fds[0])
                 service = self.services.get(name)
                 if service is None:  # the main process handed it just before a reload removed the service
                     sock.close()
-                    self.send(Ended(conn_id))
+                    self.send(msg.Ended(conn_id))
                     return
                 sock.setblocking(False)
-                lease = Lease(node, fresh, lambda new: self.send(Bind(conn_id, new)))
+                lease = Lease(node, fresh, lambda new: self.send(msg.Bind(conn_id, new)))
                 service.active += 1
                 service.total += 1
                 task = service.adopt(sock, (peer[0], peer[1]), lease, lambda: self.ended(conn_id))
                 self.conns[conn_id] = (service, task)
-            case Abort(conn_id):
+            case msg.Abort(conn_id):
                 entry = self.conns.get(conn_id)
                 if entry is not None:
                     entry[1].cancel()
-            case State(by_service):
+            case msg.State(by_service):
                 for name, states in by_service.items():
                     service = self.services.get(name)
                     if service is None:
@@ -124,7 +108,7 @@ class _Worker:
                         if server is not None:
                             server.health, server.admin, server.weight = state.health, state.admin, state.weight
                             server.down_elsewhere = state.down_elsewhere
-            case Cut(name, node):
+            case msg.Cut(name, node):
                 # In the service of that name, and in one a reload retired that still has exchanges.
                 cut = 0
                 for service in [*self.retired, *self.services.values()]:
@@ -132,12 +116,12 @@ class _Worker:
                         server = next((s for s in service.servers if s.name == node), None)
                         if server is not None:
                             cut += service.close_server_connections(server)
-                self.send(CutDone(name, node, cut))
-            case Stop(name):
+                self.send(msg.CutDone(name, node, cut))
+            case msg.Stop(name):
                 service = self.services.get(name)
                 if service is not None:
                     service.stop_accepting()
-            case Configure(config):
+            case msg.Configure(config):
                 self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -174,8 +158,8 @@ class _Worker:
 
     # -- worker -> main ------------------------------------------------------------------------------------
 
-    def send(self, message: ToMain) -> None:
-        data = encode(message)
+    def send(self, message: msg.ToMain) -> None:
+        data = msg.encode(message)
         if self.outbox:  # behind what waits already: the main process reads them in order
             self.outbox.append(data)
             return
@@ -189,10 +173,10 @@ class _Worker:
 
     def ended(self, conn_id: int) -> None:
         self.conns.pop(conn_id, None)
-        self.send(Ended(conn_id))
+        self.send(msg.Ended(conn_id))
 
     def connect_failed(self, service: str, server: ServerState) -> None:
-        self.send(ConnectFailed(service, server.name))
+        self.send(msg.ConnectFailed(service, server.name))
 
     def report(self) -> None:
         """Send what the requests added to the counters since the last report."""
@@ -225,7 +209,7 @@ class _Worker:
                 rejections[service.name] = dict(service.rejections)
                 service.rejections.clear()
         if nodes or rejections:
-            self.send(Counts(nodes, rejections))
+            self.send(msg.Counts(nodes, rejections))
         self.retired = [s for s in self.retired if s.connections]
         for gone in [server for server in self.reported if server not in current]:
             del self.reported[gone]  # reported to the end above: no longer in any service
