@@ -1147,9 +1147,7 @@ class HttpService(Service):
         response = reader.take()
         assert isinstance(response, ResponseHead)
         try:
-            keep = self._respond_whole(
-                client, conn, claim.server, flight.head, response, record, flight.rule, flight.offered
-            )
+            keep = self._respond_whole(flight, response)
         finally:
             claim.release(self.loop.time(), record.bytes_up, record.bytes_down)
         self._log_request(record)
@@ -1333,8 +1331,8 @@ class HttpService(Service):
             return False
         if reader.body_bytes <= GATHER_BYTES and reader.finished and not reader.upgraded:
             # Most responses are here whole by now (a small body comes with its head): no streaming.
-            return self._respond_whole(client, conn, server, head, response, record, rule, offered, body_done)
-        data, keep, rechunk = self._response_start(server, head, response, record, rule, offered, body_done)
+            return self._respond_whole(exchange, response, body_done)
+        data, keep, rechunk = self._response_start(exchange, response, body_done)
         complete = await self._send_response_body(client, conn, rechunk, record, data)
         reusable = complete and response.keep_alive and not reader.extra and body_done
         record.conn = None
@@ -1361,18 +1359,10 @@ class HttpService(Service):
         conn.uses += 1
         return reader
 
-    def _response_start(
-        self,
-        server: ServerState,
-        head: RequestHead,
-        response: ResponseHead,
-        record: _Record,
-        rule: str,
-        offered: list[bytes],
-        body_done: bool,
-    ) -> tuple[bytes, bool, bool]:
+    def _response_start(self, exchange: _Exchange, response: ResponseHead, body_done: bool) -> tuple[bytes, bool, bool]:
         """The response head the client gets; whether its connection stays open after; whether the body is
         chunked here (a chunked or close-delimited body to an HTTP/1.1 client)."""
+        head, record = exchange.head, exchange.record
         record.responded = self.loop.time()
         record.status = response.status
         client_11 = head.version == "1.1"
@@ -1385,28 +1375,18 @@ class HttpService(Service):
                 rechunk = True
             else:
                 keep = False  # an HTTP/1.0 client learns the end of the body from the close
-        cookie = self._cookie_field(server, rule, offered)
+        cookie = self._cookie_field(exchange.claim.server, exchange.rule, exchange.offered)
         if cookie is not None:
             added.append(cookie)
         connection = b"close" if not keep else None if client_11 else b"keep-alive"
         nocache = cookie is not None and self.settings.nocache
         return proxy_response_head(response, added, nocache, connection), keep, rechunk
 
-    def _respond_whole(
-        self,
-        client: _Side,
-        conn: _NodeConn,
-        server: ServerState,
-        head: RequestHead,
-        response: ResponseHead,
-        record: _Record,
-        rule: str,
-        offered: list[bytes],
-        body_done: bool = True,
-    ) -> bool:
+    def _respond_whole(self, exchange: _Exchange, response: ResponseHead, body_done: bool = True) -> bool:
         """Answer with a response that is all there (head and body in one write) and give the node
         connection back. Returns whether the client connection stays open."""
-        data, keep, rechunk = self._response_start(server, head, response, record, rule, offered, body_done)
+        data, keep, rechunk = self._response_start(exchange, response, body_done)
+        client, conn, record = exchange.client, exchange.conn, exchange.record
         reader = conn.reader
         assert isinstance(reader, ResponseReader)
         rest = reader.take_rest()
