@@ -384,6 +384,9 @@ class DicomService(Service):
                 claim.release(loop.time())
                 self.connect_failed(peer, server, exc.reason, attempts.failed())
                 continue
+            except BaseException:  # cancelled while connecting (the shutdown)
+                claim.release(loop.time())
+                raise
             try:
                 answer, rest = await self._offer(node, rq)
             except BaseException:

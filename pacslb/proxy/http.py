@@ -1018,6 +1018,9 @@ class HttpService(Service):
                 record.retries = attempts.failed()
                 if server is not settings.fallback:
                     self.connect_failed(client.peer, server, exc.reason, record.retries)
+            except BaseException:  # cancelled while connecting (the shutdown)
+                claim.release(loop.time())
+                raise
         assert claim is not None
         record.connected = now = loop.time()
         if rule == "fallback":
