@@ -13,7 +13,14 @@ Theory of operation.
   write buffer to drain before taking more, so a body of any size passes through a fixed amount of memory.
 - Decision per request (balance/cookie.py): a valid persistence cookie naming a node that honours
   persistence, then the source-IP table, then the scheduler; a node that fails to connect is excluded and
-  the decision taken again. When nothing is left: the fallback server, or 503 with the maintenance page.
+  the decision taken again (:class:`~pacslb.balance.decision.Attempts`). When nothing is left: the
+  fallback server, or 503 with the maintenance page.
+- The fast path: the common exchange (no request body, a pooled node connection, a whole response of
+  modest size) is served from the protocol callbacks without waking the task (:meth:`HttpService._fast_request`,
+  :meth:`HttpService._fast_response`); anything unusual is handed to the task, which finishes it as its own.
+- Once its node is chosen, an exchange is one :class:`_Exchange` whichever path serves it. Its
+  :class:`~pacslb.balance.claim.Claim` counts it on the node, holds the client's persistence entry, and
+  is what a halt of the node cuts (:meth:`_Record.cut_short`).
 - Node connections are pooled per node (LIFO; each closed after ``http.timeouts.pool_idle``; a sweep a
   few times per ``pool_idle`` closes those beyond ``http.pool_size`` that went unused since the last
   sweep, so the connections of one burst serve the next instead of being closed and opened again). A
