@@ -93,10 +93,6 @@ class Claims:
             if not claims:
                 del self.by_server[claim.server]
 
-    def count(self, server: ServerState) -> int:
-        claims = self.by_server.get(server)
-        return 0 if claims is None else len(claims)
-
     def cut(self, server: ServerState) -> int:
         """A halt's grace is over: cut every connection bound to ``server``. Returns how many."""
         claims = self.by_server.pop(server, None)

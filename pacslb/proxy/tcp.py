@@ -93,7 +93,6 @@ class _TcpConn:
         "sock",
         "started",
         "timer",
-        "tried",
     )
 
     def __init__(self, service: TcpService, client: socket.socket, peer: tuple[str, int]) -> None:
@@ -102,8 +101,7 @@ class _TcpConn:
         self.peer = peer
         self.started = service._loop.time()
         self.key: str | None = None
-        self.attempts = Attempts(self._decide, service.spec.retries)
-        self.tried = self.attempts.tried  # the servers that failed
+        self.attempts = Attempts(self._decide, service.spec.retries)  # its ``tried``: the servers that failed
         self.server: ServerState | None = None  # the server being connected to, then relayed to
         self.claim: Claim | None = None  # its hold on that server
         self.rule = "-"
@@ -134,7 +132,7 @@ class _TcpConn:
         loop = service._loop
         decision = self.attempts.next()
         if decision is None:
-            self._refuse(End.REFUSED if self.tried else End.NO_SERVER)
+            self._refuse(End.REFUSED if self.attempts.tried else End.NO_SERVER)
             return
         server = self.server = decision.server
         self.rule = decision.rule
@@ -224,7 +222,7 @@ class _TcpConn:
 
     def _refuse(self, end: End) -> None:
         self.client.close()
-        self.service._log(self.peer, None, None, self.started, 0, 0, end, len(self.tried))
+        self.service._log(self.peer, None, None, self.started, 0, 0, end, len(self.attempts.tried))
         self.service._conn_finished(self)
 
     def _established(self) -> None:
@@ -261,9 +259,8 @@ class _TcpConn:
         self.handle = None
         claim.release(service._loop.time(), result.bytes_up, result.bytes_down)
         end = self.ending or result.end
-        service._log(
-            self.peer, server, self.rule, self.started, result.bytes_up, result.bytes_down, end, len(self.tried)
-        )
+        up, down, retries = result.bytes_up, result.bytes_down, len(self.attempts.tried)
+        service._log(self.peer, server, self.rule, self.started, up, down, end, retries)
         service._conn_finished(self)
 
     def cut_short(self) -> None:
@@ -283,5 +280,5 @@ class _TcpConn:
             self.sock = None
             self._unclaim()
         self.client.close()
-        self.service._log(self.peer, None, None, self.started, 0, 0, end, len(self.tried))
+        self.service._log(self.peer, None, None, self.started, 0, 0, end, len(self.attempts.tried))
         self.service._conn_finished(self)
