@@ -1052,7 +1052,7 @@ class HttpService(Service):
     def _offered(self, head: RequestHead) -> list[bytes]:
         """The values of the persistence cookie the request carries."""
         settings = self.settings
-        if settings.cookie_name is None or b"cookie" not in head.names:
+        if settings.cookie_name is None or b"cookie" not in head.first:
             return []
         return cookie_values(head.headers, settings.cookie_bytes)
 
