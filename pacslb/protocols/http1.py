@@ -873,13 +873,37 @@ def cookie_values(headers: Headers, name: bytes) -> list[bytes]:
     paths; every one is a candidate)."""
     found: list[bytes] = []
     for key, value in headers:
-        if key.lower() != b"cookie":
-            continue
-        for pair in value.split(b";"):
-            cname, sep, cvalue = pair.strip().partition(b"=")
-            if sep and cname == name:
-                found.append(cvalue.strip().strip(b'"'))
+        if key.lower() == b"cookie":
+            _add_cookie_values(value, name, found)
     return found
+
+
+def request_cookie_values(head: RequestHead, name: bytes) -> list[bytes]:
+    """:func:`cookie_values` of a parsed request, found with its lowered names."""
+    found: list[bytes] = []
+    names = head.names
+    first = head.first
+    at = first.get(b"cookie")
+    if at is None:
+        return found
+    if len(first) == len(names):  # no name comes twice: one Cookie field
+        _add_cookie_values(head.headers[at][1], name, found)
+        return found
+    headers = head.headers
+    for i in range(at, len(names)):
+        if names[i] == b"cookie":
+            _add_cookie_values(headers[i][1], name, found)
+    return found
+
+
+def _add_cookie_values(value: bytes, name: bytes, found: list[bytes]) -> None:
+    """Add the values of cookie ``name`` in one Cookie field's ``value`` to ``found``."""
+    if value.find(name) < 0:  # (find, not ``in``: see proxy_request_head)
+        return
+    for pair in value.split(b";"):
+        cname, sep, cvalue = pair.strip().partition(b"=")
+        if sep and cname == name:
+            found.append(cvalue.strip().strip(b'"'))
 
 
 def remove_cookie(headers: Headers, name: bytes) -> Headers:
@@ -897,8 +921,11 @@ def remove_cookie(headers: Headers, name: bytes) -> Headers:
 
 def _without_cookie(value: bytes, name: bytes) -> bytes:
     """A Cookie field's value without cookie ``name`` (empty when nothing else is left)."""
+    if value.find(b";") < 0:  # one cookie (as when the persistence cookie is the site's only one)
+        pair = value.strip()
+        return b"" if pair.partition(b"=")[0].strip() == name else pair
     pairs = [p.strip() for p in value.split(b";")]
-    return b"; ".join(p for p in pairs if p and p.partition(b"=")[0].strip() != name)
+    return b"; ".join([p for p in pairs if p and p.partition(b"=")[0].strip() != name])
 
 
 @dataclass(frozen=True, slots=True)

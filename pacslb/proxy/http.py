@@ -73,12 +73,12 @@ from pacslb.protocols.http1 import (
     ResponseReader,
     Upgrade,
     chunk,
-    cookie_values,
     end_to_end,
     last_chunk,
     make_private,
     proxy_request_head,
     proxy_response_head,
+    request_cookie_values,
     serialize_head,
     set_cookie,
     simple_response,
@@ -1052,9 +1052,9 @@ class HttpService(Service):
     def _offered(self, head: RequestHead) -> list[bytes]:
         """The values of the persistence cookie the request carries."""
         settings = self.settings
-        if settings.cookie_name is None or b"cookie" not in head.first:
+        if settings.cookie_name is None:
             return []
-        return cookie_values(head.headers, settings.cookie_bytes)
+        return request_cookie_values(head, settings.cookie_bytes)
 
     # -- the fast path ---------------------------------------------------------------------------------------
 

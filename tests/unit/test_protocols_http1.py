@@ -40,6 +40,7 @@ from pacslb.protocols.http1 import (
     proxy_request_head,
     proxy_response_head,
     remove_cookie,
+    request_cookie_values,
     serialize_head,
     set_cookie,
     simple_response,
@@ -428,6 +429,37 @@ def test_cookies() -> None:
         (b"Cache-Control", b"max-age=60, private")
     ]
     assert make_private([]) == [(b"Cache-Control", b"private")]
+
+
+_COOKIE_PAIRS = st.lists(
+    st.sampled_from([b"SERVERID=xyz", b'SERVERID="q"', b"a=1", b"XSERVERID=2", b"SERVERID", b"", b" b = 3 "]),
+    max_size=4,
+)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            _COOKIE_PAIRS.map(lambda pairs: (b"Cookie", b";".join(pairs))),
+            st.sampled_from([(b"Accept", b"*/*"), (b"cookie", b"SERVERID=low"), (b"X-A", b"1")]),
+        ),
+        max_size=5,
+    )
+)
+def test_cookies_of_a_parsed_request_are_those_of_its_fields(fields: list[tuple[bytes, bytes]]) -> None:
+    """Found with the head's lowered names (one Cookie field, several, none; other names repeated or not),
+    the persistence cookie's values are those a scan of the fields finds, and every field loses it alike."""
+    raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in fields) + b"\r\n"
+    (head, _end) = events(RequestReader(), raw)
+    assert isinstance(head, RequestHead)
+    assert request_cookie_values(head, b"SERVERID") == cookie_values(head.headers, b"SERVERID")
+    for _name, value in head.headers:
+        pairs = [p.strip() for p in value.split(b";")]
+        kept = b"; ".join([p for p in pairs if p and p.partition(b"=")[0].strip() != b"SERVERID"])
+        expected = [(b"Cookie", kept)] if kept else []
+        if b"SERVERID" not in value:
+            expected = [(b"Cookie", value)]  # not rewritten at all
+        assert remove_cookie([(b"Cookie", value)], b"SERVERID") == expected
     assert make_private([(b"Cache-Control", b"no-store")]) == [(b"Cache-Control", b"no-store")]
 
 
