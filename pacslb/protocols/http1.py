@@ -878,8 +878,33 @@ def cookie_values(headers: Headers, name: bytes) -> list[bytes]:
     return found
 
 
-def request_cookie_values(head: RequestHead, name: bytes) -> list[bytes]:
-    """:func:`cookie_values` of a parsed request, found with its lowered names."""
+class CookieMemo:
+    """What the Cookie field a client connection sent last says of the persistence cookie. A browser sends
+    the same field with every request (until one of its cookies changes), so a connection reads it once,
+    not for every request."""
+
+    __slots__ = ("field", "kept", "name", "values")
+
+    def __init__(self) -> None:
+        self.field: bytes | None = None
+        self.name = b""
+        self.values: list[bytes] = []  # cookie ``name``'s values in ``field`` (shared: never changed)
+        self.kept = b""  # ``field`` without cookie ``name`` (empty: nothing else is left)
+
+    def read(self, field: bytes, name: bytes) -> None:
+        if field == self.field and name == self.name:
+            return
+        values: list[bytes] = []
+        _add_cookie_values(field, name, values)
+        self.values = values
+        self.kept = _without_cookie(field, name) if field.find(name) >= 0 else field  # (find: see below)
+        self.field = field
+        self.name = name
+
+
+def request_cookie_values(head: RequestHead, name: bytes, memo: CookieMemo | None = None) -> list[bytes]:
+    """:func:`cookie_values` of a parsed request, found with its lowered names (and read from ``memo``,
+    the connection's, when the request has one Cookie field). The list is not to be changed."""
     found: list[bytes] = []
     names = head.names
     first = head.first
@@ -887,6 +912,9 @@ def request_cookie_values(head: RequestHead, name: bytes) -> list[bytes]:
     if at is None:
         return found
     if len(first) == len(names):  # no name comes twice: one Cookie field
+        if memo is not None:
+            memo.read(head.headers[at][1], name)
+            return memo.values
         _add_cookie_values(head.headers[at][1], name, found)
         return found
     headers = head.headers
@@ -1052,11 +1080,14 @@ def _named_by_connection(names: list[bytes], first: dict[bytes, int], headers: H
 _NOTHING: Final[frozenset[bytes]] = frozenset()
 
 
-def proxy_request_head(head: RequestHead, client_ip: str, rewrite: RequestRewrite, default_host: bytes) -> bytes:
+def proxy_request_head(
+    head: RequestHead, client_ip: str, rewrite: RequestRewrite, default_host: bytes, memo: CookieMemo | None = None
+) -> bytes:
     """The head that forwards ``head`` to a node: the request line as HTTP/1.1; the end-to-end fields
     (hop-by-hop ones and Expect removed, :func:`end_to_end`); the persistence cookie removed
-    (:func:`remove_cookie`); the forwarding fields (:func:`forwarding_headers`); Host ``default_host`` for
-    an HTTP/1.0 request without one; and the body's framing and the Upgrade fields again.
+    (:func:`remove_cookie`; read from ``memo``, the client connection's, when given); the forwarding fields
+    (:func:`forwarding_headers`); Host ``default_host`` for an HTTP/1.0 request without one; and the body's
+    framing and the Upgrade fields again.
     """
     headers = head.headers
     names = head.names
@@ -1079,13 +1110,19 @@ def proxy_request_head(head: RequestHead, client_ip: str, rewrite: RequestRewrit
             if low in special or low in named:
                 if low in HOP_BY_HOP or low in named or low == b"expect":
                     continue
-                if low == b"cookie":
+                if low == b"cookie" and strip is not None:
+                    if memo is not None:
+                        memo.read(value, strip)
+                        kept = memo.kept
                     # (find, not ``in``: ``bytes in bytes`` first tries the operand as an integer, and the
                     # TypeError it raises and clears costs more than the search)
-                    if strip is not None and value.find(strip) >= 0:
-                        value = _without_cookie(value, strip)
-                        if not value:
-                            continue
+                    elif value.find(strip) >= 0:
+                        kept = _without_cookie(value, strip)
+                    else:
+                        kept = value
+                    if value and not kept:
+                        continue  # the persistence cookie was all it had
+                    value = kept
                 elif low == b"x-forwarded-for":
                     previous_for.append(value)
                     continue

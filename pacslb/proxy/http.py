@@ -60,6 +60,7 @@ from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
 from pacslb.protocols.http1 import (
     CookieAttributes,
+    CookieMemo,
     EndOfMessage,
     Event,
     Forwarding,
@@ -400,7 +401,7 @@ def _unsent(transport: asyncio.Transport) -> int:
 class _Client(_Side):
     """A client connection: a :class:`_Side` with what its requests share."""
 
-    __slots__ = ("decided", "flight", "idle_from", "key", "key_spec", "lease", "peer", "served", "text")
+    __slots__ = ("cookies", "decided", "flight", "idle_from", "key", "key_spec", "lease", "peer", "served", "text")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, reader: RequestReader, peer: tuple[str, int]) -> None:
         super().__init__(loop, reader)
@@ -416,6 +417,7 @@ class _Client(_Side):
         self.served = 0  # requests taken from it
         # In an HTTP worker process: its view of the persistence table (see balance/persistence.py, Lease).
         self.lease: PersistenceTable | None = None
+        self.cookies = CookieMemo()  # its last Cookie field, read once
 
 
 class _NodeConn(_Side):
@@ -993,7 +995,7 @@ class HttpService(Service):
         if head.upgrade and head.framing is not Framing.NONE:
             raise _Abort(400, End.BAD_REQUEST, "Upgrade with a request body", _error(400))
         loop = self.loop
-        offered = self._offered(head)
+        offered = self._offered(client, head)
         table = (client.lease if client.lease is not None else self.table_now) if settings.use_table else None
         conn: _NodeConn | None = None
         claim: Claim | None = None
@@ -1049,12 +1051,12 @@ class HttpService(Service):
         finally:
             claim.release(self.loop.time(), record.bytes_up, record.bytes_down)
 
-    def _offered(self, head: RequestHead) -> list[bytes]:
-        """The values of the persistence cookie the request carries."""
+    def _offered(self, client: _Client, head: RequestHead) -> list[bytes]:
+        """The values of the persistence cookie the request carries (a list not to be changed)."""
         settings = self.settings
         if settings.cookie_name is None:
             return []
-        return request_cookie_values(head, settings.cookie_bytes)
+        return request_cookie_values(head, settings.cookie_bytes, client.cookies)
 
     # -- the fast path ---------------------------------------------------------------------------------------
 
@@ -1093,7 +1095,7 @@ class HttpService(Service):
         settings = self.settings
         loop = self.loop
         key = self._client_key(client)
-        offered = self._offered(head)
+        offered = self._offered(client, head)
         table = (client.lease if client.lease is not None else self.table_now) if settings.use_table else None
         now = loop.time()
         picked = choose_with_cookie(self.servers_now, self.scheduler_now, table, key, offered, settings.codec, now)
@@ -1117,7 +1119,7 @@ class HttpService(Service):
         claim.bind(table, key, now, record)
         self._expect_response(conn, head)
         default_host = server.address.encode() if head.version == "1.0" else b""
-        conn.write(proxy_request_head(head, client.peer[0], settings.rewrite, default_host))
+        conn.write(proxy_request_head(head, client.peer[0], settings.rewrite, default_host, client.cookies))
         deadline = now + settings.server_timeout
         flight = _Exchange(client, conn, claim, head, record, rule, offered, deadline)
         client.flight = conn.flight = flight
@@ -1296,7 +1298,7 @@ class HttpService(Service):
         loop = self.loop
         record.conn = conn
         default_host = server.address.encode() if head.version == "1.0" else b""
-        request = proxy_request_head(head, client.peer[0], settings.rewrite, default_host)
+        request = proxy_request_head(head, client.peer[0], settings.rewrite, default_host, client.cookies)
         attempts = 0
         body_done = True
         while True:

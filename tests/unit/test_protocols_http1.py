@@ -20,6 +20,7 @@ from pacslb.protocols.http1 import (
     END,
     MAX_TRAILERS,
     CookieAttributes,
+    CookieMemo,
     EndOfMessage,
     Event,
     Forwarding,
@@ -437,21 +438,40 @@ _COOKIE_PAIRS = st.lists(
 )
 
 
-@given(
-    st.lists(
-        st.one_of(
-            _COOKIE_PAIRS.map(lambda pairs: (b"Cookie", b";".join(pairs))),
-            st.sampled_from([(b"Accept", b"*/*"), (b"cookie", b"SERVERID=low"), (b"X-A", b"1")]),
-        ),
-        max_size=5,
-    )
+_FIELDS = st.lists(
+    st.one_of(
+        _COOKIE_PAIRS.map(lambda pairs: (b"Cookie", b";".join(pairs))),
+        st.sampled_from([(b"Accept", b"*/*"), (b"cookie", b"SERVERID=low"), (b"X-A", b"1")]),
+    ),
+    max_size=5,
 )
-def test_cookies_of_a_parsed_request_are_those_of_its_fields(fields: list[tuple[bytes, bytes]]) -> None:
-    """Found with the head's lowered names (one Cookie field, several, none; other names repeated or not),
-    the persistence cookie's values are those a scan of the fields finds, and every field loses it alike."""
+
+
+def _parsed(fields: list[tuple[bytes, bytes]]) -> RequestHead:
     raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in fields) + b"\r\n"
     (head, _end) = events(RequestReader(), raw)
     assert isinstance(head, RequestHead)
+    return head
+
+
+@given(st.lists(_FIELDS, min_size=1, max_size=4))
+def test_a_connections_cookie_memo_changes_nothing(requests: list[list[tuple[bytes, bytes]]]) -> None:
+    """Requests in turn on one connection (its memo kept across them): the persistence cookie's values and
+    the forwarded heads are those worked out without a memo, whatever the Cookie fields of each."""
+    memo = CookieMemo()
+    rewrite = RequestRewrite(Forwarding(), "http", b"SERVERID")
+    for fields in requests:
+        head = _parsed(fields)
+        assert request_cookie_values(head, b"SERVERID", memo) == request_cookie_values(head, b"SERVERID")
+        forwarded = proxy_request_head(head, "10.1.2.3", rewrite, b"", memo)
+        assert forwarded == proxy_request_head(head, "10.1.2.3", rewrite, b"")
+
+
+@given(_FIELDS)
+def test_cookies_of_a_parsed_request_are_those_of_its_fields(fields: list[tuple[bytes, bytes]]) -> None:
+    """Found with the head's lowered names (one Cookie field, several, none; other names repeated or not),
+    the persistence cookie's values are those a scan of the fields finds, and every field loses it alike."""
+    head = _parsed(fields)
     assert request_cookie_values(head, b"SERVERID") == cookie_values(head.headers, b"SERVERID")
     for _name, value in head.headers:
         pairs = [p.strip() for p in value.split(b";")]
