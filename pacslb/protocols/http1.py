@@ -140,7 +140,8 @@ class RequestHead:
     """A parsed request head. ``headers`` are as received (names in their original case); ``names`` are
     their names in lower case, in the same order (lowered once, here, so that nothing lowers them again);
     ``first`` maps each of those names to where it first comes (so that looking for a field is a hash
-    look-up, not a scan comparing names: see :func:`first_positions`)."""
+    look-up, not a scan comparing names: see :func:`first_positions`). Both are shared with the next heads
+    of the same connection that have the same names: they are never changed."""
 
     method: bytes
     target: bytes
@@ -362,9 +363,12 @@ class _Reader:
         "_begun",
         "_feeding",
         "_fields",
+        "_first",
         "_head_first",
         "_head_split",
         "_in_chunk_head",
+        "_names",
+        "_raw_names",
         "_trailer_size",
         "_url",
         "after_upgrade",
@@ -405,6 +409,11 @@ class _Reader:
         self._head_split = False  # the current head went on past the read in which it began
         self._in_chunk_head = False  # a chunk header was read and no data of its chunk yet (the last: trailers)
         self._trailer_size = 0  # bytes of reads that went wholly into trailer fields (see feed())
+        # The last head's field names as received, and its ``names`` and ``first``: a client (or node) sends
+        # the same names in the same order head after head, and those are then given again, not remade.
+        self._raw_names: list[bytes] = []
+        self._names: list[bytes] = []
+        self._first: dict[bytes, int] = {}
 
     # -- httptools callbacks ---------------------------------------------------------------------------
 
@@ -451,12 +460,27 @@ class _Reader:
             size = sum(len(n) + len(v) + 4 for n, v in headers) + len(self._url) + len(self.status)
             if size > self.max_head_size:
                 raise HttpProtocolError(f"head larger than {self.max_head_size} bytes", self.LIMIT_STATUS)
+        count = len(headers)
+        raw = self._raw_names
+        if count == len(raw):
+            i = 0
+            while i < count and headers[i][0] == raw[i]:
+                i += 1
+            if i == count:  # the names of the last head (see __init__)
+                self._emit_head(headers, self._names, self._first)
+                return
+        raw = []
         names: list[bytes] = []  # lowered once per head (see RequestHead)
         first: dict[bytes, int] = {}
-        for i in range(len(headers)):
-            low = lowered(headers[i][0])
+        for i in range(count):
+            name = headers[i][0]
+            raw.append(name)
+            low = lowered(name)
             names.append(low)
             first.setdefault(low, i)
+        self._raw_names = raw
+        self._names = names
+        self._first = first
         self._emit_head(headers, names, first)
 
     def on_body(self, body: bytes) -> None:

@@ -467,6 +467,20 @@ def test_a_connections_cookie_memo_changes_nothing(requests: list[list[tuple[byt
         assert forwarded == proxy_request_head(head, "10.1.2.3", rewrite, b"")
 
 
+@given(st.lists(_FIELDS, min_size=1, max_size=5))
+def test_heads_of_one_connection_have_their_own_names(requests: list[list[tuple[bytes, bytes]]]) -> None:
+    """A reader gives a head the names of the head before it when they are the same, as received: every head
+    of a connection still has its names lowered, and where each first comes, whatever came before."""
+    reader = RequestReader()
+    for fields in requests:
+        raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in fields) + b"\r\n"
+        (head, _end) = events(reader, raw)
+        assert isinstance(head, RequestHead)
+        lowered_names = [name.lower() for name, _ in head.headers]
+        assert head.names == lowered_names
+        assert head.first == {name: lowered_names.index(name) for name in lowered_names}
+
+
 @given(_FIELDS)
 def test_cookies_of_a_parsed_request_are_those_of_its_fields(fields: list[tuple[bytes, bytes]]) -> None:
     """Found with the head's lowered names (one Cookie field, several, none; other names repeated or not),
