@@ -89,9 +89,12 @@ class Claims:
     def discard(self, claim: Claim) -> None:
         claims = self.by_server.get(claim.server)
         if claims is not None:
-            claims.discard(claim)
-            if not claims:
-                del self.by_server[claim.server]
+            claims.discard(claim)  # an empty set stays for the node's next claim (see prune)
+
+    def prune(self) -> None:
+        """Forget the nodes without a bound claim (on reload: a node taken out is not kept alive here)."""
+        for server in [server for server, claims in self.by_server.items() if not claims]:
+            del self.by_server[server]
 
     def cut(self, server: ServerState) -> int:
         """A halt's grace is over: cut every connection bound to ``server``. Returns how many."""

@@ -209,6 +209,7 @@ class Service:
         self.servers = servers
         self.table = table
         self.limits.configure(spec.limits, *_title_bounds(spec))
+        self.claims.prune()
         self._update_accepting()
 
     def attach(self, listener: Listener) -> None:

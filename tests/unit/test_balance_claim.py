@@ -102,3 +102,20 @@ def test_counts_always_match_the_claims_held(steps: list[tuple[str, int]]) -> No
     entry = table.peek("k")
     assert (entry.active if entry is not None else 0) == bound
     assert len(claims.by_server.get(server, ())) <= bound
+
+
+def test_a_node_without_claims_is_forgotten_when_pruned() -> None:
+    """A released claim leaves its node's (empty) set for the next; a reload prunes it, so that a node taken
+    out of the service is not kept by the registry, and a node still held stays."""
+    n1, n2 = ServerState("n1", "127.0.0.1", 1), ServerState("n2", "127.0.0.1", 2)
+    claims = Claims()
+    gone = claims.take(n1)
+    gone.bind(None, None, 1.0, _Conn())
+    held = claims.take(n2)
+    held.bind(None, None, 1.0, _Conn())
+    gone.release(2.0)
+    assert claims.by_server[n1] == set()
+    claims.prune()
+    assert n1 not in claims.by_server
+    assert claims.by_server[n2] == {held}
+    assert claims.cut(n1) == 0
