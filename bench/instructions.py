@@ -1,6 +1,8 @@
-"""Machine instructions per proxied HTTP request, counted by callgrind in a running pacslb.
+"""Machine instructions per proxied HTTP request (or per new TCP connection), counted by callgrind in a
+running pacslb.
 
 ``python -m bench.instructions [--requests N] [--connections C]``
+``python -m bench.instructions --new-connections [--requests N]``
 
 Timings on this machine vary by 10-30% from one minute to the next; a count of instructions does not (about
 ±1% between runs), so it is the measure of a change to the per-request path (docs/performance.md, "HTTP").
@@ -10,6 +12,12 @@ counters are zeroed, N requests are sent one at a time over C keep-alive connect
 the persistence cookie sent back), and the counters dumped. An idle window as long as the requests took
 is counted the same way and taken off, so timers and the event loop's own work are not charged to the
 requests. Prints instructions per request.
+
+``--new-connections``: pacslb in ``mode: tcp`` (source_ip persistence, one process) instead, and each of the
+N requests on a connection of its own (``Connection: close``, the answer read to the node's close), as the
+bench's case (c) does: instructions per connection accepted, decided, connected, relayed and closed. What
+the kernel does for those connections (the handshakes, the splices) is not counted: callgrind sees user
+space only.
 
 The pacslb counted is the one the bench measures: installed with ``pip install .`` into bench/.cache
 (``BENCH_PACSLB=checkout``: the checkout, with the extensions ``make`` built).
@@ -106,12 +114,37 @@ class _Browser:
             sock.close()
 
 
-def count(requests: int, connections: int) -> float:
+class _Dialer:
+    """A new connection for every request: ``Connection: close``, the answer read until the node closes."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def run(self, count: int) -> float:
+        started = time.monotonic()
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=120) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: pacs.example\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while data := sock.recv(65536):
+                    answer += data
+            if not answer.startswith(b"HTTP/1.1 200"):
+                raise BenchError(f"unexpected answer: {answer[:200]!r}")
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        pass
+
+
+def count(requests: int, connections: int, new_connections: bool = False) -> float:
     workdir = Path(tempfile.mkdtemp(prefix="pacslb-instructions-"))
     ports = Ports()
     node = Node("n1", ports.take())
     port = ports.take()
-    config = peers.pacslb_config(port, [node], mode="http", persistence={"type": "cookie+source_ip"}, workers=1)
+    if new_connections:
+        config = peers.pacslb_config(port, [node], mode="tcp", workers=1)
+    else:
+        config = peers.pacslb_config(port, [node], mode="http", persistence={"type": "cookie+source_ip"}, workers=1)
     path = workdir / "pacslb.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     outdir = workdir / "callgrind"
@@ -126,7 +159,7 @@ def count(requests: int, connections: int) -> float:
             proc = procs.start("pacslb", argv, env=peers.pacslb_env(), cwd=peers.pacslb_cwd(workdir))
             procs.wait_listening(proc, port, timeout=START_TIMEOUT)
             pid = str(proc.pid)
-            browser = _Browser(port, connections)
+            browser: _Browser | _Dialer = _Dialer(port) if new_connections else _Browser(port, connections)
             browser.run(WARM_UP)
             totals = []
             for window in ("requests", "idle"):
@@ -149,10 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--new-connections", action="store_true", help="tcp mode, a connection per request")
     args = parser.parse_args(argv)
     print(f"pacslb: {peers.pacslb_version()}", file=sys.stderr)
-    per_request = count(args.requests, args.connections)
-    print(f"{per_request / 1000:.1f}k instructions per request ({args.requests} requests)")
+    per_request = count(args.requests, args.connections, args.new_connections)
+    what = "new connection" if args.new_connections else "request"
+    print(f"{per_request / 1000:.1f}k instructions per {what} ({args.requests} requests)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ shares (the listener, maxconn, per-client limits, drain, halts) is :class:`~pacs
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -151,20 +152,21 @@ class _TcpConn:
         self.sock = sock
         try:
             bind_source(sock, service.spec.source)
-            sock.connect((server.host, server.port))
-        except (BlockingIOError, InterruptedError):
+            # connect_ex: the usual answer, "in progress", as a number (an exception costs more than the call)
+            err = sock.connect_ex((server.host, server.port))
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err == errno.EINPROGRESS or err == errno.EAGAIN or err == errno.EINTR:
             loop.add_writer(sock.fileno(), self._connected)
             self.timer = loop.call_later(service.spec.timeouts.connect, self._timed_out)
-            return
-        except OSError as exc:
-            if exc.errno in LOCAL_ERRNOS:
-                sock.close()
-                self.sock = None
-                self._out_of_descriptors("connect", (exc.strerror or str(exc)).lower())
-                return
-            self._failed(exc.strerror or str(exc))
-            return
-        self._established()
+        elif err == 0:
+            self._established()
+        elif err in LOCAL_ERRNOS:
+            sock.close()
+            self.sock = None
+            self._out_of_descriptors("connect", os.strerror(err).lower())
+        else:
+            self._failed(os.strerror(err))
 
     def _out_of_descriptors(self, place: str, reason: str) -> None:
         """No socket to the node could be made: pacslb's failure, not the node's. The client is closed (which
