@@ -66,6 +66,8 @@ class TcpService(Service):
         level = logging.INFO if server is not None else logging.WARNING
         if server is None:
             self.rejections[end.value] += 1
+        if not log.isEnabledFor(level):
+            return  # (before the fields are worked out: a line per connection, at thousands a second)
         log_event(
             log, "conn", level,
             service=self.name, client=addr_text(peer),
