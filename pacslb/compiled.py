@@ -49,6 +49,7 @@ HOT_MODULES = (
     "pacslb.balance.persistence",
     "pacslb.balance.server",
     "pacslb.proxy.pumps",
+    "pacslb.proxy.eventloop",
 )
 #: The shared library of the group: inside the package, so that it imports wherever the package does.
 GROUP = "pacslb._hot"

@@ -3,7 +3,7 @@
 This module imports neither asyncio nor anything heavy, so that a relay worker process
 (pacslb/proxy/workers/relayworker.py) can run it on its own small epoll loop. What it needs of a loop is
 :class:`Loop`: add and remove readers and writers, call later, and a clock; an asyncio loop (uvloop) is
-one, pacslb/proxy/workers/eventloop.py is another. See pacslb/proxy/relay.py for the relay as a whole.
+one, pacslb/proxy/eventloop.py is another. See pacslb/proxy/relay.py for the relay as a whole.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
+from pacslb.proxy.eventloop import hosted
 from pacslb.proxy.outcome import End
 from pacslb.proxy.pumps import (
     DEFAULT_METHOD,
@@ -270,7 +271,10 @@ def start_relay(
     """
     loop = asyncio.get_running_loop()
     if (method or DEFAULT_METHOD) == "splice":
-        return start_splice(loop, client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=on_done)
+        # On the asyncio loop's own epoll set for relays (pacslb/proxy/eventloop.py says why).
+        return start_splice(
+            hosted(loop), client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=on_done
+        )
     handle = RelayHandle(loop, timeout_end, on_done)
     handle.task = loop.create_task(_run_buffered(handle, client, server, idle_timeout))
     return handle

@@ -29,6 +29,7 @@ from pacslb.balance.server import ServerState
 from pacslb.descriptors import EXHAUSTION, LOCAL_ERRNOS, in_reserve
 from pacslb.logs import log_event
 from pacslb.protocols.proxy import proxy_header
+from pacslb.proxy.eventloop import hosted
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayResult
 from pacslb.proxy.service import Service, addr_text, bind_source, tune
@@ -159,7 +160,7 @@ class _TcpConn:
         except OSError as exc:
             err = exc.errno or errno.EIO
         if err == errno.EINPROGRESS or err == errno.EAGAIN or err == errno.EINTR:
-            loop.add_writer(sock.fileno(), self._connected)
+            hosted(loop).add_writer(sock.fileno(), self._connected)  # (on the relays' epoll set: see there)
             self.timer = loop.call_later(service.spec.timeouts.connect, self._timed_out)
         elif err == 0:
             self._established()
@@ -205,7 +206,7 @@ class _TcpConn:
             self.timer.cancel()
             self.timer = None
         if self.sock is not None:
-            self.service._loop.remove_writer(self.sock.fileno())
+            hosted(self.service._loop).remove_writer(self.sock.fileno())
 
     def _unclaim(self) -> ServerState:
         """The server being connected to is not reached (or no longer wanted): give it back and return it."""

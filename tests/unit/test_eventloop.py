@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import socket
 
+from pacslb.proxy.eventloop import EpollLoop
 from pacslb.proxy.outcome import End
 from pacslb.proxy.pumps import RelayResult, close_idle_pipes, start_splice
-from pacslb.proxy.workers.eventloop import EpollLoop
 
 #: Every loop in these tests stops by itself within this (a timer), whatever happens.
 BOUND = 5.0

@@ -1,7 +1,7 @@
 """The process machinery: worker processes that serve beside the main process, to use every core.
 
 - Relay workers (:mod:`.relayworker`, the workers' side; :mod:`.relaypool`, the main process's) move the
-  bytes of established tcp and dicom connections, on a small epoll loop of their own (:mod:`.eventloop`).
+  bytes of established tcp and dicom connections, on a small epoll loop (:mod:`pacslb.proxy.eventloop`).
 - Web workers (:mod:`.webworker`; :mod:`.webpool`) serve whole http-mode connections the main process
   accepted and handed them.
 - :mod:`.control` starts a worker and carries the messages and descriptors of either kind.

@@ -58,7 +58,7 @@ WORKER_STOP_TIMEOUT = 5.0
 # -- the worker process -------------------------------------------------------------------------------------
 #
 # A worker imports as little as it can: with the splice relay it runs on its own small epoll loop
-# (pacslb/proxy/workers/eventloop.py) and never imports asyncio; only the buffered relay (where splice is not
+# (pacslb/proxy/eventloop.py) and never imports asyncio; only the buffered relay (where splice is not
 # available, or PACSLB_RELAY=buffered) needs asyncio's transports.
 
 
@@ -137,8 +137,8 @@ class _Serving:
 
 
 def _serve_splice(control: socket.socket) -> None:
+    from pacslb.proxy.eventloop import EpollLoop
     from pacslb.proxy.pumps import start_splice
-    from pacslb.proxy.workers.eventloop import EpollLoop
 
     loop = EpollLoop()
 

@@ -1,4 +1,4 @@
-"""A small epoll event loop for relay worker processes: readers, writers and timers, nothing else.
+"""A small epoll event loop for the relays: readers, writers and timers, nothing else.
 
 A relay worker only moves bytes with splice(2) (pacslb/proxy/pumps.py) and talks to the main process over
 one Unix socket. asyncio would cost it a third of its memory (it imports the ssl module, and uvloop needs
@@ -10,6 +10,13 @@ can be cancelled.
 Each descriptor is registered with epoll once, with the events its reader and writer want, and modified
 when they change: one ``epoll_ctl`` per change, no more. A callback may add or remove any reader, writer
 or timer, including its own: what each event calls is looked up when it is called.
+
+The main process's relays use one too, inside its asyncio loop (:class:`HostedEpoll`, :func:`hosted`): the
+asyncio loop watches the epoll set's own descriptor, and the set holds the relays' sockets (and tcp mode's
+sockets while they connect). uvloop's
+readers cost a handle object, a look-up in its table of transports that raises KeyError in Python, and
+a few ``epoll_ctl`` calls (some failing) for every descriptor that comes and goes: at thousands of short
+connections a second, more than the relaying itself.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ import logging
 import select
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 from pacslb.descriptors import EXHAUSTION, LOCAL_ERRNOS
 
@@ -54,6 +65,9 @@ class Timer:
 
 class EpollLoop:
     """Readers, writers and timers on one epoll set, run by :meth:`run` until :meth:`stop`."""
+
+    #: Where it runs, as a failed callback's log line says.
+    WHERE = "a relay worker"
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -112,15 +126,7 @@ class EpollLoop:
                 events = self._epoll.poll(timeout, MAX_EVENTS)
             except InterruptedError:
                 events = []
-            for fd, mask in events:
-                if mask & (_IN | _ANY):
-                    reader = self._readers.get(fd)
-                    if reader is not None and not self._call(reader):
-                        self._broken(fd, self._readers, reader)
-                if mask & (_OUT | _ANY):
-                    writer = self._writers.get(fd)
-                    if writer is not None and not self._call(writer):
-                        self._broken(fd, self._writers, writer)
+            self._dispatch(events)
             now = time.monotonic()
             timers = self._timers
             while timers and timers[0][0] <= now:
@@ -135,6 +141,17 @@ class EpollLoop:
         self._epoll.close()
 
     # -- inside ------------------------------------------------------------------------------------------
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        for fd, mask in events:
+            if mask & (_IN | _ANY):
+                reader = self._readers.get(fd)
+                if reader is not None and not self._call(reader):
+                    self._broken(fd, self._readers, reader)
+            if mask & (_OUT | _ANY):
+                writer = self._writers.get(fd)
+                if writer is not None and not self._call(writer):
+                    self._broken(fd, self._writers, writer)
 
     def _timer_cancelled(self) -> None:
         """A connection's timer is cancelled when it closes, long before the timer is due (an idle timeout
@@ -180,8 +197,7 @@ class EpollLoop:
             del table[fd]
             self._update(fd)
 
-    @staticmethod
-    def _call(callback: Callable[[], object]) -> bool:
+    def _call(self, callback: Callable[[], object]) -> bool:
         """Call one callback; whether it returned (rather than raised)."""
         try:
             callback()
@@ -189,9 +205,59 @@ class EpollLoop:
             if exc.errno in LOCAL_ERRNOS:  # out of descriptors where nobody expected it: counted, no traceback
                 EXHAUSTION.note("worker_loop", (exc.strerror or str(exc)).lower())
             else:
-                log.exception("callback failed in a relay worker")
+                log.exception("callback failed in %s", self.WHERE)
             return False
         except Exception:  # a bug in one connection's callback must not stop the others
-            log.exception("callback failed in a relay worker")
+            log.exception("callback failed in %s", self.WHERE)
             return False
         return True
+
+
+class HostedEpoll(EpollLoop):
+    """Readers and writers on an epoll set of their own inside an asyncio loop, which calls :meth:`ready`
+    when the set has events; the clock and the timers are the asyncio loop's (see the module's docstring)."""
+
+    WHERE = "the main process's relay loop"
+
+    def __init__(self, host: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.host = host
+        host.add_reader(self._epoll.fileno(), self.ready)
+
+    def time(self) -> float:
+        return self.host.time()
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> Any:
+        return self.host.call_later(delay, callback)
+
+    def ready(self) -> None:
+        """The set has events: call their callbacks (what is left, past :data:`MAX_EVENTS`, wakes the
+        asyncio loop again: it watches the set level-triggered)."""
+        try:
+            events = self._epoll.poll(0, MAX_EVENTS)
+        except InterruptedError:
+            return
+        self._dispatch(events)
+
+    def close(self) -> None:
+        try:
+            self.host.remove_reader(self._epoll.fileno())
+        except Exception:  # the asyncio loop is closed already: nothing watches the set any more
+            pass
+        super().close()
+
+
+#: The hosted set of the asyncio loop last asked for (pacslb runs one asyncio loop at a time).
+_hosted: HostedEpoll | None = None
+
+
+def hosted(loop: asyncio.AbstractEventLoop) -> HostedEpoll:
+    """The :class:`HostedEpoll` of ``loop``, made on first use (and the one of a loop before it closed)."""
+    global _hosted
+    current = _hosted
+    if current is not None and current.host is loop and not loop.is_closed():
+        return current
+    if current is not None:
+        current.close()
+    _hosted = HostedEpoll(loop)
+    return _hosted
