@@ -1,11 +1,15 @@
-"""The relay workers' epoll loop: readers, writers and timers behave as asyncio's, and a relay runs on it."""
+"""The relays' epoll loop: readers, writers and timers behave as asyncio's, and a relay runs on it, in a relay
+worker and hosted inside the main process's asyncio loop."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 
-from pacslb.proxy.eventloop import EpollLoop
+import uvloop
+
+from pacslb.proxy.eventloop import EpollLoop, hosted
 from pacslb.proxy.outcome import End
 from pacslb.proxy.pumps import RelayResult, close_idle_pipes, start_splice
 
@@ -142,3 +146,52 @@ def test_cancelled_timers_do_not_pile_up() -> None:
     loop.call_later(0, loop.stop)
     bounded(loop)
     loop.close()
+
+
+def test_a_relay_hosted_in_an_asyncio_loop() -> None:
+    """Inside uvloop (as in the main process): the hosted set is made once per loop, a relay's sockets wait
+    on it while the clock and the timers are the asyncio loop's, and a closed loop's set is not reused."""
+
+    async def main() -> tuple[RelayResult, bool]:
+        loop = asyncio.get_running_loop()
+        assert hosted(loop) is hosted(loop)
+        assert abs(hosted(loop).time() - loop.time()) < 1.0
+        client, client_peer = socket.socketpair()
+        server, server_peer = socket.socketpair()
+        for sock in (client, server, client_peer, server_peer):
+            sock.setblocking(False)
+        done: asyncio.Future[RelayResult] = loop.create_future()
+        start_splice(
+            hosted(loop), client, server, idle_timeout=BOUND, timeout_end=End.CLIENT_TIMEOUT,
+            on_done=done.set_result,
+        )  # fmt: skip
+        client_peer.send(b"ping")
+        data = await _recv(loop, server_peer)  # (4 bytes on a socketpair: one splice, one read)
+        server_peer.send(b"pong!")
+        answer = await _recv(loop, client_peer)
+        client_peer.close()
+        server_peer.close()
+        result = await asyncio.wait_for(done, BOUND)
+        return result, data == b"ping" and answer == b"pong!"
+
+    first = uvloop.new_event_loop()
+    try:
+        result, echoed = first.run_until_complete(main())
+    finally:
+        first.close()
+    assert echoed
+    assert (result.bytes_up, result.bytes_down) == (4, 5)
+    second = uvloop.new_event_loop()
+    try:
+        assert second.run_until_complete(_hosted_host(second))
+    finally:
+        second.close()
+    close_idle_pipes()
+
+
+async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    return await asyncio.wait_for(loop.sock_recv(sock, 100), BOUND)
+
+
+async def _hosted_host(loop: asyncio.AbstractEventLoop) -> bool:
+    return hosted(loop).host is loop
