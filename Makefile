@@ -100,9 +100,10 @@ bench: $(COMPILED)
 
 # `make instructions` counts the machine instructions of one proxied HTTP request in a running pacslb, with
 # callgrind (bench/instructions.py): the steady measure of a change to the per-request path.
+# `make instructions ARGS=--new-connections`: of one new tcp-mode connection instead.
 .PHONY: instructions
 instructions: $(COMPILED)
-	BENCH_PACSLB=checkout $(BIN)/python -m bench.instructions
+	BENCH_PACSLB=checkout $(BIN)/python -m bench.instructions $(ARGS)
 
 # `make fuzz` runs the fuzz campaign (docs/fuzzing.md): 1,000,000 DICOM first PDUs and HTTP request heads,
 # in-process through the parsers (coverage-guided with atheris) and through a running pacslb. Options go in

@@ -66,8 +66,9 @@ class Timer:
 class EpollLoop:
     """Readers, writers and timers on one epoll set, run by :meth:`run` until :meth:`stop`."""
 
-    #: Where it runs, as a failed callback's log line says.
+    #: Where it runs, as a failed callback's log line says, and as a ``descriptors_exhausted`` line's place.
     WHERE = "a relay worker"
+    PLACE = "worker_loop"
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -203,7 +204,7 @@ class EpollLoop:
             callback()
         except OSError as exc:
             if exc.errno in LOCAL_ERRNOS:  # out of descriptors where nobody expected it: counted, no traceback
-                EXHAUSTION.note("worker_loop", (exc.strerror or str(exc)).lower())
+                EXHAUSTION.note(self.PLACE, (exc.strerror or str(exc)).lower())
             else:
                 log.exception("callback failed in %s", self.WHERE)
             return False
@@ -218,6 +219,7 @@ class HostedEpoll(EpollLoop):
     when the set has events; the clock and the timers are the asyncio loop's (see the module's docstring)."""
 
     WHERE = "the main process's relay loop"
+    PLACE = "relay_loop"
 
     def __init__(self, host: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -252,7 +254,8 @@ _hosted: HostedEpoll | None = None
 
 
 def hosted(loop: asyncio.AbstractEventLoop) -> HostedEpoll:
-    """The :class:`HostedEpoll` of ``loop``, made on first use (and the one of a loop before it closed)."""
+    """The :class:`HostedEpoll` of ``loop``, made on first use; a new loop gets a new one, and the one before
+    is closed."""
     global _hosted
     current = _hosted
     if current is not None and current.host is loop and not loop.is_closed():
