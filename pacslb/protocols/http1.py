@@ -278,7 +278,18 @@ def _content_length(value: bytes | None) -> int | None:
     if value is None:
         return None
     # llhttp has already refused malformed and conflicting values; this only converts (a list of equal
-    # values, "5, 5", to the first).
+    # values, "5, 5", to the first). Digits alone, the usual value, are added up here: compiled, a loop over
+    # a few bytes costs a fifth of calling int().
+    size = len(value)
+    if 0 < size <= 18:
+        n = 0
+        for i in range(size):
+            digit = value[i] - 48
+            if digit < 0 or digit > 9:
+                break
+            n = n * 10 + digit
+        else:
+            return n
     try:
         return int(value)
     except ValueError:
