@@ -43,6 +43,7 @@ from typing import Any
 HOT_MODULES = (
     "pacslb.protocols.http1",
     "pacslb.proxy.http",
+    "pacslb.proxy.exchange",
     "pacslb.balance.claim",
     "pacslb.balance.cookie",
     "pacslb.balance.decision",
