@@ -607,7 +607,7 @@ class Upstream:
         self.claims = claims
         self.pools: dict[ServerState, Pool] = {}
         self.stopping = False
-        self.idle: set[Exchange] = set()  # exchanges waiting for a request head (woken at once on stop)
+        self.exchanges: set[Exchange] = set()  # of the connections open (on stop, the idle ones close at once)
         self.sweeper: asyncio.TimerHandle | None = None  # closes idle pooled connections (see sweep)
         self.spec = spec
         self.servers = servers
@@ -627,7 +627,7 @@ class Upstream:
     def stop(self) -> None:
         """The service stops: idle clients are let go, pooled connections closed, and no more pooled."""
         self.stopping = True
-        for exchange in list(self.idle):
+        for exchange in list(self.exchanges):
             exchange.advance()
         for server in list(self.pools):
             self.close_pool(server)
@@ -665,7 +665,7 @@ class Upstream:
             conn.close()
         return None
 
-    def release(self, conn: NodeConn, reusable: bool) -> None:
+    def release(self, conn: NodeConn, reusable: bool, now: float) -> None:
         """Back to the pool when it can serve another request, closed otherwise."""
         conn.reader = None
         conn.exchange = None
@@ -679,7 +679,7 @@ class Upstream:
             pool = self.pools[server] = Pool()
         conn.resume()
         conn.pool = pool
-        conn.idle_since = self.loop.time()
+        conn.idle_since = now
         pool.conns.append(conn)  # so every pool is ordered by idle_since, oldest first
         if self.sweeper is None:
             self.sweeper = self.loop.call_later(self.settings.pool_idle / POOL_SWEEPS, self.sweep)
@@ -820,7 +820,7 @@ class Exchange:
     def start(self) -> None:
         """The client connection is there: serve it."""
         self.client.exchange = self
-        self.up.idle.add(self)
+        self.up.exchanges.add(self)
         self.advance()
 
     def event(self, side: Side, read: bool) -> None:
@@ -839,18 +839,22 @@ class Exchange:
             return
         record = self.record
         assert record is not None
+        record.reused = False
+        now = self.up.loop.time()
         if self.reconnecting:
             self.reconnecting = False
-            record.reused = False
-            self._bind(conn)
-            self._advance_from(self._send)
-            return
-        assert self.claim is not None
-        record.reused = False
-        record.connected = now = self.up.loop.time()
-        self.claim.bind(self.table if self.rule != "fallback" else None, self.key, now, record)
+        else:
+            assert self.claim is not None
+            record.connected = now
+            self.claim.bind(self.table if self.rule != "fallback" else None, self.key, now, record)
         self._bind(conn)
-        self._advance_from(self._send)
+        try:
+            going = self._send(now)
+        except Abort as abort:
+            self._fail(abort)
+            return
+        if going:
+            self.advance()
 
     def connect_failed(self, reason: str) -> None:
         """The host could not connect to the node asked for."""
@@ -869,7 +873,13 @@ class Exchange:
         record.retries = attempts.failed()
         if claim.server is not self.up.settings.fallback:
             self.up.host.connect_failed(self.client.peer, claim.server, reason, record.retries)
-        self._advance_from(self._next_node)
+        try:
+            going = self._next_node()
+        except Abort as abort:
+            self._fail(abort)
+            return
+        if going:
+            self.advance()
 
     def abandon(self, end: End, detail: str) -> None:
         """The connection must end now (the service stopped): drop the exchange in progress, if any."""
@@ -879,7 +889,7 @@ class Exchange:
         if record is not None:
             record.end, record.detail = end, detail
             self._drop_node()
-            self._release_claim()
+            self._release_claim(self.up.loop.time())
             self._log(record)
         self._end(ABORT)
 
@@ -922,15 +932,6 @@ class Exchange:
             self._fail(abort)
         finally:
             self.busy = False
-
-    def _advance_from(self, step: Callable[[], bool]) -> None:
-        """Run ``step`` (the next step after an event outside the loop), then the loop."""
-        try:
-            step()
-        except Abort as abort:
-            self._fail(abort)
-            return
-        self.advance()
 
     def _sleep(self, deadline: float) -> bool:
         """Wait until something happens, or until ``deadline``. Returns False (the loop stops)."""
@@ -1003,9 +1004,7 @@ class Exchange:
                 # This message is already known to be malformed further on (its body, say): it is refused
                 # whole, and no node sees any of it.
                 raise client.error
-            up.idle.discard(self)
-            self._begin(event)
-            return True
+            return self._begin(event)
         if client.error is not None:
             raise client.error
         if client.eof:
@@ -1030,8 +1029,9 @@ class Exchange:
             return False
         return self._sleep(deadline)
 
-    def _begin(self, head: RequestHead) -> None:
-        """A request head: decide, and send it on a pooled connection or ask for one."""
+    def _begin(self, head: RequestHead) -> bool:
+        """A request head: decide, and send it on a pooled connection or ask for one. Returns whether there
+        is more to do at once."""
         up, client = self.up, self.client
         settings = up.settings
         now = up.loop.time()
@@ -1059,11 +1059,10 @@ class Exchange:
             conn = up.pooled(server, now)
             if conn is not None:  # the usual case: no Attempts needed
                 self.attempts = None
-                self._take(server, rule, conn, now)
-                return
+                return self._take(server, rule, conn, now)
             first = Decision(server, rule)
         self.attempts = Attempts(self._decide, settings.retries, settings.fallback, first)
-        self._next_node()
+        return self._next_node()
 
     def _decide(self, tried: list[ServerState]) -> Decision | None:
         up = self.up
@@ -1084,8 +1083,7 @@ class Exchange:
         now = up.loop.time()
         conn = up.pooled(server, now)
         if conn is not None:
-            self._take(server, decision.rule, conn, now)
-            return True
+            return self._take(server, decision.rule, conn, now)
         record = self.record
         assert record is not None
         record.server, record.rule = server.name, decision.rule
@@ -1096,7 +1094,7 @@ class Exchange:
         up.host.connect(self, server)
         return False
 
-    def _take(self, server: ServerState, rule: str, conn: NodeConn, now: float) -> None:
+    def _take(self, server: ServerState, rule: str, conn: NodeConn, now: float) -> bool:
         """Serve the request on ``conn``, a pooled connection to ``server``."""
         record = self.record
         assert record is not None
@@ -1107,7 +1105,7 @@ class Exchange:
         self.claim = claim = self.up.claims.take(server)
         claim.bind(self.table if rule != "fallback" else None, self.key, now, record)
         self._bind(conn)
-        self._send()
+        return self._send(now)
 
     def _bind(self, conn: NodeConn) -> None:
         self.conn = conn
@@ -1118,8 +1116,9 @@ class Exchange:
 
     # -- the request -------------------------------------------------------------------------------------------
 
-    def _send(self) -> bool:
-        """Send the request head on the node connection (and its body, when it has one)."""
+    def _send(self, now: float) -> bool:
+        """Send the request head on the node connection (and its body, when it has one). Returns whether
+        there is more to do at once (a body to send); else the response is waited for."""
         conn, head, client = self.conn, self.head, self.client
         assert conn is not None and head is not None
         up = self.up
@@ -1139,10 +1138,12 @@ class Exchange:
             if first and type(client.take()) is not EndOfMessage:
                 raise Abort(400, End.BAD_REQUEST, "request without its end", error_response(400))
             self.state = RESPONSE
-        else:
-            self.parts = [self.request]  # the head goes with the body bytes already there
-            self.size = 0
-            self.state = BODY
+            # (Nothing of the response can be there yet: it is waited for without looking.)
+            self.waiting = _NODE_READ
+            return self._sleep(now + settings.server_timeout)
+        self.parts = [self.request]  # the head goes with the body bytes already there
+        self.size = 0
+        self.state = BODY
         self.waiting = _NOTHING
         return True
 
@@ -1282,15 +1283,16 @@ class Exchange:
         conn, record = self.conn, self.record
         assert conn is not None and record is not None
         up = self.up
+        now = up.loop.time()
         if response.status == 101:
-            record.responded = up.loop.time()
+            record.responded = now
             record.status = response.status
             self.response = response
             self._end(TUNNEL)  # (the host releases the claim when the tunnel ends)
             return False
         reader = conn.reader
         assert isinstance(reader, ResponseReader)
-        data = self._response_start(response)
+        data = self._response_start(response, now)
         if reader.body_bytes <= GATHER_BYTES and reader.finished and not reader.upgraded:
             # Most responses are here whole by now (a small body comes with its head): one write.
             rest = reader.take_rest()
@@ -1305,21 +1307,20 @@ class Exchange:
             data = b"".join(parts)
             record.bytes_down += len(data)
             self.client.write(data)
-            self._finish(response.keep_alive and not reader.extra and self.body_done)
-            return True
+            return self._finish(response.keep_alive and not reader.extra and self.body_done, now)
         self.response = response
         self.parts, self.size = [data], 0
         self.state = STREAM
         self.waiting = _NOTHING
         return True
 
-    def _response_start(self, response: ResponseHead) -> bytes:
+    def _response_start(self, response: ResponseHead, now: float) -> bytes:
         """The response head the client gets; sets whether the client connection stays open after it, and
         whether the body is chunked here (a chunked or close-delimited body to an HTTP/1.1 client)."""
         head, record, claim = self.head, self.record, self.claim
         assert head is not None and record is not None and claim is not None
         up = self.up
-        record.responded = up.loop.time()
+        record.responded = now
         record.status = response.status
         client_11 = head.version == "1.1"
         keep = head.keep_alive and self.body_done and not up.stopping
@@ -1390,8 +1391,7 @@ class Exchange:
                     self.parts.append(last_chunk(event.trailers))
                 if self.parts:
                     self._write_parts()
-                self._finish(response.keep_alive and not reader.extra and self.body_done)
-                return True
+                return self._finish(response.keep_alive and not reader.extra and self.body_done, self.up.loop.time())
             return self._cut(End.BAD_RESPONSE, "unexpected event in a response body")  # pragma: no cover
 
     def _write_parts(self) -> None:
@@ -1418,7 +1418,7 @@ class Exchange:
 
     # -- ends ----------------------------------------------------------------------------------------------------
 
-    def _finish(self, reusable: bool) -> None:
+    def _finish(self, reusable: bool, now: float) -> bool:
         """The exchange was served: give the node connection and the claim back, log, and wait for the
         next request (or close)."""
         conn, record = self.conn, self.record
@@ -1426,8 +1426,8 @@ class Exchange:
         up = self.up
         record.conn = None
         self.conn = None
-        up.release(conn, reusable)
-        self._release_claim()
+        up.release(conn, reusable, now)
+        self._release_claim(now)
         self._log(record)
         self.record = self.head = self.response = None
         self.attempts = None
@@ -1435,11 +1435,13 @@ class Exchange:
         self.head_started = 0.0
         if not self.keep or up.stopping:
             self._end(CLOSE)
-            return
+            return False
         client = self.client
-        client.idle_from = up.loop.time()
+        client.idle_from = now
         self.state = IDLE
-        up.idle.add(self)
+        if self.requests.events or client.eof or client.error is not None or client.write_paused:
+            return True  # the next request is there already (pipelined), or the client left
+        return self._sleep(now + up.settings.keep_alive)  # (what _idle would do, without the rest of it)
 
     def _fail(self, abort: Abort) -> None:
         """The exchange cannot go on: the client connection ends, with the balancer's answer when there is
@@ -1456,7 +1458,7 @@ class Exchange:
         record.status = record.status or abort.status
         record.end, record.detail = abort.end, abort.detail
         self._drop_node()
-        self._release_claim()
+        self._release_claim(up.loop.time())
         if abort.response is not None:
             self.refusal = abort.response
             self._end(REFUSE)  # (the host sends it, then logs)
@@ -1477,15 +1479,15 @@ class Exchange:
             if self.record is not None:
                 self.record.conn = None
 
-    def _release_claim(self) -> None:
+    def _release_claim(self, now: float) -> None:
         claim = self.claim
         if claim is not None:
             self.claim = None
             record = self.record
             if record is not None:
-                claim.release(self.up.loop.time(), record.bytes_up, record.bytes_down)
+                claim.release(now, record.bytes_up, record.bytes_down)
             else:  # pragma: no cover (a claim is taken with its record)
-                claim.release(self.up.loop.time())
+                claim.release(now)
 
     def take_claim(self) -> Claim | None:
         """The claim of a tunnel (the host releases it when the tunnel ends)."""
@@ -1505,5 +1507,5 @@ class Exchange:
         self.client.exchange = None
         if self.conn is not None:  # a tunnel's: the host takes it over
             self.conn.exchange = None
-        self.up.idle.discard(self)
+        self.up.exchanges.discard(self)
         self.up.host.ended(self)
