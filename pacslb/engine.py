@@ -44,6 +44,7 @@ from pacslb.errors import ConfigError, PacslbError
 from pacslb.logs import log_event, setup_logging
 from pacslb.nodeadmin import NodeAdmin
 from pacslb.protocols.proxy import LOCAL_HEADER
+from pacslb.proxy.eventloop import close_hosted
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.relay import DEFAULT_METHOD
 from pacslb.proxy.service import Service
@@ -497,6 +498,7 @@ class Engine:
                 log_event(log, "stop_stuck", logging.ERROR, connections=stuck)
         if self.pool is not None:
             await self.pool.stop()
+        close_hosted()  # the main process's relays are over: their epoll set goes too
         if self.web_pool is not None:
             await self.web_pool.stop()
         if self.admin_server is not None:

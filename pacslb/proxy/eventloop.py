@@ -264,3 +264,12 @@ def hosted(loop: asyncio.AbstractEventLoop) -> HostedEpoll:
         current.close()
     _hosted = HostedEpoll(loop)
     return _hosted
+
+
+def close_hosted() -> None:
+    """Close the hosted set, if any (the engine stopped: nothing is left on it); the next :func:`hosted`
+    makes a new one."""
+    global _hosted
+    if _hosted is not None:
+        _hosted.close()
+        _hosted = None
