@@ -930,6 +930,10 @@ class Exchange:
             self._fail(Abort(exc.status, End.BAD_REQUEST, str(exc), error_response(exc.status)))
         except Abort as abort:
             self._fail(abort)
+        except Exception:  # a bug: this client is lost, the service goes on
+            log.exception("http exchange failed")
+            self.busy = False
+            self.abandon(End.ERROR, "failed in the balancer")
         finally:
             self.busy = False
 
