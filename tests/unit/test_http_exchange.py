@@ -438,3 +438,44 @@ def test_a_stop_lets_idle_clients_go_at_once_and_others_finish() -> None:
     answer = rig.client_transport.take()
     assert answer.endswith(b"ok") and b"Connection: close" in answer
     assert rig.host.ends == [other, rig.exchange] and conn.transport is not None and conn.transport.is_closing()
+
+
+def test_interim_responses_pass_and_an_expectation_is_answered_by_the_balancer() -> None:
+    rig = Rig()
+    rig.client.data_received(b"PUT /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    conn, node = rig.node()
+    assert rig.client_transport.take() == ex.CONTINUE  # once the node's connection is there
+    assert b"expect" not in node.take().lower()  # not forwarded
+    rig.client.data_received(b"hi")
+    assert node.take() == b"hi"
+    conn.data_received(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+    assert rig.client_transport.take().startswith(b"HTTP/1.1 103 Early Hints\r\n")  # the node's 100 is not repeated
+    conn.data_received(OK)
+    assert rig.client_transport.take().startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_chunked_response_to_an_http10_client_ends_with_the_close() -> None:
+    rig = Rig()
+    rig.client.data_received(b"GET / HTTP/1.0\r\n\r\n")
+    conn, node = rig.node()
+    # An HTTP/1.0 request without a Host gets the node's address as its Host.
+    assert b"\r\nHost: %s\r\n" % conn.server.address.encode() in node.take()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    answer = rig.client_transport.take()
+    assert b"chunked" not in answer.lower() and answer.endswith(b"\r\n\r\nok")
+    assert rig.exchange.how == ex.CLOSE and rig.host.ends == [rig.exchange]
+
+
+def test_a_node_that_stops_taking_the_body_still_gets_its_answer_forwarded_then_the_client_closed() -> None:
+    rig = Rig()
+    rig.client.data_received(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n01")
+    conn, node = rig.node()
+    conn.pause_writing()
+    rig.client.data_received(b"23")  # written, and now the node is waited for
+    node.buffered = 100
+    rig.clock.advance(5.1)  # the server timeout with no progress: the rest of the body is not sent
+    assert rig.exchange.state == ex.RESPONSE
+    conn.data_received(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+    answer = rig.client_transport.take()
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in answer
+    assert rig.exchange.how == ex.CLOSE and node.closed  # not pooled: the request was not sent whole
