@@ -848,13 +848,7 @@ class Exchange:
             record.connected = now
             self.claim.bind(self.table if self.rule != "fallback" else None, self.key, now, record)
         self._bind(conn)
-        try:
-            going = self._send(now)
-        except Abort as abort:
-            self._fail(abort)
-            return
-        if going:
-            self.advance()
+        self._then(lambda: self._send(now))
 
     def connect_failed(self, reason: str) -> None:
         """The host could not connect to the node asked for."""
@@ -873,13 +867,7 @@ class Exchange:
         record.retries = attempts.failed()
         if claim.server is not self.up.settings.fallback:
             self.up.host.connect_failed(self.client.peer, claim.server, reason, record.retries)
-        try:
-            going = self._next_node()
-        except Abort as abort:
-            self._fail(abort)
-            return
-        if going:
-            self.advance()
+        self._then(self._next_node)
 
     def abandon(self, end: End, detail: str) -> None:
         """The connection must end now (the service stopped): drop the exchange in progress, if any."""
@@ -932,10 +920,19 @@ class Exchange:
             self._fail(abort)
         except Exception:  # a bug: this client is lost, the service goes on
             log.exception("http exchange failed")
-            self.busy = False
             self.abandon(End.ERROR, "failed in the balancer")
         finally:
             self.busy = False
+
+    def _then(self, step: Callable[[], bool]) -> None:
+        """Take ``step`` (the one an event outside the loop calls for), then the loop if there is more to do."""
+        try:
+            going = step()
+        except Abort as abort:
+            self._fail(abort)
+            return
+        if going:
+            self.advance()
 
     def _sleep(self, deadline: float) -> bool:
         """Wait until something happens, or until ``deadline``. Returns False (the loop stops)."""
@@ -1192,13 +1189,10 @@ class Exchange:
                     if conn.lost:
                         return self._body_sent(False)
                     if conn.write_paused:
-                        self.waiting = _NOTHING
-                        self._drain_expired(conn, _NODE_DRAIN, settings.server_timeout)  # (a fresh wait)
-                        return False
+                        return self._wait_drain(conn, _NODE_DRAIN, settings.server_timeout)
                     continue
                 if client.error is not None:
-                    error = client.error
-                    raise Abort(error.status, End.BAD_REQUEST, str(error), error_response(error.status))
+                    raise client.error
                 if client.eof:
                     with contextlib.suppress(HttpProtocolError):
                         self.requests.eof()
@@ -1367,7 +1361,7 @@ class Exchange:
                 if client.lost:
                     return self._cut(End.CLIENT_CLOSED, "client left during the response")
                 if client.write_paused:
-                    return self._wait_client_drain()
+                    return self._wait_drain(client, _CLIENT_DRAIN, settings.client_timeout)
                 if conn.error is not None:
                     return self._cut(End.BAD_RESPONSE, str(conn.error))
                 if conn.eof:
@@ -1388,7 +1382,7 @@ class Exchange:
                     # Nothing more is written before the client took most of it: what a response holds in
                     # memory stays bounded however slowly the client reads.
                     if client.write_paused:
-                        return self._wait_client_drain()
+                        return self._wait_drain(client, _CLIENT_DRAIN, settings.client_timeout)
                 continue
             if type(event) is EndOfMessage:
                 if self.rechunk:
@@ -1406,9 +1400,10 @@ class Exchange:
         self.client.write(data)
         self.parts, self.size = [], 0
 
-    def _wait_client_drain(self) -> bool:
+    def _wait_drain(self, side: Side, waiting: int, timeout: float) -> bool:
+        """Start waiting for ``side`` to take what was just written to it. Returns False (the loop stops)."""
         self.waiting = _NOTHING
-        self._drain_expired(self.client, _CLIENT_DRAIN, self.up.settings.client_timeout)
+        self._drain_expired(side, waiting, timeout)  # (a fresh wait: never expired)
         return False
 
     def _cut(self, end: End, detail: str) -> bool:
@@ -1488,10 +1483,8 @@ class Exchange:
         if claim is not None:
             self.claim = None
             record = self.record
-            if record is not None:
-                claim.release(now, record.bytes_up, record.bytes_down)
-            else:  # pragma: no cover (a claim is taken with its record)
-                claim.release(now)
+            assert record is not None  # (a claim is taken with its exchange's record)
+            claim.release(now, record.bytes_up, record.bytes_down)
 
     def take_claim(self) -> Claim | None:
         """The claim of a tunnel (the host releases it when the tunnel ends)."""

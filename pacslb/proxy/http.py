@@ -285,9 +285,6 @@ class HttpService(Service):
             raise ConnectFailed(server.name, exc.strerror or str(exc)) from exc
         return conn
 
-    def log(self, record: Record) -> None:
-        self._log_request(record)
-
     def ended(self, exchange: Exchange) -> None:
         connecting = exchange.connecting
         if isinstance(connecting, asyncio.Task):
@@ -311,7 +308,7 @@ class HttpService(Service):
         line is written before that linger, so its duration is the exchange's, not the linger's."""
         record.bytes_down += len(response)
         client.write(response)
-        self._log_request(record)
+        self.log(record)
         transport = client.transport
         if transport is None or client.lost:
             return
@@ -339,7 +336,7 @@ class HttpService(Service):
             raise
         finally:
             claim.release(self.loop.time(), record.bytes_up, record.bytes_down)
-        self._log_request(record)
+        self.log(record)
 
     async def _run_tunnel(
         self, client: Side, conn: NodeConn, response: ResponseHead, record: Record, extra: Headers
@@ -478,7 +475,8 @@ class HttpService(Service):
 
     # -- logging ---------------------------------------------------------------------------------------------
 
-    def _log_request(self, record: Record) -> None:
+    def log(self, record: Record) -> None:
+        """The ``request`` log line of one exchange (also :class:`~pacslb.proxy.exchange.Host`'s)."""
         if quiet(record):
             return
         status = record.status
