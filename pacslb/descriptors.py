@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -320,3 +321,11 @@ def _emit(event: str, level: int, fields: dict[str, Any]) -> None:
 
 #: This process's record of running out of descriptors.
 EXHAUSTION = Exhaustion()
+
+
+def stream_socket(fd: int) -> socket.socket:
+    """A socket object for ``fd``, a connection's descriptor that is already non-blocking (a copy of one this
+    process or the main process set so: the flag belongs to the open file, which the copies share). Its
+    type and protocol are given and its mode comes from the type, so no system call asks for them or sets
+    the mode again (Python still makes one, to check that ``fd`` is a socket)."""
+    return socket.socket(-1, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd)

@@ -72,7 +72,7 @@ from pacslb.protocols.proxy import proxy_header
 from pacslb.proxy.dicomtls import StreamConn, identities, listener_context, node_context
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayCancelled, RelayResult, relay_transports
-from pacslb.proxy.service import Service, TaskCut, addr_text, connect_to, tune
+from pacslb.proxy.service import Service, TaskCut, addr_text, connect_to
 
 log = logging.getLogger("pacslb.dicom")
 
@@ -242,7 +242,6 @@ class DicomService(Service):
         record = _Record(self, peer, started)
         client: _Conn | None = None
         try:
-            tune(sock)
             record.local = sock.getsockname()
             if self.tls is None:
                 client = _Sock(sock, loop)

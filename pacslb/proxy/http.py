@@ -32,6 +32,7 @@ from pacslb.balance.limits import retry_after
 from pacslb.balance.persistence import PersistenceTable
 from pacslb.balance.server import ServerState
 from pacslb.config.model import HttpSpec, ServiceSpec
+from pacslb.descriptors import stream_socket
 from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
 from pacslb.protocols.http1 import (
@@ -62,7 +63,7 @@ from pacslb.proxy.exchange import (
 from pacslb.proxy.listener import Listener, bind_listener
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayCancelled, relay_transports
-from pacslb.proxy.service import Service, addr_text, connect_to, tune
+from pacslb.proxy.service import Service, addr_text, connect_to
 
 log: Final = logging.getLogger("pacslb.http")
 
@@ -210,7 +211,6 @@ class HttpService(Service):
         settings = self.settings
         tls = self.tls
         try:
-            tune(client_sock)
             client = Client(loop, RequestReader(settings.max_head_size, settings.max_headers), peer, addr_text(peer))
             client.lease = lease
             try:
@@ -527,7 +527,6 @@ def _take_socket(transport: asyncio.Transport) -> socket.socket:
     connection (the duplicate keeps it open)."""
     raw = transport.get_extra_info("socket")
     fd = os.dup(raw.fileno())
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(False)
+    sock = stream_socket(fd)
     transport.abort()
     return sock

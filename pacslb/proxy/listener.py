@@ -9,6 +9,10 @@ Out of descriptors (pacslb/descriptors.py): when accept fails with EMFILE or ENF
 connection took a descriptor of the reserve (it is closed at once), or anything else in the process ran
 out, every listener stops accepting for :data:`EMFILE_PAUSE` (``hold``), so that the loop does not spin
 on a listening socket that stays readable, and clients wait in the accept queue meanwhile.
+
+Every connection pacslb holds is :func:`tune`-d. An accepted one is tuned by its listening socket: on
+Linux a connection inherits TCP_NODELAY and SO_KEEPALIVE from the socket that accepted it, so the listener
+sets them once rather than two system calls for every client.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ EMFILE_PAUSE = 0.1
 Handler = Callable[[socket.socket, tuple[str, int]], None]
 
 
+def tune(sock: socket.socket) -> None:
+    """Small DICOM PDUs and HTTP heads must not wait for Nagle; keepalive finds peers that vanished during
+    the hours an association may sit idle."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
 def bind_listener(address: HostPort) -> socket.socket:
     """A bound, listening, non-blocking TCP socket.
 
@@ -57,11 +68,13 @@ def bind_listener(address: HostPort) -> socket.socket:
 
 
 class Listener:
-    """Accepts on one socket and calls ``handler(sock, peer)`` for each new connection."""
+    """Accepts on one socket and calls ``handler(sock, peer)`` for each new connection, non-blocking and
+    tuned."""
 
     def __init__(self, name: str, sock: socket.socket, handler: Handler) -> None:
         self.name = name
         self.sock = sock
+        tune(sock)  # what every connection it accepts inherits (see the module's docstring)
         self.handler = handler
         self._loop = asyncio.get_running_loop()
         self._accepting = False  # the reader is registered

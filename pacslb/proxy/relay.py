@@ -254,6 +254,7 @@ def start_relay(
     timeout_end: End,
     on_done: Callable[[RelayResult], None],
     method: str | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> RelayHandle:
     """Relay between two connected, non-blocking sockets until both directions are done, then call
     ``on_done`` with the result (once; never from within this call). No task and no coroutine is held per
@@ -268,8 +269,10 @@ def start_relay(
         timeout_end: how to report an idle timeout (which side's limit it was).
         on_done: told the result.
         method: "splice" or "buffered"; default: :data:`DEFAULT_METHOD`.
+        loop: the running loop, when the caller has it (asking asyncio costs a system call: getpid).
     """
-    loop = asyncio.get_running_loop()
+    if loop is None:
+        loop = asyncio.get_running_loop()
     if (method or DEFAULT_METHOD) == "splice":
         # On the asyncio loop's own epoll set for relays (pacslb/proxy/eventloop.py says why).
         return start_splice(

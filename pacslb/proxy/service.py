@@ -37,7 +37,7 @@ from pacslb.config.values import format_rate
 from pacslb.descriptors import EXHAUSTION, LOCAL_ERRNOS, in_reserve
 from pacslb.errors import ConnectFailed
 from pacslb.logs import log_event
-from pacslb.proxy.listener import Listener
+from pacslb.proxy.listener import Listener, tune
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayResult, relay, start_relay
 
@@ -84,13 +84,6 @@ class RelayStarter(Protocol):
     ) -> Abortable: ...
 
 
-def tune(sock: socket.socket) -> None:
-    # Small DICOM PDUs and HTTP heads must not wait for Nagle; keepalive finds peers that vanished
-    # during the hours an association may sit idle.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-
 def bind_source(sock: socket.socket, source: str | None) -> None:
     """Make ``sock``'s connection come from ``source`` (the service's ``source`` address), on any port.
     IP_FREEBIND: a virtual IP that moves between balancers need not be on this host when the service
@@ -110,13 +103,12 @@ async def connect_to(server: ServerState, timeout: float, source: str | None = N
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (no system call to set it)
     except OSError as exc:
         raise _local_failure(server, "connect", exc, loop) from exc
     if in_reserve(sock.fileno()):
         sock.close()
         raise _local_failure(server, "reserve", None, loop)
-    sock.setblocking(False)
     try:
         bind_source(sock, source)
     except OSError as exc:

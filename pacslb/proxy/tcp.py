@@ -30,9 +30,10 @@ from pacslb.descriptors import EXHAUSTION, LOCAL_ERRNOS, in_reserve
 from pacslb.logs import log_event
 from pacslb.protocols.proxy import proxy_header
 from pacslb.proxy.eventloop import hosted
+from pacslb.proxy.listener import tune
 from pacslb.proxy.outcome import End
 from pacslb.proxy.relay import RelayResult
-from pacslb.proxy.service import Service, addr_text, bind_source, tune
+from pacslb.proxy.service import Service, addr_text, bind_source
 
 if TYPE_CHECKING:
     from pacslb.proxy.pumps import Abortable
@@ -120,10 +121,6 @@ class _TcpConn:
         if service.table is not None:
             persistence = spec.persistence
             self.key = source_ip_key(self.peer[0], persistence.netmask, persistence.netmask6)
-        try:
-            tune(self.client)
-        except OSError:
-            pass  # the client is already gone: the relay will find out
         self._next()
 
     def _decide(self, tried: list[ServerState]) -> Decision | None:
@@ -143,7 +140,7 @@ class _TcpConn:
         self.claim = service.claims.take(server)
         family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # (no system call to set it)
         except OSError as exc:
             self._out_of_descriptors("connect", (exc.strerror or str(exc)).lower())
             return
@@ -151,7 +148,6 @@ class _TcpConn:
             sock.close()
             self._out_of_descriptors("reserve", "descriptor reserve reached")
             return
-        sock.setblocking(False)
         self.sock = sock
         try:
             bind_source(sock, service.spec.source)

@@ -131,6 +131,35 @@ def test_a_dead_worker_loses_only_its_connections() -> None:
     assert got == b"still relaying"
 
 
+def test_a_connection_handed_to_a_worker_that_died_unnoticed_is_relayed_here() -> None:
+    """The worker exits and the loop has not yet read the end of its control socket: the hand-over finds
+    the socket closed, the worker is dropped, and this connection is relayed by the main process."""
+
+    async def scenario() -> tuple[bytes, int]:
+        pool = RelayPool(2)
+        pool.start()
+        loop = asyncio.get_running_loop()
+        worker = pool.workers[0]
+        worker.proc.send_signal(signal.SIGKILL)
+        worker.proc.wait(10)  # blocking: the loop does not run, so nothing has noticed yet
+        assert pool.workers == [worker]
+        client_out, client_in = await tcp_pair()
+        server_out, server_in = await tcp_pair()
+        relayed = loop.create_task(pool.relay(client_in, server_in, idle_timeout=30, timeout_end=End.CLIENT_TIMEOUT))
+        await loop.sock_sendall(client_out, b"not lost")
+        got = await asyncio.wait_for(loop.sock_recv(server_out, 100), 5)
+        client_out.close()
+        server_out.close()
+        await asyncio.wait_for(relayed, 5)
+        left = len(pool.workers)
+        await pool.stop()
+        return got, left
+
+    got, left = run(scenario)
+    assert got == b"not lost"
+    assert left == 0
+
+
 def test_ten_thousand_connections_leak_no_descriptor_in_any_process() -> None:
     """10,000 short connections through the engine (tcp mode, relayed by the main process and a worker):
     every echo intact, and afterwards no more descriptors open in either process than before (beyond the

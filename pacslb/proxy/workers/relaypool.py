@@ -87,35 +87,38 @@ class RelayPool:
     ) -> RelayHandle | _Remote:
         """Relay one connection in the least busy process; ``on_done`` is told the result (once, never
         from within this call). Owns both sockets from the call on."""
-        assert self._loop is not None
-        now = self._loop.time()
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
         worker = min((w for w in self.workers if w.full_until <= now), key=lambda w: len(w.pending), default=None)
-        if (
-            worker is None
-            or len(worker.pending) >= MAIN_RELAY_WEIGHT * self.local_active
-            or worker.proc.poll() is not None
-        ):
-            self.local_active += 1
+        if worker is not None and len(worker.pending) < MAIN_RELAY_WEIGHT * self.local_active:
+            self._next_id += 1
+            conn_id = self._next_id
+            message = RELAY_MSG.pack(b"R", conn_id, idle_timeout, END_CODE[timeout_end])
+            try:
+                worker.send(message, [client.fileno(), server.fileno()])
+            except OSError as exc:  # no descriptor to keep a copy while the worker is busy
+                client.close()
+                server.close()
+                EXHAUSTION.note("handover", (exc.strerror or str(exc)).lower(), loop)
+                loop.call_soon(on_done, RelayResult(0, 0, End.NO_DESCRIPTORS))
+                return _Remote(self, worker, conn_id)
+            # A worker that died is noticed here (the send found its socket closed: _worker_lost ran) or as
+            # its control socket's end of file; until then its messages fail. The connection then stays here.
+            if not worker.closed:
+                worker.pending[conn_id] = on_done
+                client.close()  # the worker has its own copies now
+                server.close()
+                return _Remote(self, worker, conn_id)
+        self.local_active += 1
 
-            def done_here(result: RelayResult) -> None:
-                self.local_active -= 1
-                on_done(result)
+        def done_here(result: RelayResult) -> None:
+            self.local_active -= 1
+            on_done(result)
 
-            return start_relay(client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=done_here)
-        self._next_id += 1
-        conn_id = self._next_id
-        worker.pending[conn_id] = on_done
-        message = RELAY_MSG.pack(b"R", conn_id, idle_timeout, END_CODE[timeout_end])
-        try:
-            worker.send(message, [client.fileno(), server.fileno()])
-        except OSError as exc:  # no descriptor to keep a copy while the worker is busy
-            del worker.pending[conn_id]
-            EXHAUSTION.note("handover", (exc.strerror or str(exc)).lower(), self._loop)
-            self._loop.call_soon(on_done, RelayResult(0, 0, End.NO_DESCRIPTORS))
-        finally:
-            client.close()  # the worker has its own copies now (or the send failed: nothing to relay)
-            server.close()
-        return _Remote(self, worker, conn_id)
+        return start_relay(
+            client, server, idle_timeout=idle_timeout, timeout_end=timeout_end, on_done=done_here, loop=loop
+        )
 
     async def relay(
         self, client: socket.socket, server: socket.socket, *, idle_timeout: float, timeout_end: End

@@ -30,7 +30,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING
 
-from pacslb.descriptors import EXHAUSTION, in_reserve
+from pacslb.descriptors import EXHAUSTION, in_reserve, stream_socket
 from pacslb.proxy.outcome import End
 from pacslb.proxy.pumps import DEFAULT_METHOD, RelayResult
 
@@ -103,10 +103,8 @@ class _Serving:
                 self.report(conn_id, RelayResult(0, 0, End.NO_DESCRIPTORS))
             elif data[:1] == b"R":
                 _, conn_id, idle, end_code = RELAY_MSG.unpack(data)
-                client = socket.socket(fileno=fds[0])
-                server = socket.socket(fileno=fds[1])
-                client.setblocking(False)
-                server.setblocking(False)
+                client = stream_socket(fds[0])
+                server = stream_socket(fds[1])
                 try:
                     self.handles[conn_id] = self.start(
                         client, server, idle, ENDS[end_code], functools.partial(self.report, conn_id)

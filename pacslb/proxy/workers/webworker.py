@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from pacslb.balance.persistence import Lease
 from pacslb.balance.server import ServerState
+from pacslb.descriptors import stream_socket
 from pacslb.logs import setup_logging
 from pacslb.proxy.workers import messages as msg
 from pacslb.proxy.workers.control import next_size
@@ -81,13 +82,12 @@ class _Worker:
     def handle(self, message: object, fds: list[int]) -> None:
         match message:
             case msg.Conn(conn_id, name, peer, node, fresh):
-                sock = socket.socket(fileno=fds[0])
+                sock = stream_socket(fds[0])
                 service = self.services.get(name)
                 if service is None:  # the main process handed it just before a reload removed the service
                     sock.close()
                     self.send(msg.Ended(conn_id))
                     return
-                sock.setblocking(False)
                 lease = Lease(node, fresh, lambda new: self.send(msg.Bind(conn_id, new)))
                 service.active += 1
                 service.total += 1
