@@ -267,13 +267,16 @@ class _SpliceRelay:
         if self.first is None:
             self.first = pump
         pump.stop()
+        other = self.down if pump is self.up else self.up
+        if other.finished:
+            # Both directions read to their end of file: closing now sends the end of file the shutdown would
+            # (after what was written; nothing is left unread to turn it into a reset), one call fewer.
+            self._close()
+            return
         try:
             pump.dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the peer is already gone; the other direction will find out
-        other = self.down if pump is self.up else self.up
-        if other.finished:
-            self._close()
 
     def failed(self, pump: _Pump, reading: bool) -> None:
         """A reset, or writing to a side that is gone: the connection is over in both directions. The side

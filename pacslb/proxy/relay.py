@@ -16,9 +16,10 @@ bytes, so this module alone decides how they move. Two ways, same behaviour:
   other side stops reading until it drains.
 
 Half-close: an EOF from one side is passed on as a write shutdown to the other (after the bytes already
-read), and the connection stays open in the other direction until that side is done too. An error on
-either side (reset) closes both. Idle timeout: a timer ticks a few times per timeout period and closes
-the connection if no byte moved in either direction for the whole period.
+read), and the connection stays open in the other direction until that side is done too (then closing
+both passes on that last EOF). An error on either side (reset) closes both. Idle timeout: a timer ticks a
+few times per timeout period and closes the connection if no byte moved in either direction for the whole
+period.
 
 The splice relay itself lives in pacslb/proxy/pumps.py, which runs on any loop with readers, writers and
 timers (a relay worker runs it without asyncio); this module adds the buffered relay and the asyncio
