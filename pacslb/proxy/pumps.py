@@ -95,11 +95,19 @@ if DEFAULT_METHOD == "splice" and not SPLICE_AVAILABLE:
     DEFAULT_METHOD = "buffered"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class RelayResult:
+    """How a relayed connection ended. Made for every connection, so its ``__init__`` is written out: a
+    generated one runs as interpreted Python even here, compiled (pacslb/compiled.py)."""
+
     bytes_up: int  # client -> server
     bytes_down: int  # server -> client
     end: End
+
+    def __init__(self, bytes_up: int, bytes_down: int, end: End) -> None:
+        self.bytes_up = bytes_up
+        self.bytes_down = bytes_down
+        self.end = end
 
 
 class _Pump:
