@@ -11,6 +11,7 @@ import gc
 import hashlib
 import os
 import signal
+import socket
 
 from inproc import echo_server, free_port, run, tcp_pair
 
@@ -201,3 +202,56 @@ def test_ten_thousand_connections_leak_no_descriptor_in_any_process() -> None:
     assert len(results) == connections and all(results)
     assert after <= before
     assert worker_after <= worker_before + 2 * IDLE_PIPES
+
+
+def test_a_worker_s_reports_wait_while_the_main_process_is_behind_and_none_is_lost() -> None:
+    """Reports of connections that ended go together; when the main process's socket is full they wait, in
+    order, and go once it reads again."""
+    from pacslb.proxy.eventloop import EpollLoop
+    from pacslb.proxy.pumps import RelayResult
+    from pacslb.proxy.workers.relayworker import DONE_MSG, ENDS, _Serving
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    loop = EpollLoop()
+    serving = _Serving(loop, theirs, lambda *args: None, loop.stop)
+    filler = 0
+    try:
+        while True:  # the main process reads nothing for a while: its socket fills up
+            theirs.send(b"x" * 4096)
+            filler += 1
+    except BlockingIOError:
+        pass
+    count = 3000
+    for conn_id in range(1, count + 1):
+        serving.report(conn_id, RelayResult(conn_id, 2 * conn_id, End.CLIENT_CLOSED))
+    got: list[tuple[int, int, int, End]] = []
+    messages = 0
+
+    def readable() -> None:
+        nonlocal filler, messages
+        while True:
+            try:
+                data = ours.recv(1 << 20)
+            except BlockingIOError:
+                return
+            if data.startswith(b"x"):
+                filler -= 1
+                continue
+            messages += 1
+            for offset in range(0, len(data), DONE_MSG.size):
+                _, conn_id, up, down, code = DONE_MSG.unpack_from(data, offset)
+                got.append((conn_id, up, down, ENDS[code]))
+            if len(got) >= count:
+                loop.stop()
+
+    loop.add_reader(ours.fileno(), readable)
+    loop.call_later(60, loop.stop)  # a bound, should the reports never come
+    loop.run()
+    loop.close()
+    ours.close()
+    theirs.close()
+    assert filler == 0
+    assert got == [(i, i, 2 * i, End.CLIENT_CLOSED) for i in range(1, count + 1)]
+    assert messages < count / 10  # together, not one message each

@@ -143,15 +143,16 @@ class RelayPool:
             if not data:
                 self._worker_lost(worker)
                 return
-            _, conn_id, up, down, code = DONE_MSG.unpack(data)
-            end = ENDS[code]
-            if end is End.NO_DESCRIPTORS:  # the worker is out of descriptors: counted and logged here
-                assert self._loop is not None
-                worker.full_until = self._loop.time() + WORKER_FULL_PAUSE
-                EXHAUSTION.note("worker", "too many open files in a relay worker", self._loop)
-            on_done = worker.pending.pop(conn_id, None)
-            if on_done is not None:
-                on_done(RelayResult(up, down, end))
+            for offset in range(0, len(data) - DONE_MSG.size + 1, DONE_MSG.size):  # (reports, one after another)
+                _, conn_id, up, down, code = DONE_MSG.unpack_from(data, offset)
+                end = ENDS[code]
+                if end is End.NO_DESCRIPTORS:  # the worker is out of descriptors: counted and logged here
+                    assert self._loop is not None
+                    worker.full_until = self._loop.time() + WORKER_FULL_PAUSE
+                    EXHAUSTION.note("worker", "too many open files in a relay worker", self._loop)
+                on_done = worker.pending.pop(conn_id, None)
+                if on_done is not None:
+                    on_done(RelayResult(up, down, end))
 
     def _worker_lost(self, worker: _Worker, expected: bool = False) -> None:
         if worker not in self.workers:

@@ -15,6 +15,9 @@ Messages on each worker's control socket (SOCK_SEQPACKET, so each is one packet)
     main -> worker  b"R" + id, idle timeout, timeout end  (+ the client and server sockets)   relay
     main -> worker  b"A" + id                                                                 abort one
     worker -> main  b"D" + id, bytes up, bytes down, end                                      finished
+The reports of the connections that end in one turn of a worker's loop go in one message, one after the
+other (at most :data:`MAX_REPORTS`); a report the main process cannot take yet (its socket buffer is full)
+waits, in order, until it can.
 A worker exits when its control socket closes (the main process stopped or died). It ignores SIGINT and
 SIGTERM: the main process decides when connections end, within its shutdown grace.
 """
@@ -37,7 +40,7 @@ from pacslb.proxy.pumps import DEFAULT_METHOD, RelayResult
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from pacslb.proxy.pumps import Abortable
+    from pacslb.proxy.pumps import Abortable, Loop
 
     OnDone = Callable[[RelayResult], None]
     StartRelay = Callable[[socket.socket, socket.socket, float, End, OnDone], Abortable]
@@ -53,6 +56,8 @@ ENDS = list(End)
 END_CODE = {end: i for i, end in enumerate(ENDS)}
 #: How long a stopping worker may take to exit before it is killed.
 WORKER_STOP_TIMEOUT = 5.0
+#: Reports sent in one message at most (26 bytes each).
+MAX_REPORTS = 1024
 
 
 # -- the worker process -------------------------------------------------------------------------------------
@@ -65,21 +70,43 @@ WORKER_STOP_TIMEOUT = 5.0
 class _Serving:
     """A worker's connections and its control socket, on any loop that :mod:`pacslb.proxy.pumps` accepts."""
 
-    def __init__(self, control: socket.socket, start: StartRelay, on_idle: Callable[[], None]) -> None:
+    def __init__(self, loop: Loop, control: socket.socket, start: StartRelay, on_idle: Callable[[], None]) -> None:
+        self.loop = loop
         self.control = control
         self.start = start
         self.on_idle = on_idle  # called once the control socket closed and every connection ended
         self.handles: dict[int, Abortable] = {}
         self.closed = False
+        self.reports: list[bytes] = []  # not sent yet, in order
+        self.sending = False  # a send of the reports is due (this turn), or waits for the socket to drain
 
     def report(self, conn_id: int, result: RelayResult) -> None:
         self.handles.pop(conn_id, None)
-        try:
-            self.control.send(DONE_MSG.pack(b"D", conn_id, result.bytes_up, result.bytes_down, END_CODE[result.end]))
-        except OSError:
-            pass
+        self.reports.append(DONE_MSG.pack(b"D", conn_id, result.bytes_up, result.bytes_down, END_CODE[result.end]))
+        if not self.sending:
+            self.sending = True
+            self.loop.call_later(0, self._send_reports)  # after this turn's callbacks: their reports go too
         if self.closed and not self.handles:
             self.on_idle()
+
+    def _send_reports(self) -> None:
+        reports = self.reports
+        while reports:
+            batch = reports[:MAX_REPORTS]
+            try:
+                self.control.send(b"".join(batch))
+            except BlockingIOError:  # the main process is behind: the reports wait until it reads
+                self.loop.add_writer(self.control.fileno(), self._writable)
+                return
+            except OSError:  # the main process is gone: nobody to tell
+                reports.clear()
+                break
+            del reports[: len(batch)]
+        self.sending = False
+
+    def _writable(self) -> None:
+        self.loop.remove_writer(self.control.fileno())
+        self._send_reports()
 
     def on_message(self) -> None:
         while True:
@@ -143,7 +170,7 @@ def _serve_splice(control: socket.socket) -> None:
     def start(client: socket.socket, server: socket.socket, idle: float, end: End, on_done: OnDone) -> Abortable:
         return start_splice(loop, client, server, idle_timeout=idle, timeout_end=end, on_done=on_done)
 
-    serving = _Serving(control, start, loop.stop)
+    serving = _Serving(loop, control, start, loop.stop)
     control.setblocking(False)
     loop.add_reader(control.fileno(), serving.on_message)
     try:
@@ -168,7 +195,7 @@ def _serve_buffered(control: socket.socket) -> None:
             if not done.done():
                 done.set_result(None)
 
-        serving = _Serving(control, start, idle)
+        serving = _Serving(loop, control, start, idle)
         control.setblocking(False)
         loop.add_reader(control.fileno(), serving.on_message)
         await done
