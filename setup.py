@@ -36,10 +36,20 @@ def _write_note(build_lib: str, text: str) -> None:
     path.write_text(text + "\n")
 
 
+def _drop_extensions(build_lib: str) -> None:
+    """Remove the extension modules an earlier build left in the build directory. This build makes its own,
+    or none; one of a module no longer compiled would go into the wheel beside the new group library, which
+    has no part of it: that module would not import."""
+    for path in Path(build_lib, "pacslb").rglob("*.so"):
+        path.unlink()
+
+
 class BuildPy(build_py):
     """Copies the sources, and notes why they will run as Python (build_ext replaces it when it compiles)."""
 
     def run(self) -> None:
+        if not self.editable_mode:
+            _drop_extensions(self.build_lib)
         super().run()
         if not self.editable_mode:
             _write_note(self.build_lib, compiled.why_not() or "not compiled")
