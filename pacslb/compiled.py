@@ -91,7 +91,9 @@ def stale() -> list[str]:
 
 
 def clean() -> None:
-    for path in built():
+    """Remove what the build made, and any other extension module in the package: one a build of an earlier
+    list of modules left would be imported in its source's place, and would not import."""
+    for path in (ROOT / "pacslb").rglob("*.so"):
         path.unlink()
 
 

@@ -51,6 +51,19 @@ def test_a_source_edited_after_the_build_is_stale_until_the_next_build(tree: Pat
     assert not library.exists() and compiled.stale() == []
 
 
+def test_clean_removes_an_extension_left_by_a_build_of_an_earlier_list(tree: Path) -> None:
+    """A module compiled once and then dropped from HOT_MODULES: its extension file would still be imported
+    in its source's place (and fail, the group library having no part of it)."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    left = tree / "pacslb" / "proxy" / ("tcp" + suffix)
+    left.parent.mkdir(parents=True, exist_ok=True)
+    left.write_bytes(b"")
+    library = _library(tree)
+    library.write_bytes(b"")
+    compiled.clean()
+    assert not left.exists() and not library.exists()
+
+
 def test_building_outside_a_source_checkout_is_refused(tree: Path) -> None:
     assert compiled.build() == 1  # no pyproject.toml in the tree
 
