@@ -19,7 +19,8 @@ log = logging.getLogger("pacslb.workers")
 #: The main process accepts, decides and connects for every connection: each connection it also relays
 #: counts this many times when choosing where a connection is relayed, so it keeps cycles for that work
 #: and the workers do most of the relaying. (1 balanced the counts; measured with short connections on 2
-#: cores: 2,500 connections/s at 1, 2,700 at 3, 2,530 with every connection handed to the worker.)
+#: cores: 2,500 connections/s at 1, 2,700 at 3, 2,530 with every connection handed to the worker. Measured
+#: again once the hand-over cost less (docs/performance.md, 2026-12-07): 1, 3 and 100 within the noise.)
 MAIN_RELAY_WEIGHT = 3
 #: A worker that had no descriptors for a connection is given none for this long (the others, or the main
 #: process, take them); then it is tried again.
