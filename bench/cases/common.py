@@ -24,6 +24,9 @@ from bench.peers import Capabilities, Node
 from bench.procs import BenchError, Ports, Proc, Processes, tree_cpu_seconds
 from bench.report import CaseResult, Metric
 
+#: The forwarder with no balancing work (``Lineup.floor``), run as a script by pacslb's interpreter.
+FLOOR = Path(__file__).resolve().parent.parent / "floor.py"
+
 
 @dataclass
 class Context:
@@ -49,7 +52,7 @@ class Context:
 class Subject:
     key: str
     label: str
-    kind: str  # "direct", "pacslb" or "haproxy"
+    kind: str  # "direct", "pacslb", "haproxy" or "floor"
     port: int = 0
     proc: Proc | None = None
     start: Callable[[Subject], None] | None = field(default=None, repr=False)
@@ -151,6 +154,20 @@ class Lineup:
         if "def" in sizes:
             label = f"HAProxy{extra}, default threads ({self.ctx.cores})"
             self._add(Subject(f"{variant}@def", label, "haproxy", start=starter(None)))
+
+    def floor(self, mode: str, description: str) -> None:
+        """Adds ``floor``: bench/floor.py in ``mode`` (``http`` or ``tcp``), one process, with the interpreter
+        and the uvloop and httptools pacslb runs with: what this stack costs with no balancing work."""
+
+        def start(subject: Subject) -> None:
+            subject.port = self.ctx.ports.take()
+            nodes = ",".join(str(node.port) for node in self.nodes)
+            argv = [peers.pacslb_python(), str(FLOOR), mode, str(subject.port), nodes]
+            subject.proc = self.ctx.procs.start("floor", argv, env=peers.pacslb_env(), cwd=self.ctx.workdir)
+            self.ctx.procs.wait_listening(subject.proc, subject.port)
+
+        label = f"floor: {description}, no balancing work (bench/floor.py, 1 process)"
+        self._add(Subject("floor", label, "floor", start=start))
 
     def start(self) -> None:
         """Start every balancer; one that fails is reported in the case's notes and left out."""

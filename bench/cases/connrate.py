@@ -65,6 +65,7 @@ def run_conn(ctx: Context) -> CaseResult:
     lineup.direct(nodes[0].port, "direct (the client straight to both nodes)")
     lineup.pacslb("tcp", "mode: tcp")
     lineup.haproxy("haproxy", "mode tcp")
+    lineup.floor("tcp", "uvloop forwarding")
     lineup.start()
     expect: list[str] = []
     for node in nodes:
@@ -94,6 +95,8 @@ def run_conn(ctx: Context) -> CaseResult:
             "#6",
         ),
         Comparison("pacslb tcp / direct (wrk)", "rate_wrk", k("pacslb-tcp@def"), "direct"),
+        Comparison("pacslb tcp, workers 1 / floor (1 process each, wrk)", "rate_wrk", k("pacslb-tcp@1"), "floor"),
+        Comparison("floor (1 process) / HAProxy nbthread 1 (wrk)", "rate_wrk", "floor", "haproxy@1"),
         Comparison("pacslb tcp / HAProxy, both default (Python client)", "rate", k("pacslb-tcp@def"), "haproxy@def"),
         Comparison("pacslb tcp / direct (Python client: its ceiling)", "rate", k("pacslb-tcp@def"), "direct"),
     ]

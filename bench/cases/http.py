@@ -119,6 +119,7 @@ def run(ctx: Context) -> CaseResult:
         lineup.pacslb("tcp", "mode: tcp, source_ip", mode="tcp")
         variant = "tcp"
     lineup.haproxy("haproxy-http", "mode http, cookie insert + stick on src", mode="http")
+    lineup.floor("http", "uvloop + httptools forwarding, both directions parsed")
     if pacslb_mode == "tcp":
         lineup.haproxy("haproxy-tcp", "mode tcp, stick on src", mode="tcp")
     lineup.start()
@@ -152,6 +153,8 @@ def run(ctx: Context) -> CaseResult:
             "#3, #6",
         ),
         Comparison(f"pacslb {variant} / direct", "rps", k(f"{p}@def"), "direct"),
+        Comparison(f"pacslb {variant}, workers 1 / floor (1 process each)", "rps", k(f"{p}@1"), "floor"),
+        Comparison("floor (1 process) / HAProxy http, nbthread 1", "rps", "floor", "haproxy-http@1"),
         Comparison(
             f"pacslb {variant} p99 minus direct p99 (moderate load, {PACED_RATE:,} req/s)",
             "p99m",
