@@ -1,6 +1,6 @@
 """The floor of pacslb's stack: a forwarder on the same event loop and parser that does no balancing work.
 
-``python -m bench.floor http|tcp LISTEN_PORT NODE_PORT[,NODE_PORT...]``
+``python bench/floor.py http|tcp LISTEN_PORT NODE_PORT[,NODE_PORT...]`` (loopback only)
 
 A subject of the bench beside pacslb and HAProxy (bench/cases/http.py and connrate.py), so that every run
 says how far pacslb is from what uvloop (and, for HTTP, httptools) cost on their own on this machine, in
@@ -146,7 +146,7 @@ async def serve(port: int, nodes: list[tuple[str, int]], parse: bool) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 3 or argv[0] not in ("http", "tcp"):
-        sys.exit("usage: python -m bench.floor http|tcp LISTEN_PORT NODE_PORT[,NODE_PORT...]")
+        sys.exit("usage: python bench/floor.py http|tcp LISTEN_PORT NODE_PORT[,NODE_PORT...]")
     nodes = [("127.0.0.1", int(port)) for port in argv[2].split(",")]
     uvloop.run(serve(int(argv[1]), nodes, parse=argv[0] == "http"))
 
