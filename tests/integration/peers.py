@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -650,8 +650,11 @@ def client_ip(ip: str) -> Callable[[str], bool]:
 class PacslbProcess:
     """``python -m pacslb run CONFIG`` as a child process, its log on a file the test can read and parse."""
 
-    def __init__(self, workdir: Path, config_text: str) -> None:
+    def __init__(self, workdir: Path, config_text: str, prefix: Sequence[str] = ()) -> None:
+        """``prefix``: what runs pacslb (e.g. ``ip netns exec NAME``); it must exec pacslb in its place, so
+        that signals reach pacslb."""
         self.workdir = workdir
+        self.prefix = tuple(prefix)
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "pacslb.yaml"
         self.log_path = workdir / "pacslb.log"
@@ -663,7 +666,7 @@ class PacslbProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = _popen(
-            [sys.executable, "-m", "pacslb", "run", str(self.config_path)],
+            [*self.prefix, sys.executable, "-m", "pacslb", "run", str(self.config_path)],
             self.log_path,
             cwd=self.workdir,
             env=env,
