@@ -19,6 +19,10 @@ bench's case (c) does: instructions per connection accepted, decided, connected,
 the kernel does for those connections (the handshakes, the splices) is not counted: callgrind sees user
 space only.
 
+``--floor``: bench/floor.py (``http``, or ``tcp`` with ``--new-connections``) in pacslb's place, the same way:
+what the stack itself costs per request or connection, with no balancing work (docs/performance.md, "The
+floor of this stack").
+
 The pacslb counted is the one the bench measures: installed with ``pip install .`` into bench/.cache
 (``BENCH_PACSLB=checkout``: the checkout, with the extensions ``make`` built).
 """
@@ -41,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import peers
+from bench.cases.common import FLOOR
 from bench.peers import Node
 from bench.procs import BenchError, Ports, Processes
 
@@ -136,7 +141,7 @@ class _Dialer:
         pass
 
 
-def count(requests: int, connections: int, new_connections: bool = False) -> float:
+def count(requests: int, connections: int, new_connections: bool = False, floor: bool = False) -> float:
     workdir = Path(tempfile.mkdtemp(prefix="pacslb-instructions-"))
     ports = Ports()
     node = Node("n1", ports.take())
@@ -152,10 +157,12 @@ def count(requests: int, connections: int, new_connections: bool = False) -> flo
     try:
         with Processes(workdir / "logs") as procs:
             peers.start_nginx(procs, node, workdir)
-            argv = [
-                VALGRIND, "--tool=callgrind", f"--callgrind-out-file={outdir}/callgrind.out.%p",
-                peers.pacslb_python(), "-m", "pacslb", "run", str(path),
-            ]  # fmt: skip
+            if floor:
+                mode = "tcp" if new_connections else "http"
+                subject = [peers.pacslb_python(), str(FLOOR), mode, str(port), str(node.port)]
+            else:
+                subject = [peers.pacslb_python(), "-m", "pacslb", "run", str(path)]
+            argv = [VALGRIND, "--tool=callgrind", f"--callgrind-out-file={outdir}/callgrind.out.%p", *subject]
             proc = procs.start("pacslb", argv, env=peers.pacslb_env(), cwd=peers.pacslb_cwd(workdir))
             procs.wait_listening(proc, port, timeout=START_TIMEOUT)
             pid = str(proc.pid)
@@ -183,11 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--new-connections", action="store_true", help="tcp mode, a connection per request")
+    parser.add_argument("--floor", action="store_true", help="bench/floor.py in pacslb's place")
     args = parser.parse_args(argv)
     print(f"pacslb: {peers.pacslb_version()}", file=sys.stderr)
-    per_request = count(args.requests, args.connections, args.new_connections)
+    per_request = count(args.requests, args.connections, args.new_connections, args.floor)
     what = "new connection" if args.new_connections else "request"
-    print(f"{per_request / 1000:.1f}k instructions per {what} ({args.requests} requests)")
+    who = "floor: " if args.floor else ""
+    print(f"{who}{per_request / 1000:.1f}k instructions per {what} ({args.requests} requests)")
 
 
 if __name__ == "__main__":
