@@ -4,7 +4,7 @@
 
 A subject of the bench beside pacslb and HAProxy (bench/cases/http.py and connrate.py), so that every run
 says how far pacslb is from what uvloop (and, for HTTP, httptools) cost on their own on this machine, in
-the same minutes. It is not a balancer, and nothing else uses it:
+the same minutes, and what bench/instructions.py ``--floor`` counts. It is not a balancer:
 
 - ``tcp``: accept, connect to the next node in turn, pass the bytes each way as they come, pass an end of
   file on, close. No decision, no persistence, no limit, no timeout, no splice, no log.
