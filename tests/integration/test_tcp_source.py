@@ -151,6 +151,7 @@ def test_connections_from_source_take_their_local_ports_per_node(namespace: str,
                 text=True,
                 timeout=STEP_TIMEOUT,
             )
+            assert done.returncode == 0 and done.stdout.strip(), f"the client failed: {done.stderr}"
             got = json.loads(done.stdout)
             assert sorted(got) == ["n1"] * (HELD // 2) + ["n2"] * (HELD // 2), (
                 f"each of {HELD} connections should reach a node, spread over both: {got}\n{lb.log()}"
