@@ -5,7 +5,8 @@ A :class:`Lab` makes the switch namespace and its bridge; :meth:`Lab.host` adds 
 loopback up and one interface, ``eth0``, plugged into the bridge, with the addresses given. Processes run in
 a host with :meth:`Host.popen` / :meth:`Host.run` (``ip netns exec``). Names carry the lab's tag, so two
 runs (or a leftover from a killed one) never collide; :meth:`Lab.close` kills what the lab started and
-deletes its namespaces, and :func:`sweep` removes leftovers of earlier runs.
+deletes its namespaces, and :func:`sweep` removes leftovers of earlier runs. :func:`isolated` is a lone
+namespace with loopback only, for a test that needs a network setting of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +74,21 @@ def _kill_namespace_processes(namespace: str) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def isolated(name: str) -> Iterator[str]:
+    """A namespace on its own, with only loopback (up), for a test that needs a network setting of its own
+    (e.g. a sysctl under /proc/sys/net). Named like a lab's, so :func:`sweep` finds what a killed run left;
+    at the end what runs in it is killed and it is deleted."""
+    namespace = f"{PREFIX}{os.getpid()}-{name}"
+    _ip("netns", "add", namespace)
+    try:
+        _ip("-n", namespace, "link", "set", "lo", "up")
+        yield namespace
+    finally:
+        _kill_namespace_processes(namespace)
+        _ip("netns", "del", namespace, check=False)
 
 
 @dataclass

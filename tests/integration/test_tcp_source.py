@@ -11,10 +11,7 @@ pacslb to two nodes need six node connections from ``source``, which fit only wh
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -24,7 +21,9 @@ from pathlib import Path
 import peers
 import pytest
 
-IP = "/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else "ip"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ha"))
+import netns  # tests/ha's namespace helpers: a lone namespace, and the sweep of what a killed run left
+
 #: The namespace's local port range: four ports, fewer than the connections the test holds.
 PORT_RANGE = "40000 40003"
 HELD = 6
@@ -72,62 +71,23 @@ HELPER = textwrap.dedent(
 )
 
 
-#: The test's namespace is PREFIX + the PID of the test process.
-PREFIX = "pacslb-source-"
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _sweep() -> None:
-    """Delete what a killed run of this test left (its PID is gone)."""
-    listing = subprocess.run([IP, "netns", "list"], capture_output=True, text=True, timeout=STEP_TIMEOUT).stdout
-    for line in listing.splitlines():
-        name = line.split()[0] if line.split() else ""
-        owner = name[len(PREFIX) :]
-        if name.startswith(PREFIX) and owner.isdigit() and _gone(int(owner)):
-            _delete(name)
-
-
-def _delete(name: str) -> None:
-    pids = subprocess.run([IP, "netns", "pids", name], capture_output=True, text=True, timeout=STEP_TIMEOUT)
-    for pid in pids.stdout.split():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-    subprocess.run([IP, "netns", "del", name], check=False, timeout=STEP_TIMEOUT)
-
-
 @pytest.fixture
 def namespace() -> Iterator[str]:
     """A network namespace with loopback up and a local port range of four ports; deleted after the test."""
-    if os.geteuid() != 0:
-        pytest.skip("a network namespace of the test's own needs root")
-    _sweep()
-    name = f"{PREFIX}{os.getpid()}"
-    try:
-        subprocess.run([IP, "netns", "add", name], check=True, capture_output=True, timeout=STEP_TIMEOUT)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot make a network namespace here: {exc}")
-    try:
-        subprocess.run([IP, "-n", name, "link", "set", "lo", "up"], check=True, timeout=STEP_TIMEOUT)
+    why = netns.available()
+    if why is not None:
+        pytest.skip(f"a network namespace of the test's own: {why}")
+    netns.sweep()
+    with netns.isolated("source") as name:
         write_range = f"echo '{PORT_RANGE}' > /proc/sys/net/ipv4/ip_local_port_range"
-        subprocess.run([IP, "netns", "exec", name, "sh", "-c", write_range], check=True, timeout=STEP_TIMEOUT)
+        subprocess.run([netns.IP, "netns", "exec", name, "sh", "-c", write_range], check=True, timeout=STEP_TIMEOUT)
         yield name
-    finally:
-        _delete(name)
 
 
 def test_connections_from_source_take_their_local_ports_per_node(namespace: str, tmp_path: Path) -> None:
     helper = tmp_path / "helper.py"
     helper.write_text(HELPER)
-    in_ns = [IP, "netns", "exec", namespace]
+    in_ns = [netns.IP, "netns", "exec", namespace]
     nodes = subprocess.Popen(
         [*in_ns, sys.executable, str(helper), "nodes", *map(str, NODE_PORTS)],
         stdout=subprocess.PIPE,
